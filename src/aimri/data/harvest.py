@@ -1,0 +1,131 @@
+"""Harvest: stream a Corpus through a Subject and write Site activations to an ActivationStore."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aimri.data.corpus import Corpus, Packing, Window, pack
+from aimri.data.store import ActivationStore, ShardData, StoreWriter
+from aimri.errors import AimriError
+from aimri.progress import progress_bar
+from aimri.subject.core import Subject
+
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()
+    return {"name": str(getattr(tokenizer, "name_or_path", "")), "vocab_sha256": hashlib.sha256(vocab).hexdigest()}
+
+
+def _batched(it: Iterator[Window], n: int) -> Iterator[list[Window]]:
+    while batch := list(itertools.islice(it, n)):
+        yield batch
+
+
+def harvest(
+    subject: Subject,
+    corpus: Corpus,
+    sites: Sequence[str],
+    out: str | Path,
+    context: int = 256,
+    batch_size: int = 8,
+    windows_per_shard: int = 32,
+    max_tokens: int | None = None,
+    dtype: str = "float32",
+    exclude_special: bool = True,
+    exclude_chat: bool = True,
+    progress: bool = True,
+) -> ActivationStore:
+    """Write activations of `sites` at every valid token of `corpus` into a store at `out`.
+
+    Rerunning with the same arguments after an interruption (even `kill -9`) resumes after the last
+    finished shard, and the result is identical to an uninterrupted run."""
+    if subject.tokenizer is None:
+        raise AimriError("this Subject has no tokenizer; load it with aimri.load(...) or pass one")
+    if not sites:
+        raise AimriError("no sites to harvest; pass --site resid.15 (for example)")
+    parsed = [subject.site(s).name for s in sites]
+    if len(set(parsed)) != len(parsed):
+        raise AimriError(f"duplicate sites in {parsed}")
+    if context > subject.context_length:
+        raise AimriError(f"context {context} exceeds the model's {subject.context_length} positions; use --context {subject.context_length} or less")
+    if dtype not in DTYPES:
+        raise AimriError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    if batch_size < 1 or windows_per_shard < 1:
+        raise AimriError("batch size and windows per shard must be positive")
+    packing = Packing.for_tokenizer(subject.tokenizer, context, exclude_special, exclude_chat)
+    max_windows = math.ceil(max_tokens / context) if max_tokens else None
+    spec = {
+        "model": {
+            "name": subject.name,
+            "revision": subject.revision,
+            "architecture": type(subject.model).__name__,
+            "n_layers": subject.n_layers,
+        },
+        "sites": parsed,
+        "d": {s: subject.site_dim(s) for s in parsed},
+        "dtype": dtype,
+        "tokenizer": tokenizer_identity(subject.tokenizer),
+        "packing": packing.describe(),
+        "corpus": {"fingerprint": corpus.fingerprint()},
+        "max_windows": max_windows,
+        "windows_per_shard": windows_per_shard,
+        "batch_size": batch_size,
+    }
+    writer = StoreWriter(out, spec)
+    if writer.manifest.get("complete"):
+        return ActivationStore(out)
+    np_dtype = DTYPES[dtype]
+    with writer.locked(), progress_bar(disable=not progress) as bar:
+        windows = pack(corpus, subject.tokenizer, packing)
+        if max_windows is not None:
+            windows = itertools.islice(windows, max_windows)
+        task = bar.add_task(f"harvest {', '.join(parsed)}", total=max_windows, rate="")
+        skip = writer.done_shards * windows_per_shard
+        skipped = list(itertools.islice(windows, skip))
+        if len(skipped) < skip:
+            raise AimriError(f"{out} has more shards than this corpus yields windows: the corpus changed")
+        bar.update(task, completed=skip)
+        start, tokens_done = time.perf_counter(), 0
+        for shard_index, shard_windows in enumerate(_batched(windows, windows_per_shard), start=writer.done_shards):
+            acts: dict[str, list[np.ndarray]] = {s: [] for s in parsed}
+            index: dict[str, list[np.ndarray]] = {k: [] for k in ("tokens", "doc", "pos", "window", "offset")}
+            for b, batch in enumerate(_batched(iter(shard_windows), batch_size)):
+                ids = torch.from_numpy(np.stack([w.ids for w in batch]))
+                attention = torch.from_numpy(np.stack([w.attention for w in batch]))
+                valid = np.stack([w.valid for w in batch])
+                out_acts = subject.run(ids, attention.long(), read=parsed, stop=True)
+                sel = torch.from_numpy(valid)
+                for s in parsed:
+                    rows = out_acts[s][sel]
+                    if not torch.isfinite(rows).all():
+                        raise AimriError(f"the model produced NaN/inf at {s} in shard {shard_index}; check the model weights and dtype")
+                    acts[s].append(rows.float().numpy().astype(np_dtype, copy=False))
+                first = shard_index * windows_per_shard + b * batch_size
+                win_idx = np.broadcast_to(np.arange(first, first + len(batch))[:, None], valid.shape)
+                offsets = np.broadcast_to(np.arange(valid.shape[1], dtype=np.int32), valid.shape)
+                index["tokens"].append(ids.numpy()[valid])
+                index["doc"].append(np.stack([w.doc for w in batch])[valid])
+                index["pos"].append(np.stack([w.pos for w in batch])[valid])
+                index["window"].append(win_idx[valid].astype(np.int64))
+                index["offset"].append(offsets[valid])
+                tokens_done += int(attention.sum())
+                rate = tokens_done / max(time.perf_counter() - start, 1e-9)
+                bar.update(task, advance=len(batch), rate=f"{rate:,.0f} tok/s")
+            writer.write_shard(
+                ShardData({s: np.concatenate(v) for s, v in acts.items()}, {k: np.concatenate(v) for k, v in index.items()}),
+                extra={"windows": [shard_index * windows_per_shard, shard_index * windows_per_shard + len(shard_windows)]},
+            )
+        elapsed = time.perf_counter() - start
+    return writer.finish(tokens_forwarded=tokens_done, seconds=round(elapsed, 3))
