@@ -48,10 +48,14 @@ def arch(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+# Converted real models are slow to build (30-45 s each), so tests share a persistent cache; the one
+# test that checks conversion itself uses a fresh home (test_real_models.py::test_gguf_conversion).
+SHARED_HOME = os.environ.get("AIMRI_TEST_HOME", os.path.expanduser("~/.cache/aimri-test"))
+
+
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep converted models shared (slow to build) but give each test its own scratch home for the rest."""
-    monkeypatch.setenv("AIMRI_HOME", os.environ.get("AIMRI_TEST_HOME", str(tmp_path_factory.getbasetemp() / "home")))
+def _shared_home(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIMRI_HOME", SHARED_HOME)
 
 
 # -- a real (tiny) tokenizer and model directory, for corpus / store / harvest tests ---------------

@@ -179,3 +179,11 @@ def test_second_writer_is_refused(tiny_lm_dir: str, tmp_path: Path) -> None:
     first = StoreWriter(tmp_path / "s", spec)
     with first.locked(), pytest.raises(StoreError, match="being written by another process"), StoreWriter(tmp_path / "s", spec).locked():
         pass
+
+
+def test_nan_activations_are_refused(tiny_lm_dir: str, corpus_file: Path, tmp_path: Path) -> None:
+    subject = aimri.load(tiny_lm_dir)
+    with torch.no_grad():
+        subject.layer(0).mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(AimriError, match="NaN/inf at resid.1 in shard 0"):
+        harvest(subject, Corpus.from_paths([corpus_file]), ["resid.1"], tmp_path / "s", context=32, progress=False)

@@ -36,6 +36,7 @@ def harvest(
     dtype: Annotated[str, typer.Option(help="float32 or float16 on disk")] = "float32",
     text_field: Annotated[str, typer.Option(help="field holding the text in JSONL/Parquet/datasets")] = "text",
     keep_special: Annotated[bool, typer.Option(help="also harvest special and chat-template tokens")] = False,
+    sink_ratio: Annotated[float, typer.Option(help="skip tokens whose norm exceeds this x the batch median (attention sinks); 0 = keep all")] = 20.0,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Stream a corpus through a model and write Site activations to a resumable ActivationStore."""
@@ -50,7 +51,7 @@ def harvest(
     store = run_harvest(
         subject, Corpus.from_paths(paths, text_field=text_field), site, out, context=context, batch_size=batch_size,
         windows_per_shard=windows_per_shard, max_tokens=max_tokens or None, dtype=dtype,
-        exclude_special=not keep_special, exclude_chat=not keep_special, progress=not quiet,
+        exclude_special=not keep_special, exclude_chat=not keep_special, sink_ratio=sink_ratio, progress=not quiet,
     )  # fmt: skip
     console.print(f"[green]wrote[/] {store}")
 

@@ -45,12 +45,18 @@ def harvest(
     dtype: str = "float32",
     exclude_special: bool = True,
     exclude_chat: bool = True,
+    sink_ratio: float = 20.0,
     progress: bool = True,
 ) -> ActivationStore:
     """Write activations of `sites` at every valid token of `corpus` into a store at `out`.
 
     Rerunning with the same arguments after an interruption (even `kill -9`) resumes after the last
-    finished shard, and the result is identical to an uninterrupted run."""
+    finished shard, and the result is identical to an uninterrupted run.
+
+    Position 0 is never harvested, and neither is any token whose norm at a harvested site exceeds
+    `sink_ratio` x the batch median there (0 disables): Llama-family models park "massive activations"
+    (norms ~100x the rest) on the first token and on some early delimiters, and a few such rows would
+    dominate every statistic and every dictionary trained on the store. Their count is in the manifest."""
     if subject.tokenizer is None:
         raise AimriError("this Subject has no tokenizer; load it with aimri.load(...) or pass one")
     if not sites:
@@ -80,6 +86,7 @@ def harvest(
         "packing": packing.describe(),
         "corpus": {"fingerprint": corpus.fingerprint()},
         "max_windows": max_windows,
+        "sink_ratio": sink_ratio,
         "windows_per_shard": windows_per_shard,
         "batch_size": batch_size,
     }
@@ -97,21 +104,29 @@ def harvest(
         if len(skipped) < skip:
             raise AimriError(f"{out} has more shards than this corpus yields windows: the corpus changed")
         bar.update(task, completed=skip)
-        start, tokens_done = time.perf_counter(), 0
+        start, tokens_done, sinks = time.perf_counter(), 0, 0
         for shard_index, shard_windows in enumerate(_batched(windows, windows_per_shard), start=writer.done_shards):
             acts: dict[str, list[np.ndarray]] = {s: [] for s in parsed}
+            sinks_before = sinks
             index: dict[str, list[np.ndarray]] = {k: [] for k in ("tokens", "doc", "pos", "window", "offset")}
             for b, batch in enumerate(_batched(iter(shard_windows), batch_size)):
                 ids = torch.from_numpy(np.stack([w.ids for w in batch]))
                 attention = torch.from_numpy(np.stack([w.attention for w in batch]))
                 valid = np.stack([w.valid for w in batch])
                 out_acts = subject.run(ids, attention.long(), read=parsed, stop=True)
-                sel = torch.from_numpy(valid)
+                sel = torch.from_numpy(valid.copy())
                 for s in parsed:
-                    rows = out_acts[s][sel]
-                    if not torch.isfinite(rows).all():
+                    if not torch.isfinite(out_acts[s][sel]).all():
                         raise AimriError(f"the model produced NaN/inf at {s} in shard {shard_index}; check the model weights and dtype")
-                    acts[s].append(rows.float().numpy().astype(np_dtype, copy=False))
+                if sink_ratio > 0:
+                    for s in parsed:
+                        norms = out_acts[s].norm(dim=-1)
+                        if sel.any():
+                            sel &= norms <= sink_ratio * norms[sel].median()
+                    sinks += int(valid.sum()) - int(sel.sum())
+                    valid = sel.numpy()
+                for s in parsed:
+                    acts[s].append(out_acts[s][sel].float().numpy().astype(np_dtype, copy=False))
                 first = shard_index * windows_per_shard + b * batch_size
                 win_idx = np.broadcast_to(np.arange(first, first + len(batch))[:, None], valid.shape)
                 offsets = np.broadcast_to(np.arange(valid.shape[1], dtype=np.int32), valid.shape)
@@ -123,9 +138,13 @@ def harvest(
                 tokens_done += int(attention.sum())
                 rate = tokens_done / max(time.perf_counter() - start, 1e-9)
                 bar.update(task, advance=len(batch), rate=f"{rate:,.0f} tok/s")
+            shard_sinks = sinks - sinks_before
             writer.write_shard(
                 ShardData({s: np.concatenate(v) for s, v in acts.items()}, {k: np.concatenate(v) for k, v in index.items()}),
-                extra={"windows": [shard_index * windows_per_shard, shard_index * windows_per_shard + len(shard_windows)]},
+                extra={
+                    "windows": [shard_index * windows_per_shard, shard_index * windows_per_shard + len(shard_windows)],
+                    "sinks_excluded": shard_sinks,
+                },
             )
         elapsed = time.perf_counter() - start
-    return writer.finish(tokens_forwarded=tokens_done, seconds=round(elapsed, 3))
+    return writer.finish(tokens_forwarded=tokens_done, seconds=round(elapsed, 3), sinks_excluded=sinks)

@@ -156,20 +156,46 @@ def _from_dir(path: Path, name: str, device: str, dtype: torch.dtype) -> Subject
     return Subject(model, tokenizer, name=name, revision=dir_revision(path))
 
 
-def _from_hub(name: str, device: str, dtype: torch.dtype) -> Subject:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect, so an offline machine gets its error at once instead of after retries."""
+    import socket
+    from urllib.parse import urlparse
 
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise AimriError(
-            f"could not load {name!r} from the Hugging Face hub ({reason}); where the hub is unreachable, "
-            f"download the model elsewhere and pass its local directory, or use one of: {', '.join(EMBEDDED)}"
-        ) from err
-    revision = str(getattr(model.config, "_commit_hash", None) or name)
-    return Subject(model, tokenizer, name=name, revision=revision)
+        socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
+def _from_hub(name: str, device: str, dtype: torch.dtype) -> Subject:
+    from huggingface_hub import snapshot_download
+
+    hint = (
+        "download the model where the hub is reachable and pass its local directory, "
+        f"or use one of: {', '.join(EMBEDDED)}"
+    )
+    attempts = [True] + ([False] if _hub_reachable() else [])  # the local HF cache first
+    err: Exception | None = None
+    for local_only in attempts:
+        try:
+            snapshot = Path(snapshot_download(name, local_files_only=local_only, allow_patterns=_HUB_FILES))
+        except Exception as caught:  # hub errors come in many classes; all mean "not available"
+            err = caught
+            continue
+        subject = _from_dir(snapshot, name, device, dtype)
+        subject.revision = snapshot.name  # the commit hash
+        return subject
+    if len(attempts) == 1:
+        raise AimriError(f"{name!r} is not in the local Hugging Face cache and the hub is unreachable; {hint}")
+    reason = str(err).strip().splitlines()[0][:200] if err and str(err).strip() else type(err).__name__
+    raise AimriError(f"could not load {name!r} from the Hugging Face hub ({reason}); {hint}") from err
 
 
 def load(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Subject:
