@@ -74,7 +74,9 @@ def build_tiny_tokenizer() -> tf.PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator([FIXTURE_TEXT] * 4, trainer=trainer)
     return tf.PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
@@ -91,7 +93,9 @@ def tiny_tokenizer() -> tf.PreTrainedTokenizerFast:
 def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: tf.PreTrainedTokenizerFast) -> str:
     """A tiny random Llama saved as a Hugging Face directory, with a matching tokenizer."""
     torch.manual_seed(0)
-    config = tf.LlamaConfig(**{**_LLAMA_LIKE, "vocab_size": len(tiny_tokenizer)}, pad_token_id=tiny_tokenizer.pad_token_id)
+    config = tf.LlamaConfig(
+        **{**_LLAMA_LIKE, "vocab_size": len(tiny_tokenizer)}, pad_token_id=tiny_tokenizer.pad_token_id
+    )
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():

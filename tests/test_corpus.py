@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.conftest import FIXTURE_TEXT
 
 from aimri.data.corpus import Corpus, Packing, pack
 from aimri.errors import CorpusError
-from tests.conftest import FIXTURE_TEXT
 
 
 def _packing(tok, context: int = 16, **kw) -> Packing:
@@ -54,7 +54,11 @@ def test_special_and_chat_tokens_excluded(tiny_tokenizer) -> None:
     kept = tiny_tokenizer.decode(w.ids[w.valid].tolist())
     assert "im_start" not in kept and "im_end" not in kept and "user" not in kept and "assistant" not in kept
     assert "Where is the lighthouse?" in kept and "On the rocky coast." in kept
-    (w2,) = pack(Corpus.from_texts([chat]), tiny_tokenizer, _packing(tiny_tokenizer, 64, exclude_special=False, exclude_chat=False))
+    (w2,) = pack(
+        Corpus.from_texts([chat]),
+        tiny_tokenizer,
+        _packing(tiny_tokenizer, 64, exclude_special=False, exclude_chat=False),
+    )
     assert w2.valid[1:][w2.attention[1:]].all()
 
 
@@ -64,10 +68,17 @@ def test_readers(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     (tmp_path / "a.txt").write_text("plain text document")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "json one", "source": "mine"}) + "\n\n" + json.dumps({"text": "json two"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"text": "json one", "source": "mine"}) + "\n\n" + json.dumps({"text": "json two"}) + "\n"
+    )
     pq.write_table(pa.table({"text": ["parquet row"]}), tmp_path / "c.parquet")
     datasets.Dataset.from_dict({"text": ["from datasets"]}).save_to_disk(str(tmp_path / "ds"))
-    texts = [d.text for d in Corpus.from_paths([tmp_path / "a.txt", tmp_path / "b.jsonl", tmp_path / "c.parquet", tmp_path / "ds"]).documents()]
+    texts = [
+        d.text
+        for d in Corpus.from_paths(
+            [tmp_path / "a.txt", tmp_path / "b.jsonl", tmp_path / "c.parquet", tmp_path / "ds"]
+        ).documents()
+    ]
     assert texts == ["plain text document", "json one", "json two", "parquet row", "from datasets"]
     sources = [d.source for d in Corpus.from_paths([tmp_path / "b.jsonl"]).documents()]
     assert sources == ["mine", "b.jsonl"]

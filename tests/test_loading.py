@@ -33,7 +33,9 @@ def test_hub_id_from_local_cache(tiny_lm_dir: str, tmp_path: Path) -> None:
         "print(s.revision, s.run(torch.tensor([[5, 6, 7]]), stop=False)['logits'].sum().item())"
     )
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
     expected = aimri.load(tiny_lm_dir).run(torch.tensor([[5, 6, 7]]), stop=False)["logits"].sum().item()
     assert out[0] == commit and float(out[1]) == pytest.approx(expected, rel=1e-6)
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tests.conftest import FIXTURE_TEXT
 
 import aimri
 from aimri.data.corpus import Corpus
 from aimri.data.harvest import harvest
 from aimri.errors import AimriError
 from aimri.subject.loading import _smollm2_gguf
-from tests.conftest import FIXTURE_TEXT
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,9 @@ def test_smollm2_knows_paris_and_taps_are_exact(smollm2: aimri.Subject) -> None:
     enc = smollm2.tokenizer(["The capital of France is", "Hi"], return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
         plain = smollm2.model(**enc).logits
-    acts = smollm2.run(enc.input_ids, enc.attention_mask, read=["resid.-1", "resid.15", "attn.out.7.h3", "mlp.in.29"], stop=False)
+    acts = smollm2.run(
+        enc.input_ids, enc.attention_mask, read=["resid.-1", "resid.15", "attn.out.7.h3", "mlp.in.29"], stop=False
+    )
     assert torch.equal(acts["logits"], plain)
     assert smollm2.tokenizer.decode(plain[0, -1].argmax()) == " Paris"
 
@@ -41,7 +43,15 @@ def test_harvest_avoids_the_attention_sink(smollm2: aimri.Subject, tmp_path: Pat
     ids = smollm2.tokenizer(FIXTURE_TEXT, return_tensors="pt").input_ids
     norms = smollm2.run(ids, read=["resid.15"])["resid.15"][0].norm(dim=-1)
     assert norms[0] > 50 * norms[1:].median()  # position 0 is a massive-norm sink ...
-    store = harvest(smollm2, Corpus.from_texts([FIXTURE_TEXT] * 6), ["resid.15"], tmp_path / "s", context=64, batch_size=4, progress=False)
+    store = harvest(
+        smollm2,
+        Corpus.from_texts([FIXTURE_TEXT] * 6),
+        ["resid.15"],
+        tmp_path / "s",
+        context=64,
+        batch_size=4,
+        progress=False,
+    )
     rows = np.concatenate(list(store.activations("resid.15")))
     assert store.verify() == [] and len(rows) > 100
     stored = np.linalg.norm(rows, axis=1)
@@ -96,10 +106,16 @@ def test_cli_harvest_on_default_model(tmp_path: Path) -> None:
            "--site", "mlp.out.3", "--context", "64", "--max-tokens", "256", "--quiet"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    verify = subprocess.run([sys.executable, "-m", "aimri.cli", "store", "verify", str(out)], capture_output=True, text=True)
+    verify = subprocess.run(
+        [sys.executable, "-m", "aimri.cli", "store", "verify", str(out)], capture_output=True, text=True
+    )
     assert verify.returncode == 0 and "all checksums match; complete" in verify.stderr
     bad = subprocess.run([*cmd[:-1], "--site", "resid.30"], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "out of range; this model has layers 0..29" in bad.stderr
+    assert (
+        bad.returncode == 2
+        and bad.stderr.count("\n") == 1
+        and "out of range; this model has layers 0..29" in bad.stderr
+    )
     shutil.rmtree(out)
 
 

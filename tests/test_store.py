@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tests.conftest import FIXTURE_TEXT
 
 import aimri
 from aimri.data.corpus import Corpus, Packing, pack
 from aimri.data.harvest import harvest
 from aimri.data.store import ActivationStore, StoreWriter
 from aimri.errors import AimriError, CorpusError, SiteError, StoreError
-from tests.conftest import FIXTURE_TEXT
 
 SITES = ["resid.1", "mlp.out.0"]
 
@@ -56,7 +56,9 @@ def test_store_holds_exactly_the_tapped_rows(tiny_lm_dir: str, corpus_file: Path
         assert np.allclose(got, ref[site][valid].numpy(), atol=1e-5)
     tokens = np.concatenate([store.array(i, "tokens") for i in range(len(store.shards))])
     assert np.array_equal(tokens, ids[valid].numpy())
-    assert store.rows == int(valid.sum()) and 0 not in np.concatenate([store.array(i, "offset") for i in range(len(store.shards))])
+    assert store.rows == int(valid.sum()) and 0 not in np.concatenate(
+        [store.array(i, "offset") for i in range(len(store.shards))]
+    )
 
 
 def test_shuffled_batches_cover_every_row_once(tiny_lm_dir: str, corpus_file: Path, tmp_path: Path) -> None:
@@ -131,7 +133,9 @@ def test_corrupted_and_truncated_files_are_named(tiny_lm_dir: str, corpus_file: 
     raw[-1] ^= 0xFF
     other.write_bytes(bytes(raw))
     assert any("shard-000002/tokens.npy: checksum mismatch" in p for p in store.verify())
-    rc = subprocess.run([sys.executable, "-m", "aimri.cli", "store", "verify", str(tmp_path / "store")], capture_output=True, text=True)
+    rc = subprocess.run(
+        [sys.executable, "-m", "aimri.cli", "store", "verify", str(tmp_path / "store")], capture_output=True, text=True
+    )
     assert rc.returncode == 1 and "shard-000001/resid.1.npy" in rc.stderr
     (tmp_path / "store" / "manifest.json").write_text('{"format": "aimri.activation_st')
     with pytest.raises(StoreError, match=r"manifest.json is truncated or corrupted"):
@@ -177,7 +181,11 @@ def test_bad_requests_write_nothing(tiny_lm_dir: str, corpus_file: Path, tmp_pat
 def test_second_writer_is_refused(tiny_lm_dir: str, tmp_path: Path) -> None:
     spec = {"sites": ["resid.0"]}
     first = StoreWriter(tmp_path / "s", spec)
-    with first.locked(), pytest.raises(StoreError, match="being written by another process"), StoreWriter(tmp_path / "s", spec).locked():
+    with (
+        first.locked(),
+        pytest.raises(StoreError, match="being written by another process"),
+        StoreWriter(tmp_path / "s", spec).locked(),
+    ):
         pass
 
 

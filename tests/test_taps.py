@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import tiny_model, tiny_subject
 
 from aimri import AimriError, Edit, Subject
 from aimri.errors import SiteError
-from tests.conftest import tiny_model, tiny_subject
 
 
 def _batch(seed: int = 1, batch: int = 3, seq: int = 10) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,16 +27,26 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 def harvest(
     model: Annotated[str, typer.Argument(help="embedded name, .gguf file, HF directory or hub id")] = DEFAULT_MODEL,
     site: Annotated[list[str], typer.Option("--site", "-s", help="Site to harvest (repeatable)")] = ["resid.15"],  # noqa: B006
-    corpus: Annotated[list[Path], typer.Option("--corpus", "-c", help="text/JSONL/Parquet/datasets path (repeatable); default: the default corpus")] = [],  # noqa: B006
+    corpus: Annotated[
+        list[Path],
+        typer.Option(
+            "--corpus", "-c", help="text/JSONL/Parquet/datasets path (repeatable); default: the default corpus"
+        ),
+    ] = [],  # noqa: B006
     out: Annotated[Path | None, typer.Option(help="store directory (default: runs/<model>/store)")] = None,
     context: Annotated[int, typer.Option(help="tokens per window, BOS included")] = 256,
     batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 8,
     windows_per_shard: Annotated[int, typer.Option(help="windows per shard (the resume granularity)")] = 32,
-    max_tokens: Annotated[int | None, typer.Option(help="stop after about this many tokens (0 = whole corpus)")] = 65_536,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="stop after about this many tokens (0 = whole corpus)")
+    ] = 65_536,
     dtype: Annotated[str, typer.Option(help="float32 or float16 on disk")] = "float32",
     text_field: Annotated[str, typer.Option(help="field holding the text in JSONL/Parquet/datasets")] = "text",
     keep_special: Annotated[bool, typer.Option(help="also harvest special and chat-template tokens")] = False,
-    sink_ratio: Annotated[float, typer.Option(help="skip tokens whose norm exceeds this x the batch median (attention sinks); 0 = keep all")] = 20.0,
+    sink_ratio: Annotated[
+        float,
+        typer.Option(help="skip tokens whose norm exceeds this x the batch median (attention sinks); 0 = keep all"),
+    ] = 20.0,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Stream a corpus through a model and write Site activations to a resumable ActivationStore."""
@@ -69,7 +79,13 @@ def corpus_build(
     report = json.loads((path.parent / "sources.json").read_text())
     table = Table("source", "status", "documents", "characters", "note")
     for name, info in report.items():
-        table.add_row(name, info["status"], str(info.get("documents", "")), f"{info.get('chars', 0):,}", str(info.get("reason", ""))[:60])
+        table.add_row(
+            name,
+            info["status"],
+            str(info.get("documents", "")),
+            f"{info.get('chars', 0):,}",
+            str(info.get("reason", ""))[:60],
+        )
     console.print(table)
     print(path)
 
@@ -105,7 +121,18 @@ def store_info(path: Path) -> None:
     from aimri.data.store import ActivationStore
 
     store = ActivationStore(path)
-    print(json.dumps({"path": str(path), "rows": store.rows, "shards": len(store.shards), "complete": store.complete, "spec": store.spec}, indent=1))
+    print(
+        json.dumps(
+            {
+                "path": str(path),
+                "rows": store.rows,
+                "shards": len(store.shards),
+                "complete": store.complete,
+                "spec": store.spec,
+            },
+            indent=1,
+        )
+    )
 
 
 def main() -> None:

@@ -42,7 +42,9 @@ def _read_file(path: Path, text_field: str) -> Iterator[Document]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise CorpusError(f"{path}:{lineno} is not valid JSON ({err.msg}); one JSON object per line") from err
+                    raise CorpusError(
+                        f"{path}:{lineno} is not valid JSON ({err.msg}); one JSON object per line"
+                    ) from err
                 if not isinstance(row, dict) or text_field not in row:
                     raise CorpusError(f"{path}:{lineno} has no {text_field!r} field; pass --text-field NAME")
                 yield Document(str(row[text_field]), source=str(row.get("source", path.name)))
@@ -56,10 +58,12 @@ def _read_file(path: Path, text_field: str) -> Iterator[Document]:
         for batch in table.iter_batches(columns=[text_field, "source"] if has_source else [text_field]):
             texts = batch.column(0).to_pylist()
             sources = batch.column(1).to_pylist() if has_source else [path.name] * len(texts)
-            for text, source in zip(texts, sources):
+            for text, source in zip(texts, sources, strict=True):
                 yield Document(str(text or ""), source=str(source))
     else:
-        raise CorpusError(f"{path}: unsupported corpus file type {suffix!r}; use .txt, .jsonl, .parquet or a datasets dir")
+        raise CorpusError(
+            f"{path}: unsupported corpus file type {suffix!r}; use .txt, .jsonl, .parquet or a datasets dir"
+        )
 
 
 def _is_datasets_dir(path: Path) -> bool:
@@ -120,14 +124,23 @@ class Corpus:
                 yield from _read_file(item, self.text_field)
 
     def fingerprint(self) -> str:
-        """Content hash of the documents, recorded in stores so resumes see the same text.
-        Raises CorpusError when there is no text at all, before anything is written."""
-        digest = hashlib.sha256()
-        nonempty = 0
-        for doc in self.documents():
-            digest.update(doc.source.encode() + b"\0" + doc.text.encode() + b"\1")
-            nonempty += bool(doc.text.strip())
-        if not nonempty:
+        """Content hash recorded in stores so a resume sees the same text: the raw bytes of the corpus
+        files (fast: no parsing), or the texts themselves for in-memory corpora. Raises CorpusError
+        when there is no text at all, before anything is written."""
+        digest = hashlib.sha256(self.text_field.encode())
+        if self.texts is not None:
+            for doc in self.texts:
+                digest.update(doc.source.encode() + b"\0" + doc.text.encode() + b"\1")
+        else:
+            for item in _expand(self.paths):
+                path = item[1] if isinstance(item, tuple) else item
+                files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+                for file in files:
+                    digest.update(str(file.relative_to(path.parent)).encode() + b"\0")
+                    with open(file, "rb") as f:
+                        for block in iter(lambda f=f: f.read(1 << 22), b""):
+                            digest.update(block)
+        if not any(doc.text.strip() for doc in self.documents()):  # stops at the first non-empty document
             where = ", ".join(map(str, self.paths)) or "the given texts"
             raise CorpusError(f"the corpus ({where}) has no text; check the paths and --text-field")
         return digest.hexdigest()
@@ -157,7 +170,9 @@ class Packing:
     newline_ids: frozenset[int] = frozenset()
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: Any, context: int, exclude_special: bool = True, exclude_chat: bool = True) -> Packing:
+    def for_tokenizer(
+        cls, tokenizer: Any, context: int, exclude_special: bool = True, exclude_chat: bool = True
+    ) -> Packing:
         """Prefer `<|endoftext|>` as BOS and separator where the tokenizer has it and does not add its
         own BOS (GPT-2, SmolLM2, Qwen: it is what separated pretraining documents); otherwise use the
         tokenizer's BOS to open windows and its EOS between documents (Llama, Gemma)."""
@@ -190,7 +205,9 @@ class Packing:
         }
 
 
-def _token_stream(corpus: Corpus, tokenizer: Any, packing: Packing, batch_docs: int = 64) -> Iterator[tuple[np.ndarray, int]]:
+def _token_stream(
+    corpus: Corpus, tokenizer: Any, packing: Packing, batch_docs: int = 64
+) -> Iterator[tuple[np.ndarray, int]]:
     """Yield (token ids, doc index) per non-empty document, tokenizing in batches."""
     pending: list[str] = []
     index = 0

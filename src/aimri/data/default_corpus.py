@@ -8,7 +8,6 @@ sources were used and which were skipped (and why).
 
 from __future__ import annotations
 
-import base64
 import gzip
 import json
 import random
@@ -156,7 +155,9 @@ SOURCES: tuple[Source, ...] = (
     Source("wordnet", "deb", ("wordnet-base",), parse_wordnet, "WordNet 3.0 glosses and examples"),
     Source("fortunes", "deb", ("fortunes", "fortunes-min"), parse_fortunes, "fortune-mod quotations"),
     Source("kjv", "deb", ("bible-kjv-text", "bible-kjv"), parse_kjv, "King James Bible"),
-    Source("foldoc", "deb", ("dict-foldoc",), lambda r: _parse_dictd(r, "foldoc"), "Free On-line Dictionary of Computing"),
+    Source(
+        "foldoc", "deb", ("dict-foldoc",), lambda r: _parse_dictd(r, "foldoc"), "Free On-line Dictionary of Computing"
+    ),
     Source("jargon", "deb", ("dict-jargon",), lambda r: _parse_dictd(r, "jargon"), "The Jargon File"),
     Source("devil", "deb", ("dict-devil",), lambda r: _parse_dictd(r, "devil"), "The Devil's Dictionary"),
     Source("chatterbot", "pypi", ("chatterbot-corpus",), _chatterbot, "chat conversations (chatterbot-corpus)"),
@@ -226,7 +227,10 @@ def default_corpus_dir() -> Path:
 
 
 def build_default_corpus(
-    out: Path | None = None, cap_chars: int = 1_500_000, only: list[str] | None = None, log: Callable[[str], None] = print
+    out: Path | None = None,
+    cap_chars: int = 1_500_000,
+    only: list[str] | None = None,
+    log: Callable[[str], None] = print,
 ) -> Path:
     """Fetch every source, write corpus.jsonl and sources.json; returns the corpus.jsonl path."""
     out = out or default_corpus_dir()

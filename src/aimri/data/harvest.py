@@ -65,7 +65,9 @@ def harvest(
     if len(set(parsed)) != len(parsed):
         raise AimriError(f"duplicate sites in {parsed}")
     if context > subject.context_length:
-        raise AimriError(f"context {context} exceeds the model's {subject.context_length} positions; use --context {subject.context_length} or less")
+        raise AimriError(
+            f"context {context} exceeds the model's {subject.context_length} positions; use --context {subject.context_length} or less"
+        )
     if dtype not in DTYPES:
         raise AimriError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     if batch_size < 1 or windows_per_shard < 1:
@@ -117,7 +119,9 @@ def harvest(
                 sel = torch.from_numpy(valid.copy())
                 for s in parsed:
                     if not torch.isfinite(out_acts[s][sel]).all():
-                        raise AimriError(f"the model produced NaN/inf at {s} in shard {shard_index}; check the model weights and dtype")
+                        raise AimriError(
+                            f"the model produced NaN/inf at {s} in shard {shard_index}; check the model weights and dtype"
+                        )
                 if sink_ratio > 0:
                     for s in parsed:
                         norms = out_acts[s].norm(dim=-1)
@@ -140,7 +144,9 @@ def harvest(
                 bar.update(task, advance=len(batch), rate=f"{rate:,.0f} tok/s")
             shard_sinks = sinks - sinks_before
             writer.write_shard(
-                ShardData({s: np.concatenate(v) for s, v in acts.items()}, {k: np.concatenate(v) for k, v in index.items()}),
+                ShardData(
+                    {s: np.concatenate(v) for s, v in acts.items()}, {k: np.concatenate(v) for k, v in index.items()}
+                ),
                 extra={
                     "windows": [shard_index * windows_per_shard, shard_index * windows_per_shard + len(shard_windows)],
                     "sinks_excluded": shard_sinks,

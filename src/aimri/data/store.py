@@ -207,6 +207,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def _short(value: Any) -> str:
+    text = str(value)
+    return text[:40] + "..." if len(text) > 40 else text
+
+
 def _spec_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     diffs = []
     for key in sorted(set(old) | set(new)):
@@ -214,8 +219,7 @@ def _spec_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> li
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += _spec_diff(a, b, f"{prefix}{key}.")
         elif a != b:
-            short = (lambda v: (str(v)[:40] + "...") if len(str(v)) > 40 else str(v))
-            diffs.append(f"{prefix}{key}: store has {short(a)}, this run has {short(b)}")
+            diffs.append(f"{prefix}{key}: store has {_short(a)}, this run has {_short(b)}")
     return diffs
 
 
@@ -247,7 +251,9 @@ class StoreWriter:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as err:
             os.close(fd)
-            raise StoreError(f"{self.path} is being written by another process; wait for it or choose another --out") from err
+            raise StoreError(
+                f"{self.path} is being written by another process; wait for it or choose another --out"
+            ) from err
         try:
             self._cleanup()
             if not (self.path / "manifest.json").exists():

@@ -6,4 +6,16 @@ from aimri.subject.loading import DEFAULT_MODEL, EMBEDDED, load
 from aimri.subject.sites import Site
 from aimri.subject.taps import Edit, StopForward, Tap
 
-__all__ = ["ADAPTERS", "DEFAULT_MODEL", "EMBEDDED", "Adapter", "Edit", "Site", "StopForward", "Subject", "Tap", "load", "register_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "DEFAULT_MODEL",
+    "EMBEDDED",
+    "Adapter",
+    "Edit",
+    "Site",
+    "StopForward",
+    "Subject",
+    "Tap",
+    "load",
+    "register_adapter",
+]

