@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,6 +114,14 @@ def test_resume_with_other_settings_is_refused(tiny_lm_dir: str, corpus_file: Pa
     _harvest(tiny_lm_dir, corpus_file, tmp_path / "store", max_tokens=64)
     with pytest.raises(StoreError, match=r"different settings \(.*context"):
         _harvest(tiny_lm_dir, corpus_file, tmp_path / "store", max_tokens=64, context=16)
+    other_model = tmp_path / "other-model"
+    shutil.copytree(tiny_lm_dir, other_model)
+    retrained = aimri.load(other_model)
+    with torch.no_grad():
+        retrained.layer(0).mlp.up_proj.weight.mul_(1.01)
+    retrained.model.save_pretrained(other_model)
+    with pytest.raises(StoreError, match="model.revision: store has"):
+        _harvest(str(other_model), corpus_file, tmp_path / "store", max_tokens=64)
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"text": "a different corpus entirely"}) + "\n")
     with pytest.raises(StoreError, match="corpus.fingerprint"):

@@ -149,3 +149,9 @@ def test_unknown_architecture_lists_supported() -> None:
     model.config.model_type = "mystery"
     with pytest.raises(AimriError, match="supported are .*llama.*register_adapter"):
         Subject(model)
+
+
+def test_input_longer_than_context_is_refused() -> None:
+    subject = tiny_subject("llama")
+    with pytest.raises(AimriError, match="input of 129 tokens exceeds tiny-llama's context of 128; split it"):
+        subject.run(torch.zeros(1, 129, dtype=torch.long))

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from aimri.errors import AimriError
 from aimri.subject.adapters import Adapter, adapter_for, get_module
 from aimri.subject.sites import Site, all_site_names, parse_site
 from aimri.subject.taps import Edit, EditValue, Tap
@@ -87,6 +88,11 @@ class Subject:
         """One forward pass that returns the read Sites' activations ([batch, seq, d]); with
         `stop=False` the logits are returned too, under the key "logits"."""
         read = list(read)
+        if input_ids.shape[-1] > self.context_length:
+            raise AimriError(
+                f"input of {input_ids.shape[-1]} tokens exceeds {self.name}'s context of {self.context_length}; "
+                "split it into windows (aimri.data.corpus.pack does this)"
+            )
         device = self.device
         kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "use_cache": False}
         if attention_mask is not None:
