@@ -1,0 +1,138 @@
+"""Dictionaries on disk in the SAELens layout: a folder with cfg.json + sae_weights.safetensors.
+
+Weights: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_out], b_dec [d_out], plus `threshold`
+(JumpReLU; BatchTopK is saved as JumpReLU with its learned thresholds) and `W_skip` (skip transcoders).
+cfg.json carries SAELens' keys (architecture, d_in, d_sae, k, apply_b_dec_to_input, metadata.hook_name, ...)
+and ours under `aimri`, so both libraries can read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from aimri.dictionaries import architectures as arch
+from aimri.dictionaries.base import Dictionary, DictionaryConfig, build
+from aimri.errors import AimriError
+from aimri.paths import atomic_write_text, fsync_dir
+
+WEIGHTS, CONFIG = "sae_weights.safetensors", "cfg.json"
+# our architecture -> SAELens architecture name (SAE, transcoder)
+_SAELENS = {
+    "topk": ("topk", "transcoder"),
+    "jumprelu": ("jumprelu", "jumprelu_transcoder"),
+    "relu": ("standard", "transcoder"),
+}
+_FROM_SAELENS = {"topk": "topk", "jumprelu": "jumprelu", "standard": "relu", "batchtopk": "jumprelu",
+                 "transcoder": "relu", "skip_transcoder": "relu", "jumprelu_transcoder": "jumprelu"}  # fmt: skip
+
+
+def hook_name(site: str) -> str:
+    """Our Site name -> the TransformerLens hook name SAELens metadata uses."""
+    parts = site.split(".")
+    kind, layer = ".".join(parts[:-1]), parts[-1]
+    names = {
+        "resid": "hook_resid_post",
+        "mlp.in": "ln2.hook_normalized",
+        "mlp.out": "hook_mlp_out",
+        "attn.out": "hook_attn_out",
+    }
+    if kind == "resid" and layer == "-1":
+        return "blocks.0.hook_resid_pre"
+    return f"blocks.{layer}.{names.get(kind, kind)}"
+
+
+def save_dictionary(model: Dictionary, path: str | Path) -> Path:
+    """Write atomically: a temp folder renamed into place, so a crash never leaves half a dictionary."""
+    path = Path(path)
+    cfg = model.cfg
+    architecture = cfg.architecture
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if v is not None}
+    if isinstance(model, arch.BatchTopK):  # inference form: JumpReLU with per-latent thresholds
+        architecture = "jumprelu"
+        t = tensors["threshold"]
+        finite = t[torch.isfinite(t)]
+        tensors["threshold"] = torch.where(torch.isfinite(t), t, finite.max() if len(finite) else torch.zeros(()))
+    sae_lens_arch = _SAELENS[architecture][1 if cfg.is_transcoder else 0]
+    if cfg.is_transcoder and cfg.skip:
+        sae_lens_arch = "skip_transcoder"
+    config = {
+        "architecture": sae_lens_arch,
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": not cfg.is_transcoder and not cfg.skip,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "model_name": cfg.model_name,
+            "hook_name": hook_name(cfg.site) if cfg.site else "",
+            "hook_head_index": None,
+            "prepend_bos": True,
+        },
+        "aimri": {**cfg.to_dict(), "architecture": architecture},
+    }
+    if cfg.k is not None and architecture == "topk":
+        config["k"] = cfg.k
+    if cfg.is_transcoder:
+        config["d_out"] = cfg.out_dim
+        config["metadata"]["hook_name_out"] = hook_name(cfg.site_out)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / WEIGHTS))
+    atomic_write_text(tmp / CONFIG, json.dumps(config, indent=1))
+    with open(tmp / WEIGHTS, "rb") as f:
+        os.fsync(f.fileno())
+    if path.exists():
+        shutil.rmtree(path)
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
+    return path
+
+
+def load_dictionary(path: str | Path) -> Dictionary:
+    """Load a dictionary saved by AI MRI or by SAELens (SAE or transcoder folders)."""
+    path = Path(path)
+    cfg_file, weights_file = path / CONFIG, path / WEIGHTS
+    if not cfg_file.exists() or not weights_file.exists():
+        raise AimriError(f"{path} is not a dictionary folder (needs {CONFIG} and {WEIGHTS})")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as err:
+        raise AimriError(f"{cfg_file} is corrupted ({err.msg})") from err
+    try:
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError) as err:
+        raise AimriError(f"{weights_file} is truncated or corrupted ({err}); re-download or retrain it") from err
+    if "aimri" in raw:
+        fields = {k: v for k, v in raw["aimri"].items() if k in DictionaryConfig.__dataclass_fields__}
+        cfg = DictionaryConfig(**fields)
+    else:
+        name = raw.get("architecture", "standard")
+        if name not in _FROM_SAELENS:
+            raise AimriError(
+                f"{cfg_file}: unknown architecture {name!r}; AI MRI reads {', '.join(sorted(_FROM_SAELENS))}"
+            )
+        meta = raw.get("metadata", {})
+        d_out = int(raw["d_out"]) if "d_out" in raw else None
+        cfg = DictionaryConfig(
+            architecture=_FROM_SAELENS[name], d_in=int(raw["d_in"]), d_sae=int(raw["d_sae"]), d_out=d_out,
+            k=raw.get("k"), skip="W_skip" in tensors, site=meta.get("hook_name", ""),
+            site_out=meta.get("hook_name_out", meta.get("hook_name", "") + ".out" if d_out else ""),
+            model_name=meta.get("model_name", ""),
+        )  # fmt: skip
+    model = build(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items() if k in expected}
+    if got != expected:
+        raise AimriError(f"{weights_file}: tensors {got} do not match {CONFIG} (expects {expected})")
+    model.load_state_dict({k: tensors[k] for k in expected})
+    return model.eval()

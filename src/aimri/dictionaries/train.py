@@ -1,0 +1,276 @@
+"""Training sparse dictionaries: TopK with a sparse backward, AuxK revival, unit-norm decoder rows,
+geometric-median b_dec, fixed-mean-norm input scaling (folded into the weights at save), lr warmup and
+decay, and checkpoints that resume to the same final weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from aimri.dictionaries import architectures as arch
+from aimri.dictionaries.base import Dictionary, DictionaryConfig, build
+from aimri.dictionaries.sparse import topk_autoencode
+from aimri.errors import AimriError
+from aimri.paths import fsync_dir
+
+Batch = Tensor | tuple[Tensor, Tensor]
+
+
+@dataclass
+class TrainConfig:
+    total_tokens: int
+    batch_size: int = 4096
+    lr: float | None = None  # default: 2e-4 * sqrt(16384 / d_sae) (Gao et al. scaling)
+    warmup_frac: float = 0.05
+    decay_frac: float = 0.2
+    auxk_alpha: float = 1 / 32
+    auxk_k: int | None = None  # default d_in // 2
+    dead_tokens: int = 1_000_000  # a latent silent this long is dead
+    l1_coefficient: float = 5.0  # relu
+    l0_coefficient: float = 1e-3  # jumprelu
+    seed: int = 0
+    checkpoint_every: int = 200  # steps
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.total_tokens // self.batch_size)
+
+
+def geometric_median(points: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of distances (robust to outliers)."""
+    median = points.mean(0)
+    for _ in range(iters):
+        weights = 1.0 / (points - median).norm(dim=1).clamp_min(eps)
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        if (new - median).norm() < eps * (1 + median.norm()):
+            return new
+        median = new
+    return median
+
+
+def _split(batch: Batch) -> tuple[Tensor, Tensor]:
+    return batch if isinstance(batch, tuple) else (batch, batch)
+
+
+class Trainer:
+    """Trains one dictionary; `step(batch)` lets several trainers share one pass over the data."""
+
+    def __init__(self, dcfg: DictionaryConfig, tcfg: TrainConfig) -> None:
+        if dcfg.k is not None and dcfg.k > dcfg.d_sae:
+            raise AimriError(f"k={dcfg.k} is larger than the width d_sae={dcfg.d_sae}; choose k <= width")
+        self.dcfg, self.tcfg = dcfg, tcfg
+        torch.manual_seed(tcfg.seed)
+        self.model: Dictionary = build(dcfg)
+        self.model.reset_parameters(torch.Generator().manual_seed(tcfg.seed))
+        self.lr = tcfg.lr or 2e-4 * math.sqrt(16384 / dcfg.d_sae)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(trainable, lr=self.lr, betas=(0.9, 0.999))
+        self.step_index = 0
+        self.since_fired = torch.zeros(dcfg.d_sae, dtype=torch.int64)
+        self.scale_in = self.scale_out = 1.0
+        self.initialised = False
+        self.last: dict[str, float] = {}
+
+    # -- schedule and init -----------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        steps = self.tcfg.steps
+        warm = max(1, int(self.tcfg.warmup_frac * steps))
+        decay_start = int((1 - self.tcfg.decay_frac) * steps)
+        if step < warm:
+            return self.lr * (step + 1) / warm
+        if step >= decay_start:
+            return self.lr * max(0.0, (steps - step) / max(1, steps - decay_start))
+        return self.lr
+
+    def initialise(self, sample: Batch) -> None:
+        """Scale factors so inputs/outputs have mean norm sqrt(d); b_dec at the geometric median."""
+        x, y = _split(sample)
+        self._check(x, y, "the first batch")
+        self.scale_in = math.sqrt(x.shape[1]) / float(x.norm(dim=1).mean())
+        self.scale_out = math.sqrt(y.shape[1]) / float(y.norm(dim=1).mean()) if y is not x else self.scale_in
+        with torch.no_grad():
+            target = y * self.scale_out
+            self.model.b_dec.copy_(geometric_median(target[:4096]) if y is x else target.mean(0))
+        self.initialised = True
+
+    def _check(self, x: Tensor, y: Tensor, where: str) -> None:
+        if x.shape[1] != self.dcfg.d_in or y.shape[1] != self.dcfg.out_dim:
+            raise AimriError(
+                f"activations are {x.shape[1]}->{y.shape[1]} wide but the dictionary expects "
+                f"{self.dcfg.d_in}->{self.dcfg.out_dim}; check the store's sites and --width settings"
+            )
+        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+            raise AimriError(f"NaN/inf activations in {where}; training stopped, the last checkpoint is intact")
+
+    # -- one optimisation step -------------------------------------------------------------------
+    def step(self, batch: Batch) -> dict[str, float]:
+        if not self.initialised:
+            self.initialise(batch)
+        x, y = _split(batch)
+        self._check(x, y, f"the batch of step {self.step_index}")
+        m = self.model
+        m.train()
+        x = x * self.scale_in
+        y = x if batch is x or not isinstance(batch, tuple) else y * self.scale_out
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step_index)
+        centre = not self.dcfg.is_transcoder and m.W_skip is None
+        if isinstance(m, arch.TopK):
+            recon, vals, idx, pre = topk_autoencode(x, m.W_enc, m.b_enc, m.W_dec, m.b_dec, self.dcfg.k or 1, centre)
+            fired = torch.zeros(self.dcfg.d_sae, dtype=torch.bool)
+            fired[idx[vals > 0]] = True
+            l0 = float((vals > 0).sum(1).float().mean())
+        else:
+            pre = m.pre_acts(x)
+            codes = m.activate(pre)
+            recon = codes @ m.W_dec + m.b_dec
+            fired = (codes > 0).any(0)
+            l0 = float((codes > 0).sum(1).float().mean())
+        if m.W_skip is not None:
+            recon = recon + x @ m.W_skip
+        err = recon - y
+        mse = err.pow(2).sum(1).mean()
+        loss = mse
+        if isinstance(m, arch.ReLU):
+            loss = loss + self.tcfg.l1_coefficient * (codes * m.W_dec.norm(dim=1)).sum(1).mean() / x.shape[1]
+        if isinstance(m, arch.JumpReLU):
+            loss = loss + self.tcfg.l0_coefficient * m.l0(pre)
+        self.since_fired += x.shape[0]
+        self.since_fired[fired] = 0
+        dead = self.since_fired > self.tcfg.dead_tokens
+        aux = torch.zeros(())
+        if isinstance(m, (arch.TopK, arch.BatchTopK)) and bool(dead.any()):
+            aux = self._auxk(x, err.detach(), dead, centre)
+            loss = loss + self.tcfg.auxk_alpha * aux
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            if m.W_dec.grad is not None:  # keep rows on the unit sphere: drop the radial gradient
+                w = m.W_dec
+                m.W_dec.grad -= (m.W_dec.grad * w).sum(1, keepdim=True) * w
+        self.optimizer.step()
+        with torch.no_grad():
+            m.W_dec.div_(m.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+        total = (y - y.mean(0)).pow(2).sum(1).mean()
+        self.step_index += 1
+        self.last = {
+            "step": self.step_index,
+            "loss": float(loss.detach()),
+            "fvu": float(mse.detach() / total),
+            "l0": l0,
+            "dead_frac": float(dead.float().mean()),
+            "auxk": float(aux.detach()),
+        }
+        return self.last
+
+    def _auxk(self, x: Tensor, residual: Tensor, dead: Tensor, centre: bool) -> Tensor:
+        """Reconstruct the main error from the top dead latents (Gao et al.), normalised by its variance."""
+        m = self.model
+        dead_idx = dead.nonzero().squeeze(1)
+        k_aux = min(self.tcfg.auxk_k or self.dcfg.d_in // 2, len(dead_idx))
+        xc = x - m.b_dec if centre else x
+        pre = xc @ m.W_enc[:, dead_idx] + m.b_enc[dead_idx]
+        vals, local = pre.topk(k_aux, dim=-1, sorted=False)
+        recon = F.embedding_bag(local, m.W_dec[dead_idx], per_sample_weights=vals.relu(), mode="sum")
+        denom = (residual - residual.mean(0)).pow(2).sum(1).mean().clamp_min(1e-8)
+        return (recon - residual).pow(2).sum(1).mean() / denom
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step_index,
+            "since_fired": self.since_fired,
+            "scale_in": self.scale_in,
+            "scale_out": self.scale_out,
+            "initialised": self.initialised,
+            "train_config": asdict(self.tcfg),
+            "dictionary_config": self.dcfg.to_dict(),
+        }
+
+    def save_checkpoint(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            torch.save(self.state(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+
+    def load_checkpoint(self, path: Path) -> None:
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as err:
+            raise AimriError(f"{path} is not a readable checkpoint ({err}); delete it to start over") from err
+        if state["dictionary_config"] != self.dcfg.to_dict() or state["train_config"] != asdict(self.tcfg):
+            raise AimriError(f"{path} was written with other settings; rerun with the original ones or delete it")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_index = int(state["step"])
+        self.since_fired = state["since_fired"]
+        self.scale_in, self.scale_out = float(state["scale_in"]), float(state["scale_out"])
+        self.initialised = bool(state["initialised"])
+
+    # -- the folded, inference-ready dictionary ------------------------------------------------------
+    def export(self) -> Dictionary:
+        """A copy that takes raw (unscaled) activations: the scale factors folded into the weights."""
+        cfg = self.dcfg
+        out = build(cfg)
+        out.load_state_dict(self.model.state_dict())
+        s_in, s_out = self.scale_in, self.scale_out
+        with torch.no_grad():
+            out.W_enc.mul_(s_in)
+            out.W_dec.div_(s_out)
+            out.b_dec.div_(s_out)
+            if out.W_skip is not None:
+                out.W_skip.mul_(s_in / s_out)
+        out.eval()
+        return out
+
+
+def fit(
+    trainers: list[Trainer],
+    batches: Iterable[Batch],
+    checkpoint_dir: Path | None = None,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Train several dictionaries from one pass over `batches` (the same order on every run), resuming
+    from `checkpoint_dir` when it holds checkpoints; returns each trainer's last metrics."""
+    from aimri.progress import progress_bar
+
+    if checkpoint_dir is not None:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        for i, t in enumerate(trainers):
+            ckpt = checkpoint_dir / f"dictionary-{i}.pt"
+            if ckpt.exists():
+                t.load_checkpoint(ckpt)
+    start = min(t.step_index for t in trainers)
+    steps = trainers[0].tcfg.steps
+    it: Iterator[Batch] = iter(batches)
+    for _ in range(start):  # the data order is deterministic: skip what was already trained on
+        next(it)
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task("train", total=steps, completed=start, rate="")
+        for step in range(start, steps):
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            for t in trainers:
+                if t.step_index == step:
+                    t.step(batch)
+            bar.update(task, advance=1, rate=f"fvu {trainers[0].last.get('fvu', float('nan')):.3f}")
+            if checkpoint_dir is not None and (step + 1) % trainers[0].tcfg.checkpoint_every == 0:
+                for i, t in enumerate(trainers):
+                    t.save_checkpoint(checkpoint_dir / f"dictionary-{i}.pt")
+    return [t.last for t in trainers]

@@ -1,0 +1,162 @@
+"""Dictionaries: sparse-backward exactness, planted-dictionary recovery, exact resume, formats, bad input."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from aimri.dictionaries import DictionaryConfig, TrainConfig, Trainer, build, fit, load_dictionary, save_dictionary
+from aimri.dictionaries.sparse import topk_autoencode
+from aimri.errors import AimriError
+
+
+def _dense_topk(x, W_enc, b_enc, W_dec, b_dec, k):
+    pre = (x - b_dec) @ W_enc + b_enc
+    vals, idx = pre.topk(k, -1)
+    return torch.zeros_like(pre).scatter(-1, idx, vals.relu()) @ W_dec + b_dec
+
+
+def test_sparse_backward_equals_dense_autograd() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, dtype=torch.float64, generator=g)
+    shapes = [(16, 96), (96,), (96, 16), (16,)]
+    params = [torch.randn(*s, dtype=torch.float64, generator=g).requires_grad_() for s in shapes]
+    sparse = topk_autoencode(x, *params, 5, True)[0]
+    sparse.pow(2).sum().backward()
+    grads = [p.grad.clone() for p in params]  # type: ignore[union-attr]
+    for p in params:
+        p.grad = None
+    dense = _dense_topk(x, *params, 5)
+    dense.pow(2).sum().backward()
+    assert torch.allclose(sparse, dense)
+    for got, want in zip(grads, [p.grad for p in params], strict=True):
+        assert torch.allclose(got, want, atol=1e-10)
+
+
+def _planted(n_feat: int = 96, d: int = 24, k: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    d_in = torch.randn(n_feat, d, generator=g)
+    d_out = torch.randn(n_feat, d, generator=g)
+    return d_in / d_in.norm(dim=1, keepdim=True), d_out / d_out.norm(dim=1, keepdim=True)
+
+
+def _codes(n_feat: int, k: int, batch: int, g: torch.Generator) -> torch.Tensor:
+    idx = torch.rand(batch, n_feat, generator=g).argsort(1)[:, :k]
+    return torch.zeros(batch, n_feat).scatter_(1, idx, torch.rand(batch, k, generator=g) * 2 + 0.5)
+
+
+def _sae_batches(
+    dictionary: torch.Tensor, k: int, steps: int, batch: int = 1024, seed: int = 1
+) -> Iterator[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        yield _codes(len(dictionary), k, batch, g) @ dictionary + 0.3
+
+
+def _best_cos(planted: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
+    return (planted @ (learned / learned.norm(dim=1, keepdim=True)).T).max(1).values
+
+
+def test_sae_recovers_a_planted_dictionary_in_superposition() -> None:
+    planted, _ = _planted()  # 96 features in 24 dimensions
+    steps = 500
+    trainer = Trainer(
+        DictionaryConfig("topk", 24, 192, k=3), TrainConfig(steps * 1024, 1024, lr=3e-3, dead_tokens=20_000)
+    )
+    fit([trainer], _sae_batches(planted, 3, steps), progress=False)
+    cos = _best_cos(planted, trainer.export().W_dec.detach())
+    assert cos.mean() >= 0.9, cos
+
+
+def test_transcoder_recovers_a_planted_sparse_map() -> None:
+    d_in, d_out = _planted(64, 24)
+    g = torch.Generator().manual_seed(2)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _ in range(500):
+            codes = _codes(64, 3, 1024, g)
+            yield codes @ d_in, codes @ d_out
+
+    cfg = DictionaryConfig("topk", 24, 128, d_out=24, k=3, site="mlp.in.0", site_out="mlp.out.0")
+    trainer = Trainer(cfg, TrainConfig(500 * 1024, 1024, lr=3e-3, dead_tokens=20_000))
+    fit([trainer], batches(), progress=False)
+    assert _best_cos(d_out, trainer.export().W_dec.detach()).mean() >= 0.9
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "jumprelu", "relu"])
+def test_other_architectures_learn(architecture: str) -> None:
+    planted, _ = _planted()
+    cfg = DictionaryConfig(architecture, 24, 192, k=3 if architecture == "batchtopk" else None)
+    trainer = Trainer(cfg, TrainConfig(120 * 512, 512, lr=2e-3))
+    first = trainer.step(next(_sae_batches(planted, 3, 1, 512)))["fvu"]
+    fit([trainer], _sae_batches(planted, 3, 120, 512, seed=5), progress=False)
+    assert trainer.last["fvu"] < 0.5 * first
+    model = trainer.export()
+    x = next(_sae_batches(planted, 3, 1, 256, seed=9))
+    assert torch.isfinite(model(x)).all()
+
+
+def test_resume_gives_identical_weights(tmp_path: Path) -> None:
+    planted, _ = _planted()
+    cfg = DictionaryConfig("topk", 24, 192, k=3)
+    tcfg = TrainConfig(60 * 256, 256, lr=3e-3, dead_tokens=2_000, checkpoint_every=10)
+    whole = Trainer(cfg, tcfg)
+    fit([whole], _sae_batches(planted, 3, 60, 256), progress=False)
+
+    class Crash(Exception):
+        pass
+
+    def crashing() -> Iterator[torch.Tensor]:
+        for i, b in enumerate(_sae_batches(planted, 3, 60, 256)):
+            if i == 37:
+                raise Crash
+            yield b
+
+    with pytest.raises(Crash):
+        fit([Trainer(cfg, tcfg)], crashing(), checkpoint_dir=tmp_path, progress=False)
+    resumed = Trainer(cfg, tcfg)
+    fit([resumed], _sae_batches(planted, 3, 60, 256), checkpoint_dir=tmp_path, progress=False)
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def test_export_folds_the_scale_and_round_trips(tmp_path: Path) -> None:
+    planted, _ = _planted()
+    trainer = Trainer(DictionaryConfig("topk", 24, 192, k=3, site="resid.3"), TrainConfig(20 * 256, 256))
+    fit([trainer], (b * 50 for b in _sae_batches(planted, 3, 20, 256)), progress=False)
+    x = next(_sae_batches(planted, 3, 1, 64, seed=7)) * 50
+    exported = trainer.export()
+    with torch.no_grad():
+        trainer.model.eval()
+        want = trainer.model(x * trainer.scale_in) / trainer.scale_in
+        assert torch.allclose(exported(x), want, rtol=1e-4, atol=1e-3)
+        loaded = load_dictionary(save_dictionary(exported, tmp_path / "sae"))
+        assert torch.equal(loaded.encode(x), exported.encode(x)) and torch.equal(loaded(x), exported(x))
+
+
+def test_bad_dictionaries(tmp_path: Path) -> None:
+    with pytest.raises(AimriError, match="k=300 must be between 1 and the width d_sae=192"):
+        build(DictionaryConfig("topk", 24, 192, k=300))
+    with pytest.raises(AimriError, match="unknown dictionary architecture 'gated'"):
+        build(DictionaryConfig("gated", 24, 192))
+    trainer = Trainer(DictionaryConfig("topk", 24, 192, k=3), TrainConfig(1024, 256))
+    with pytest.raises(AimriError, match="activations are 32->32 wide but the dictionary expects 24->24"):
+        trainer.step(torch.randn(256, 32))
+    bad = torch.randn(256, 24)
+    bad[3, 4] = float("nan")
+    with pytest.raises(AimriError, match="NaN/inf activations"):
+        trainer.step(bad)
+    path = save_dictionary(build(DictionaryConfig("topk", 24, 192, k=3)), tmp_path / "d")
+    weights = path / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(AimriError, match="sae_weights.safetensors is truncated or corrupted"):
+        load_dictionary(path)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "cfg.json").write_text('{"architecture": "mystery", "d_in": 4, "d_sae": 8}')
+    save_dictionary(build(DictionaryConfig("relu", 4, 8)), tmp_path / "y")
+    (tmp_path / "x" / "sae_weights.safetensors").write_bytes((tmp_path / "y" / "sae_weights.safetensors").read_bytes())
+    with pytest.raises(AimriError, match="unknown architecture 'mystery'"):
+        load_dictionary(tmp_path / "x")
