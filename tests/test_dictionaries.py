@@ -160,3 +160,54 @@ def test_bad_dictionaries(tmp_path: Path) -> None:
     (tmp_path / "x" / "sae_weights.safetensors").write_bytes((tmp_path / "y" / "sae_weights.safetensors").read_bytes())
     with pytest.raises(AimriError, match="unknown architecture 'mystery'"):
         load_dictionary(tmp_path / "x")
+
+
+def test_mri_train_from_a_store_resumes_and_loads(tiny_lm_dir: str, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import FIXTURE_TEXT
+
+    import aimri
+    from aimri.data.corpus import Corpus
+    from aimri.data.harvest import harvest
+
+    subject = aimri.load(tiny_lm_dir)
+    store = harvest(
+        subject,
+        Corpus.from_texts([FIXTURE_TEXT] * 40),
+        ["resid.1", "mlp.in.1", "mlp.out.1"],
+        tmp_path / "s",
+        context=32,
+        progress=False,
+    )
+    base = [
+        sys.executable,
+        "-m",
+        "aimri.cli",
+        "train",
+        str(tmp_path / "s"),
+        "--width",
+        "64",
+        "--k",
+        "4",
+        "--batch-size",
+        "128",
+        "--tokens",
+        "6400",
+        "--quiet",
+    ]
+    for extra in (["--site", "resid.1"], ["--site", "mlp.in.1", "--site-out", "mlp.out.1", "--skip"]):
+        done = subprocess.run([*base, *extra, "--out", str(tmp_path / extra[1])], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        model = load_dictionary(tmp_path / extra[1])
+        assert json.loads((tmp_path / extra[1] / "training.json").read_text())["tokens"] == 6400
+        x = torch.from_numpy(store.array(0, extra[1]).copy())
+        assert model(x).shape == (len(x), 32)
+    again = subprocess.run(
+        [*base, "--site", "resid.1", "--out", str(tmp_path / "resid.1")], capture_output=True, text=True
+    )
+    assert again.returncode == 0  # the finished checkpoint resumes at its last step: nothing to redo
+    bad = subprocess.run([*base, "--site", "resid.2"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "site 'resid.2' is not in the store" in bad.stderr

@@ -66,6 +66,38 @@ def harvest(
     console.print(f"[green]wrote[/] {store}")
 
 
+@app.command()
+def train(
+    store: Annotated[Path, typer.Argument(help="activation store made by `mri harvest`")],
+    site: Annotated[str, typer.Option(help="input site (an SAE reconstructs it)")] = "resid.15",
+    site_out: Annotated[str | None, typer.Option(help="output site: trains a transcoder site -> site_out")] = None,
+    architecture: Annotated[str, typer.Option(help="topk, batchtopk, jumprelu or relu")] = "topk",
+    width: Annotated[int, typer.Option(help="number of latents (d_sae)")] = 4608,
+    k: Annotated[int, typer.Option(help="active latents per token (topk, batchtopk)")] = 32,
+    tokens: Annotated[int, typer.Option(help="training tokens (the store is cycled if smaller)")] = 2_000_000,
+    batch_size: Annotated[int, typer.Option()] = 4096,
+    skip: Annotated[bool, typer.Option(help="transcoder: add a linear skip connection")] = False,
+    lr: Annotated[float | None, typer.Option(help="default: 2e-4 * sqrt(16384 / width)")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    out: Annotated[Path | None, typer.Option(help="dictionary folder (default: next to the store)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Train a sparse dictionary from an activation store; resumable; saved in the SAELens layout."""
+    from aimri.dictionaries.train import train_from_store
+
+    name = f"{architecture}-{site}{'-to-' + site_out if site_out else ''}-w{width}" + (
+        f"-k{k}" if "topk" in architecture else ""
+    )
+    out = out or store.parent / "dictionaries" / name
+    path, metrics = train_from_store(
+        store, site, out, architecture=architecture, width=width, k=k, tokens=tokens, batch_size=batch_size,
+        site_out=site_out, skip=skip, lr=lr, seed=seed, progress=not quiet,
+    )  # fmt: skip
+    console.print(
+        f"[green]saved[/] {path}  fvu={metrics.get('fvu', float('nan')):.4f} l0={metrics.get('l0', 0):.1f} dead={metrics.get('dead_frac', 0):.3f}"
+    )
+
+
 @corpus_app.command("build")
 def corpus_build(
     out: Annotated[Path | None, typer.Option(help="output folder (default: $AIMRI_HOME/corpus/default)")] = None,

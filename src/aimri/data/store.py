@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,46 +130,47 @@ class ActivationStore:
 
     def batches(
         self,
-        site: str,
+        site: str | Sequence[str],
         batch_size: int,
         shuffle: bool = True,
         seed: int = 0,
         shards_per_buffer: int = 8,
         with_tokens: bool = False,
         drop_last: bool = False,
-    ) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of activations as fp32 tensors, read from memory-mapped shards.
+    ) -> Iterator[Any]:
+        """Batches of activations as fp32 tensors, read from memory-mapped shards: one tensor for one
+        site; a tuple for several sites (the same rows: e.g. mlp.in and mlp.out for a transcoder), with
+        the token ids last when `with_tokens`.
 
         With `shuffle`, shards are visited in random order in groups of `shards_per_buffer`, and rows are
         permuted within each group: memory holds one batch, not the store. Each group's last batch may be
         short unless `drop_last`."""
-        self._check_site(site)
+        sites = [site] if isinstance(site, str) else list(site)
+        for name in sites:
+            self._check_site(name)
+        names = sites + (["tokens"] if with_tokens else [])
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
         for start in range(0, len(order), shards_per_buffer):
             group = [int(i) for i in order[start : start + shards_per_buffer]]
-            arrays = [self.array(i, site) for i in group]
-            tokens = [self.array(i, "tokens") for i in group] if with_tokens else None
-            bounds = np.concatenate([[0], np.cumsum([len(a) for a in arrays])])
+            arrays = [[self.array(i, name) for name in names] for i in group]
+            bounds = np.concatenate([[0], np.cumsum([self.shards[i]["rows"] for i in group])])
             flat = rng.permutation(int(bounds[-1])) if shuffle else np.arange(int(bounds[-1]))
             for b in range(0, len(flat), batch_size):
                 idx = flat[b : b + batch_size]
                 if drop_last and len(idx) < batch_size:
                     continue
                 which = np.searchsorted(bounds, idx, side="right") - 1
-                order_in_batch = np.argsort(which, kind="stable")  # group reads by shard, sorted rows
-                idx, which = idx[order_in_batch], which[order_in_batch]
-                rows, toks = [], []
-                for s in np.unique(which):
+                parts: list[list[np.ndarray]] = [[] for _ in names]
+                for s in np.unique(which):  # read each shard's rows in ascending order
                     local = np.sort(idx[which == s] - bounds[s])
-                    rows.append(np.asarray(arrays[s][local], dtype=np.float32))
-                    if tokens is not None:
-                        toks.append(np.asarray(tokens[s][local]))
-                out = torch.from_numpy(np.concatenate(rows))
-                if tokens is not None:
-                    yield out, torch.from_numpy(np.concatenate(toks))  # type: ignore[misc]
-                else:
-                    yield out  # type: ignore[misc]
+                    for j, arr in enumerate(arrays[s]):
+                        parts[j].append(np.asarray(arr[local]))
+                out = tuple(
+                    torch.from_numpy(np.concatenate(p).astype(np.float32 if n != "tokens" else np.int64, copy=False))
+                    for p, n in zip(parts, names, strict=True)
+                )
+                yield out[0] if len(out) == 1 else out
 
     # -- integrity ---------------------------------------------------------------------------
     def verify(self) -> list[str]:

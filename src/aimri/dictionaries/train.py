@@ -274,3 +274,59 @@ def fit(
                 for i, t in enumerate(trainers):
                     t.save_checkpoint(checkpoint_dir / f"dictionary-{i}.pt")
     return [t.last for t in trainers]
+
+
+def store_batches(store: Any, sites: list[str], batch_size: int, seed: int) -> Iterator[Batch]:
+    """Shuffled full batches from a store, epoch after epoch (epoch e shuffles with seed + e): the
+    same sequence on every run, which is what makes resuming exact."""
+    epoch = 0
+    while True:
+        produced = False
+        for batch in store.batches(
+            sites if len(sites) > 1 else sites[0], batch_size, seed=seed + epoch, drop_last=True
+        ):
+            produced = True
+            yield batch
+        if not produced:
+            raise AimriError(f"the store has fewer than {batch_size} rows; lower --batch-size or harvest more tokens")
+        epoch += 1
+
+
+def train_from_store(
+    store_path: str | Path,
+    site: str,
+    out: str | Path,
+    architecture: str = "topk",
+    width: int = 4608,
+    k: int | None = 32,
+    tokens: int = 2_000_000,
+    batch_size: int = 4096,
+    site_out: str | None = None,
+    skip: bool = False,
+    lr: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[Path, dict[str, float]]:
+    """Train one dictionary (an SAE on `site`, or a transcoder `site` -> `site_out`) from a store and save
+    it, scale folded, in the SAELens layout at `out`; checkpoints in `out`.checkpoints allow resuming."""
+    from aimri.data.store import ActivationStore
+    from aimri.dictionaries.formats import save_dictionary
+
+    store = ActivationStore(store_path)
+    sites = [site] + ([site_out] if site_out else [])
+    d_in = store.d(site)
+    cfg = DictionaryConfig(
+        architecture, d_in, width, d_out=store.d(site_out) if site_out else None,
+        k=k if architecture in ("topk", "batchtopk") else None, skip=skip, site=site, site_out=site_out or "",
+        model_name=store.spec["model"]["name"], model_revision=store.spec["model"]["revision"],
+    )  # fmt: skip
+    trainer = Trainer(cfg, TrainConfig(total_tokens=tokens, batch_size=batch_size, lr=lr, seed=seed))
+    out = Path(out)
+    ckpt = out.with_name(out.name + ".checkpoints")
+    last = fit([trainer], store_batches(store, sites, batch_size, seed), checkpoint_dir=ckpt, progress=progress)[0]
+    save_dictionary(trainer.export(), out)
+    from aimri.paths import atomic_write_text
+
+    metrics = {**last, "tokens": trainer.step_index * batch_size, "scale_in": trainer.scale_in}
+    atomic_write_text(out / "training.json", __import__("json").dumps(metrics, indent=1))
+    return out, last
