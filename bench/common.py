@@ -17,6 +17,8 @@ VENVS = BENCH / ".venvs"
 PEERS: dict[str, list[str]] = {
     "nnsight": ["nnsight==0.8.*"],
     "transformer_lens": ["transformer-lens==4.*"],
+    "sae_lens": ["sae-lens==6.*"],
+    "sparsify": ["eai-sparsify==1.*"],
 }
 
 

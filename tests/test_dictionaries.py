@@ -211,3 +211,32 @@ def test_mri_train_from_a_store_resumes_and_loads(tiny_lm_dir: str, tmp_path: Pa
     assert again.returncode == 0  # the finished checkpoint resumes at its last step: nothing to redo
     bad = subprocess.run([*base, "--site", "resid.2"], capture_output=True, text=True)
     assert bad.returncode == 2 and "site 'resid.2' is not in the store" in bad.stderr
+
+
+@pytest.mark.integration
+def test_downstream_metrics_known_answers() -> None:
+    """On SmolLM2: an exact dictionary (codes [relu(x), relu(-x)]) recovers 100% of the CE loss with zero
+    KL; one that reconstructs nothing recovers 0%."""
+    from tests.conftest import FIXTURE_TEXT
+
+    import aimri
+    from aimri.data.corpus import Corpus
+    from aimri.dictionaries.evaluate import downstream_metrics
+
+    subject = aimri.load("smollm2-135m-instruct")
+    d = subject.d_model
+    exact = build(DictionaryConfig("relu", d, 2 * d, site="resid.5"))
+    with torch.no_grad():  # codes = [relu(x), relu(-x)]; decode recombines: reconstructs x exactly
+        exact.W_enc.copy_(torch.cat([torch.eye(d), -torch.eye(d)], 1))
+        exact.W_dec.copy_(torch.cat([torch.eye(d), -torch.eye(d)], 0))
+        exact.b_enc.zero_()
+        exact.b_dec.zero_()
+    corpus = Corpus.from_texts([FIXTURE_TEXT] * 3)
+    good = downstream_metrics(exact, subject, corpus, context=64, n_windows=4)
+    assert good["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4) and good["kl_div"] == pytest.approx(0.0, abs=1e-5)
+    useless = build(DictionaryConfig("relu", d, 2 * d, site="resid.5"))
+    with torch.no_grad():
+        useless.W_dec.zero_()
+        useless.b_dec.zero_()
+    bad = downstream_metrics(useless, subject, corpus, context=64, n_windows=4)
+    assert bad["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-4) and bad["kl_div"] > 0.01

@@ -98,6 +98,46 @@ def train(
     )
 
 
+@app.command("eval")
+def eval_(
+    dictionary: Annotated[Path, typer.Argument(help="dictionary folder (SAELens layout)")],
+    store: Annotated[Path, typer.Option(help="held-out activation store for reconstruction metrics")],
+    model: Annotated[str | None, typer.Option(help="model for the downstream CE/KL (default: the store's)")] = None,
+    corpus: Annotated[
+        list[Path], typer.Option(help="corpus for downstream windows (default: the default corpus)")
+    ] = [],  # noqa: B006
+    windows: Annotated[int, typer.Option(help="held-out windows for the downstream CE/KL (0 = skip)")] = 32,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Reconstruction (L0, FVU, cosine, dead, density) and downstream (CE loss recovered, KL) metrics."""
+    import aimri
+    from aimri.data.corpus import Corpus
+    from aimri.data.default_corpus import default_corpus_path
+    from aimri.data.store import ActivationStore
+    from aimri.dictionaries import load_dictionary
+    from aimri.dictionaries.evaluate import downstream_metrics, reconstruction_metrics
+
+    sae = load_dictionary(dictionary)
+    held_out = ActivationStore(store)
+    result: dict = {"dictionary": str(dictionary), **reconstruction_metrics(sae, held_out)}
+    if windows:
+        subject = aimri.load(model or held_out.spec["model"]["name"])
+        paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
+        context = int(held_out.spec["packing"]["context"])
+        skip = int(held_out.spec.get("max_windows") or 0) if not corpus else 0
+        result.update(
+            downstream_metrics(
+                sae, subject, Corpus.from_paths(paths), context=context, n_windows=windows, skip_windows=skip
+            )
+        )
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            if key != "density_log10_hist":
+                console.print(f"{key:>20}: {value:.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
+
+
 @corpus_app.command("build")
 def corpus_build(
     out: Annotated[Path | None, typer.Option(help="output folder (default: $AIMRI_HOME/corpus/default)")] = None,

@@ -45,11 +45,16 @@ class DictionaryConfig:
     site_out: str = ""  # transcoders: where the output lives
     model_name: str = ""
     model_revision: str = ""
+    apply_b_dec_to_input: bool = True  # SAEs: encode x - b_dec (Gemma Scope's JumpReLU SAEs do not)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_transcoder(self) -> bool:
         return self.d_out is not None and (self.site_out or "") != (self.site or "")
+
+    @property
+    def centres_input(self) -> bool:
+        return self.apply_b_dec_to_input and not self.is_transcoder and not self.skip
 
     @property
     def out_dim(self) -> int:
@@ -92,7 +97,7 @@ class Dictionary(nn.Module):
 
     # -- the interface -------------------------------------------------------------------------
     def pre_acts(self, x: Tensor) -> Tensor:
-        centred = x - self.b_dec if not self.cfg.is_transcoder and self.W_skip is None else x
+        centred = x - self.b_dec if self.cfg.centres_input else x
         return centred @ self.W_enc + self.b_enc
 
     def activate(self, pre: Tensor) -> Tensor:

@@ -23,14 +23,14 @@ from aimri.errors import AimriError
 from aimri.paths import atomic_write_text, fsync_dir
 
 WEIGHTS, CONFIG = "sae_weights.safetensors", "cfg.json"
-# our architecture -> SAELens architecture name (SAE, transcoder)
+# (SAE, transcoder, skip transcoder). SAELens 6 has no TopK transcoder: ours are saved as
+# "topk_transcoder", which SAELens refuses instead of silently running them as ReLU transcoders.
 _SAELENS = {
-    "topk": ("topk", "transcoder"),
-    "jumprelu": ("jumprelu", "jumprelu_transcoder"),
-    "relu": ("standard", "transcoder"),
+    "topk": ("topk", "topk_transcoder", "topk_skip_transcoder"),
+    "jumprelu": ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder"),
+    "relu": ("standard", "transcoder", "skip_transcoder"),
 }
-_FROM_SAELENS = {"topk": "topk", "jumprelu": "jumprelu", "standard": "relu", "batchtopk": "jumprelu",
-                 "transcoder": "relu", "skip_transcoder": "relu", "jumprelu_transcoder": "jumprelu"}  # fmt: skip
+_FROM_SAELENS = {name: ours for ours, names in _SAELENS.items() for name in names} | {"batchtopk": "jumprelu"}
 
 
 def hook_name(site: str) -> str:
@@ -59,16 +59,16 @@ def save_dictionary(model: Dictionary, path: str | Path) -> Path:
         t = tensors["threshold"]
         finite = t[torch.isfinite(t)]
         tensors["threshold"] = torch.where(torch.isfinite(t), t, finite.max() if len(finite) else torch.zeros(()))
-    sae_lens_arch = _SAELENS[architecture][1 if cfg.is_transcoder else 0]
-    if cfg.is_transcoder and cfg.skip:
-        sae_lens_arch = "skip_transcoder"
+    sae_lens_arch = _SAELENS[architecture][(2 if cfg.skip else 1) if cfg.is_transcoder else 0]
+    if "W_skip" in tensors:  # SAELens stores the skip as [d_out, d_in]
+        tensors["W_skip"] = tensors["W_skip"].T.contiguous()
     config = {
         "architecture": sae_lens_arch,
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": not cfg.is_transcoder and not cfg.skip,
+        "apply_b_dec_to_input": cfg.centres_input,
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {
@@ -98,20 +98,83 @@ def save_dictionary(model: Dictionary, path: str | Path) -> Path:
     return path
 
 
-def load_dictionary(path: str | Path) -> Dictionary:
-    """Load a dictionary saved by AI MRI or by SAELens (SAE or transcoder folders)."""
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise AimriError(f"{path} is truncated or corrupted ({err}); re-download or retrain it") from err
+
+
+def _checked(cfg: DictionaryConfig, tensors: dict[str, torch.Tensor], source: Path) -> Dictionary:
+    model = build(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items() if k in expected}
+    if got != expected:
+        raise AimriError(f"{source}: tensors {got} do not match its configuration (expects {expected})")
+    model.load_state_dict({k: tensors[k].float() for k in expected})
+    return model.eval()
+
+
+def load_sparsify(path: Path, site: str = "") -> Dictionary:
+    """An EleutherAI sparsify checkpoint folder (cfg.json + sae.safetensors; encoder.weight [d_sae, d_in])."""
+    raw = json.loads((path / CONFIG).read_text())
+    t = _read_safetensors(path / "sae.safetensors")
+    d_in, d_sae = int(raw["d_in"]), int(t["encoder.weight"].shape[0])
+    transcode = bool(raw.get("transcode", False))
+    cfg = DictionaryConfig(
+        "topk", d_in, d_sae, d_out=d_in if transcode else None, k=int(raw["k"]), skip="W_skip" in t,
+        site=site, site_out=f"{site}.out" if transcode else "",
+    )  # fmt: skip
+    tensors = {
+        "W_enc": t["encoder.weight"].T.contiguous(),
+        "b_enc": t["encoder.bias"],
+        "W_dec": t["W_dec"],
+        "b_dec": t["b_dec"],
+    }
+    if "W_skip" in t:
+        tensors["W_skip"] = t["W_skip"].T.contiguous()
+    return _checked(cfg, tensors, path)
+
+
+def load_gemma_scope(path: Path, site: str = "") -> Dictionary:
+    """A Gemma Scope params.npz (JumpReLU: W_enc [d_in, d_sae], b_enc, W_dec, b_dec, threshold; the input
+    is not centred by b_dec)."""
+    import numpy as np
+
+    try:
+        with np.load(path) as npz:
+            t = {
+                k: torch.from_numpy(npz[k].astype("float32")) for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+            }
+    except (KeyError, ValueError, OSError) as err:
+        raise AimriError(f"{path} is not a readable Gemma Scope params.npz ({err})") from err
+    d_in, d_sae = t["W_enc"].shape
+    cfg = DictionaryConfig("jumprelu", int(d_in), int(d_sae), site=site, apply_b_dec_to_input=False)
+    return _checked(cfg, t, path)
+
+
+def load_dictionary(path: str | Path, site: str = "") -> Dictionary:
+    """Load a dictionary saved by AI MRI or SAELens (cfg.json + sae_weights.safetensors), an EleutherAI
+    sparsify checkpoint (cfg.json + sae.safetensors) or a Gemma Scope params.npz (file or folder).
+    `site` names the Site for formats that do not record one."""
     path = Path(path)
+    if path.suffix == ".npz" or (path / "params.npz").exists():
+        return load_gemma_scope(path if path.suffix == ".npz" else path / "params.npz", site)
+    if (path / CONFIG).exists() and (path / "sae.safetensors").exists():
+        return load_sparsify(path, site)
     cfg_file, weights_file = path / CONFIG, path / WEIGHTS
     if not cfg_file.exists() or not weights_file.exists():
-        raise AimriError(f"{path} is not a dictionary folder (needs {CONFIG} and {WEIGHTS})")
+        raise AimriError(
+            f"{path} is not a dictionary: expected {CONFIG} + {WEIGHTS} (SAELens / AI MRI), "
+            f"{CONFIG} + sae.safetensors (sparsify) or params.npz (Gemma Scope)"
+        )
     try:
         raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as err:
         raise AimriError(f"{cfg_file} is corrupted ({err.msg})") from err
-    try:
-        tensors = load_file(str(weights_file))
-    except (SafetensorError, OSError) as err:
-        raise AimriError(f"{weights_file} is truncated or corrupted ({err}); re-download or retrain it") from err
+    tensors = _read_safetensors(weights_file)
+    if "W_skip" in tensors:
+        tensors["W_skip"] = tensors["W_skip"].T.contiguous()
     if "aimri" in raw:
         fields = {k: v for k, v in raw["aimri"].items() if k in DictionaryConfig.__dataclass_fields__}
         cfg = DictionaryConfig(**fields)
@@ -127,12 +190,6 @@ def load_dictionary(path: str | Path) -> Dictionary:
             architecture=_FROM_SAELENS[name], d_in=int(raw["d_in"]), d_sae=int(raw["d_sae"]), d_out=d_out,
             k=raw.get("k"), skip="W_skip" in tensors, site=meta.get("hook_name", ""),
             site_out=meta.get("hook_name_out", meta.get("hook_name", "") + ".out" if d_out else ""),
-            model_name=meta.get("model_name", ""),
+            model_name=meta.get("model_name", ""), apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
         )  # fmt: skip
-    model = build(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in tensors.items() if k in expected}
-    if got != expected:
-        raise AimriError(f"{weights_file}: tensors {got} do not match {CONFIG} (expects {expected})")
-    model.load_state_dict({k: tensors[k] for k in expected})
-    return model.eval()
+    return _checked(cfg, tensors, weights_file)

@@ -123,7 +123,7 @@ class Trainer:
         y = x if batch is x or not isinstance(batch, tuple) else y * self.scale_out
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step_index)
-        centre = not self.dcfg.is_transcoder and m.W_skip is None
+        centre = self.dcfg.centres_input
         if isinstance(m, arch.TopK):
             recon, vals, idx, pre = topk_autoencode(x, m.W_enc, m.b_enc, m.W_dec, m.b_dec, self.dcfg.k or 1, centre)
             fired = torch.zeros(self.dcfg.d_sae, dtype=torch.bool)

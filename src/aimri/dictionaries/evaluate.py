@@ -1,0 +1,141 @@
+"""Evaluating a dictionary on held-out tokens: reconstruction statistics from a store, and the
+downstream cost of splicing it into the model (CE loss recovered, KL to the clean model)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from aimri.data.corpus import Corpus, Packing, pack
+from aimri.data.store import ActivationStore
+from aimri.dictionaries.base import Dictionary
+from aimri.errors import AimriError
+from aimri.subject.core import Subject
+from aimri.subject.taps import Edit
+
+
+def _site_of(dictionary: Dictionary, store: ActivationStore) -> tuple[str, str]:
+    site = dictionary.cfg.site
+    site_out = dictionary.cfg.site_out if dictionary.cfg.is_transcoder else site
+    for s in {site, site_out}:
+        if s not in store.sites:
+            raise AimriError(
+                f"the dictionary was trained on {s!r}, which the store {store.path} lacks (it has {', '.join(store.sites)})"
+            )
+    if store.d(site) != dictionary.cfg.d_in:
+        raise AimriError(f"store {site} is {store.d(site)} wide, the dictionary expects d_in={dictionary.cfg.d_in}")
+    return site, site_out
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    dictionary: Dictionary, store: ActivationStore, max_rows: int = 200_000, batch_size: int = 4096
+) -> dict[str, Any]:
+    """L0, FVU, mean cosine, dead fraction and the log10 firing-density histogram over the store's rows
+    (pass a store the dictionary was not trained on, or its held-out tail)."""
+    site, site_out = _site_of(dictionary, store)
+    dictionary.eval()
+    fired = torch.zeros(dictionary.d_sae, dtype=torch.int64)
+    sse = total_sq = cos_sum = l0_sum = 0.0
+    rows = 0
+    sum_y = sum_y2 = None
+    sites = [site] if site == site_out else [site, site_out]
+    for batch in dictionary_batches(store, sites, batch_size):
+        x, y = batch if isinstance(batch, tuple) else (batch, batch)
+        codes = dictionary.encode(x)
+        recon = dictionary.decode(codes, x)
+        sse += float((recon - y).pow(2).sum())
+        sum_y = y.sum(0).double() if sum_y is None else sum_y + y.sum(0).double()
+        sum_y2 = y.pow(2).sum(0).double() if sum_y2 is None else sum_y2 + y.pow(2).sum(0).double()
+        cos_sum += float(F.cosine_similarity(recon, y, dim=1).sum())
+        active = codes > 0
+        l0_sum += float(active.sum())
+        fired += active.sum(0)
+        rows += len(x)
+        if rows >= max_rows:
+            break
+    if rows == 0 or sum_y is None or sum_y2 is None:
+        raise AimriError(f"the store {store.path} has no rows to evaluate on")
+    total_sq = float((sum_y2 - sum_y.pow(2) / rows).sum())
+    density = fired.double() / rows
+    hist, edges = np.histogram(np.log10(density[density > 0].numpy()), bins=20, range=(-8, 0))
+    return {
+        "rows": rows,
+        "l0": l0_sum / rows,
+        "fvu": sse / total_sq,
+        "cosine": cos_sum / rows,
+        "dead_frac": float((fired == 0).double().mean()),
+        "density_log10_hist": {"counts": hist.tolist(), "edges": edges.round(2).tolist()},
+    }
+
+
+def dictionary_batches(store: ActivationStore, sites: list[str], batch_size: int):
+    return store.batches(sites if len(sites) > 1 else sites[0], batch_size, shuffle=False)
+
+
+@torch.no_grad()
+def downstream_metrics(
+    dictionary: Dictionary,
+    subject: Subject,
+    corpus: Corpus,
+    context: int = 256,
+    n_windows: int = 32,
+    skip_windows: int = 0,
+    batch_size: int = 8,
+    sink_ratio: float = 20.0,
+) -> dict[str, float]:
+    """CE of next-token prediction with the dictionary spliced in (its error term dropped) vs the clean
+    model vs the site zero-ablated, over held-out windows (those after the first `skip_windows`), and the
+    KL from clean to spliced. Splicing skips position 0 and attention-sink tokens, as the harvest does."""
+    cfg = dictionary.cfg
+    site_in = subject.site(cfg.site).name
+    site_out = subject.site(cfg.site_out).name if cfg.is_transcoder else site_in
+    packing = Packing.for_tokenizer(subject.tokenizer, context)
+    windows = list(itertools.islice(pack(corpus, subject.tokenizer, packing), skip_windows, skip_windows + n_windows))
+    if not windows:
+        raise AimriError("no held-out windows left in the corpus for the downstream evaluation; use a larger corpus")
+    dictionary.eval()
+    totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
+    count = 0
+    for start in range(0, len(windows), batch_size):
+        group = windows[start : start + batch_size]
+        ids = torch.from_numpy(np.stack([w.ids for w in group]))
+        att = torch.from_numpy(np.stack([w.attention for w in group])).long()
+        valid = torch.from_numpy(np.stack([w.valid for w in group]))
+        clean = subject.run(ids, att, read=[site_in], stop=False)
+        if sink_ratio > 0:
+            norms = clean[site_in].norm(dim=-1)
+            valid &= norms <= sink_ratio * norms[valid].median()
+        inputs = clean[site_in]
+
+        def splice(y: Tensor, inputs: Tensor = inputs) -> Tensor:
+            return dictionary.decode(dictionary.encode(inputs), inputs) if cfg.is_transcoder else dictionary(y)
+
+        spliced = subject.run(ids, att, edit=[Edit(site_out, splice, positions=valid)], stop=False)["logits"]
+        zero = subject.run(ids, att, edit=[Edit(site_out, torch.zeros(()), positions=valid)], stop=False)["logits"]
+        targets = ids[:, 1:]
+        mask = (att[:, 1:] > 0) & valid[:, :-1]
+        for name, logits in (("clean", clean["logits"]), ("spliced", spliced), ("zero", zero)):
+            ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
+            totals[name] += float(ce[mask].sum())
+        logp_clean = clean["logits"][:, :-1].log_softmax(-1)
+        logp_spliced = spliced[:, :-1].log_softmax(-1)
+        kl = (logp_clean.exp() * (logp_clean - logp_spliced)).sum(-1)
+        totals["kl"] += float(kl[mask].sum())
+        count += int(mask.sum())
+    ce = {k: v / max(count, 1) for k, v in totals.items()}
+    gap = ce["zero"] - ce["clean"]
+    return {
+        "ce_clean": ce["clean"],
+        "ce_spliced": ce["spliced"],
+        "ce_zero_ablation": ce["zero"],
+        "ce_loss_recovered": (ce["zero"] - ce["spliced"]) / gap if gap > 0 else math.nan,
+        "kl_div": ce["kl"],
+        "downstream_tokens": count,
+    }
