@@ -240,3 +240,23 @@ def test_downstream_metrics_known_answers() -> None:
         useless.b_dec.zero_()
     bad = downstream_metrics(useless, subject, corpus, context=64, n_windows=4)
     assert bad["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-4) and bad["kl_div"] > 0.01
+
+
+def test_transcoders_for_every_layer_in_one_pass(tiny_lm_dir: str, tmp_path: Path) -> None:
+    from tests.conftest import FIXTURE_TEXT
+
+    import aimri
+    from aimri.data.corpus import Corpus
+    from aimri.dictionaries.train import train_transcoders
+
+    subject = aimri.load(tiny_lm_dir)
+    corpus = Corpus.from_texts([FIXTURE_TEXT] * 30)
+    kwargs = dict(width=64, k=4, tokens=256 * 12, batch_size=256, context=32, progress=False)
+    metrics = train_transcoders(subject, corpus, tmp_path / "tc", **kwargs)
+    assert sorted(metrics) == [0, 1, 2] and all(m["tokens"] == 256 * 12 for m in metrics.values())
+    for layer in range(3):
+        tc = load_dictionary(tmp_path / "tc" / f"layer-{layer}")
+        assert (tc.cfg.site, tc.cfg.site_out) == (f"mlp.in.{layer}", f"mlp.out.{layer}")
+    # the first dictionary matches one trained alone on the same stream: one pass feeds each its own sites
+    alone = train_transcoders(subject, corpus, tmp_path / "one", layers=[0], **kwargs)
+    assert alone[0]["fvu"] == pytest.approx(metrics[0]["fvu"], rel=1e-5)

@@ -18,10 +18,9 @@ from sae_lens.saes.transcoder import SkipTranscoder, SkipTranscoderConfig
 def outputs(sae, x: torch.Tensor, path: str) -> None:
     with torch.no_grad():
         codes = sae.encode(x)
+        recon = sae.decode(codes)
         if isinstance(sae, SkipTranscoder):
-            recon = sae.decode(codes) + x @ sae.W_skip.T
-        else:
-            recon = sae.decode(codes)
+            recon = recon + x @ sae.W_skip.T
     np.savez(path, codes=codes.numpy(), recon=recon.numpy())
 
 

@@ -98,6 +98,38 @@ def train(
     )
 
 
+@app.command("train-transcoders")
+def train_transcoders_cmd(
+    model: Annotated[str, typer.Argument(help="embedded name, .gguf file, HF directory or hub id")] = DEFAULT_MODEL,
+    layers: Annotated[str, typer.Option(help="'all' or a comma list, e.g. 0,5,10")] = "all",
+    width: Annotated[int, typer.Option()] = 4608,
+    k: Annotated[int, typer.Option()] = 32,
+    tokens: Annotated[int, typer.Option(help="training tokens per transcoder")] = 1_000_000,
+    batch_size: Annotated[int, typer.Option()] = 4096,
+    skip: Annotated[bool, typer.Option(help="add a linear skip connection")] = False,
+    corpus: Annotated[list[Path], typer.Option(help="default: the default corpus")] = [],  # noqa: B006
+    out: Annotated[Path | None, typer.Option(help="default: runs/<model>/transcoders")] = None,
+    quiet: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Train per-layer transcoders (mlp.in.L -> mlp.out.L) for many layers in one pass, no store needed."""
+    import aimri
+    from aimri.data.corpus import Corpus
+    from aimri.data.default_corpus import default_corpus_path
+    from aimri.dictionaries.train import train_transcoders
+
+    subject = aimri.load(model)
+    chosen = None if layers == "all" else [int(x) for x in layers.split(",")]
+    out = out or Path("runs") / Path(model).name.removesuffix(".gguf") / "transcoders"
+    paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
+    metrics = train_transcoders(
+        subject, Corpus.from_paths(paths), out, layers=chosen, width=width, k=k, tokens=tokens,
+        batch_size=batch_size, skip=skip, progress=not quiet,
+    )  # fmt: skip
+    for layer, m in metrics.items():
+        console.print(f"layer {layer:>2}: fvu={m['fvu']:.4f} l0={m['l0']:.1f} dead={m['dead_frac']:.3f}")
+    console.print(f"[green]saved[/] {out}")
+
+
 @app.command("eval")
 def eval_(
     dictionary: Annotated[Path, typer.Argument(help="dictionary folder (SAELens layout)")],

@@ -22,7 +22,8 @@ from aimri.dictionaries.sparse import topk_autoencode
 from aimri.errors import AimriError
 from aimri.paths import fsync_dir
 
-Batch = Tensor | tuple[Tensor, Tensor]
+# one site's rows, (input, output) rows, or rows of many sites by name (one pass feeding many dictionaries)
+Batch = Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]
 
 
 @dataclass
@@ -57,7 +58,10 @@ def geometric_median(points: Tensor, iters: int = 50, eps: float = 1e-6) -> Tens
     return median
 
 
-def _split(batch: Batch) -> tuple[Tensor, Tensor]:
+def _split(batch: Batch, cfg: DictionaryConfig) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, dict):
+        x = batch[cfg.site]
+        return x, batch[cfg.site_out] if cfg.is_transcoder else x
     return batch if isinstance(batch, tuple) else (batch, batch)
 
 
@@ -93,7 +97,7 @@ class Trainer:
 
     def initialise(self, sample: Batch) -> None:
         """Scale factors so inputs/outputs have mean norm sqrt(d); b_dec at the geometric median."""
-        x, y = _split(sample)
+        x, y = _split(sample, self.dcfg)
         self._check(x, y, "the first batch")
         self.scale_in = math.sqrt(x.shape[1]) / float(x.norm(dim=1).mean())
         self.scale_out = math.sqrt(y.shape[1]) / float(y.norm(dim=1).mean()) if y is not x else self.scale_in
@@ -115,12 +119,12 @@ class Trainer:
     def step(self, batch: Batch) -> dict[str, float]:
         if not self.initialised:
             self.initialise(batch)
-        x, y = _split(batch)
-        self._check(x, y, f"the batch of step {self.step_index}")
+        x_raw, y_raw = _split(batch, self.dcfg)
+        self._check(x_raw, y_raw, f"the batch of step {self.step_index}")
         m = self.model
         m.train()
-        x = x * self.scale_in
-        y = x if batch is x or not isinstance(batch, tuple) else y * self.scale_out
+        x = x_raw * self.scale_in
+        y = x if y_raw is x_raw else y_raw * self.scale_out
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step_index)
         centre = self.dcfg.centres_input
@@ -330,3 +334,48 @@ def train_from_store(
     metrics = {**last, "tokens": trainer.step_index * batch_size, "scale_in": trainer.scale_in}
     atomic_write_text(out / "training.json", __import__("json").dumps(metrics, indent=1))
     return out, last
+
+
+def train_transcoders(
+    subject: Any,
+    corpus: Any,
+    out: str | Path,
+    layers: list[int] | None = None,
+    architecture: str = "topk",
+    width: int = 4608,
+    k: int | None = 32,
+    tokens: int = 1_000_000,
+    batch_size: int = 4096,
+    skip: bool = False,
+    lr: float | None = None,
+    seed: int = 0,
+    context: int = 256,
+    progress: bool = True,
+) -> dict[int, dict[str, float]]:
+    """Per-layer transcoders mlp.in.L -> mlp.out.L for many layers, trained together from one pass over
+    the model's activations (no store); saved as `out`/layer-L in the SAELens layout, resumable."""
+    import json
+
+    from aimri.dictionaries.formats import save_dictionary
+    from aimri.dictionaries.stream import subject_batches
+    from aimri.paths import atomic_write_text
+
+    layers = list(range(subject.n_layers)) if layers is None else layers
+    out = Path(out)
+    trainers = []
+    for layer in layers:
+        cfg = DictionaryConfig(
+            architecture, subject.d_model, width, d_out=subject.d_model, k=k if "topk" in architecture else None,
+            skip=skip, site=f"mlp.in.{layer}", site_out=f"mlp.out.{layer}", model_name=subject.name,
+            model_revision=subject.revision,
+        )  # fmt: skip
+        trainers.append(Trainer(cfg, TrainConfig(total_tokens=tokens, batch_size=batch_size, lr=lr, seed=seed)))
+    sites = [s for layer in layers for s in (f"mlp.in.{layer}", f"mlp.out.{layer}")]
+    batches = subject_batches(subject, corpus, sites, batch_size=batch_size, context=context, seed=seed)
+    fit(trainers, batches, checkpoint_dir=out / ".checkpoints", progress=progress)
+    metrics = {}
+    for layer, trainer in zip(layers, trainers, strict=True):
+        save_dictionary(trainer.export(), out / f"layer-{layer}")
+        metrics[layer] = {**trainer.last, "tokens": trainer.step_index * batch_size}
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    return metrics
