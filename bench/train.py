@@ -1,0 +1,129 @@
+"""Dictionary training throughput and quality: our TopK trainer, sae-lens and eai-sparsify on the same
+cached activations (resid.15 of the default model), architecture, width, k and token count, in one run.
+
+    python bench/train.py --json [--store DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import aimri
+from aimri.data.corpus import Corpus
+from aimri.data.default_corpus import default_corpus_path
+from aimri.data.harvest import harvest
+from aimri.data.store import ActivationStore
+from aimri.dictionaries import DictionaryConfig, TrainConfig, Trainer
+from aimri.paths import aimri_home
+from common import emit, gemm_gflops, run_peer
+
+
+def cached_rows(store_dir: Path | None, site: str, rows: int, log) -> np.ndarray:
+    """The first `rows` activations of a store, harvesting one (cached under $AIMRI_HOME) if needed."""
+    if store_dir is None:
+        store_dir = aimri_home() / "bench" / f"smollm2-{site}-{rows}"
+        if not (store_dir / "manifest.json").exists() or not ActivationStore(store_dir).complete:
+            log(f"harvesting {rows:,} rows of {site} into {store_dir} (cached for later runs)")
+            subject = aimri.load()
+            harvest(
+                subject,
+                Corpus.from_paths([default_corpus_path(log=log)]),
+                [site],
+                store_dir,
+                max_tokens=int(rows * 1.02) + 4096,
+                progress=False,
+            )
+    store = ActivationStore(store_dir)
+    if store.rows < rows:
+        raise SystemExit(f"{store_dir} holds {store.rows} rows; need {rows}")
+    return np.concatenate(list(store.batches(site, rows, shuffle=True, seed=0)))[:rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--store", type=Path, default=None, help="store holding the site (default: harvest a cached one)"
+    )
+    parser.add_argument("--site", default="resid.15")
+    parser.add_argument("--width", type=int, default=4608)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--heldout", type=int, default=8192)
+    parser.add_argument("--peers", default="sae_lens,sparsify")
+    args = parser.parse_args()
+    log = (lambda m: print(m, file=sys.stderr)) if args.json else print
+
+    train_rows = args.steps * args.batch_size
+    rows = cached_rows(args.store, args.site, train_rows + args.heldout, log)
+    work = Path(tempfile.mkdtemp(prefix="aimri-train-bench-"))
+    np.save(work / "train.npy", rows[:train_rows])
+    np.save(work / "heldout.npy", rows[train_rows:])
+    heldout = torch.from_numpy(rows[train_rows:].copy())
+    d = rows.shape[1]
+    gflops = gemm_gflops()
+
+    trainer = Trainer(
+        DictionaryConfig("topk", d, args.width, k=args.k),
+        TrainConfig(total_tokens=train_rows, batch_size=args.batch_size),
+    )
+    batches = [torch.from_numpy(rows[s * args.batch_size : (s + 1) * args.batch_size]) for s in range(args.steps)]
+    start = time.perf_counter()
+    for batch in batches:
+        trainer.step(batch)
+    seconds = time.perf_counter() - start
+    model = trainer.export()
+    with torch.no_grad():
+        codes = model.encode(heldout)
+        fvu = float((model.decode(codes) - heldout).pow(2).sum() / (heldout - heldout.mean(0)).pow(2).sum())
+        dead = float((~(codes > 0).any(0)).float().mean())
+    ours = train_rows / seconds
+    # FLOPs we actually perform per token: the dense encoder GEMM, plus k-row sparse work (decode forward,
+    # the three sparse backward products)
+    flops = 2 * d * args.width + 8 * args.k * d
+    result: dict[str, object] = {
+        "tokens_per_s": round(ours, 1),
+        "roofline_ratio": round(ours * flops / (gflops * 1e9), 3),
+        "fvu": round(fvu, 4),
+        "dead_frac": round(dead, 4),
+        "gemm_gflops": round(gflops, 1),
+        "width": args.width,
+        "k": args.k,
+        "train_tokens": train_rows,
+        "heldout_tokens": args.heldout,
+    }
+    args_peer = [
+        str(work / "train.npy"),
+        str(work / "heldout.npy"),
+        str(args.width),
+        str(args.k),
+        str(args.batch_size),
+        str(args.steps),
+    ]
+    for peer in [p for p in args.peers.split(",") if p]:
+        try:
+            theirs = run_peer(peer, f"{peer}_train.py", *args_peer, log=log)
+        except Exception as err:
+            log(f"{peer}: {err}")
+            result[f"error_{peer}"] = str(err)[-300:]
+            continue
+        result[f"speedup_vs_{peer}"] = round(ours / theirs["tokens_per_s"], 3)
+        result[f"fvu_{peer}"] = round(theirs["fvu"], 4)
+        result[f"dead_frac_{peer}"] = round(theirs["dead_frac"], 4)
+        result[f"{peer}_tokens_per_s"] = round(theirs["tokens_per_s"], 1)
+    result["device"] = f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    emit(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
