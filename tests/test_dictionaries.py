@@ -260,3 +260,56 @@ def test_transcoders_for_every_layer_in_one_pass(tiny_lm_dir: str, tmp_path: Pat
     # the first dictionary matches one trained alone on the same stream: one pass feeds each its own sites
     alone = train_transcoders(subject, corpus, tmp_path / "one", layers=[0], **kwargs)
     assert alone[0]["fvu"] == pytest.approx(metrics[0]["fvu"], rel=1e-5)
+
+
+def test_crosscoder_finds_the_concepts_a_finetune_added() -> None:
+    """Two synthetic 'models' share 48 features; the second also has 16 of its own. The crosscoder's
+    latents for those 16 have almost all their decoder norm in source 1 (model diffing's known answer)."""
+    from aimri.dictionaries.architectures import Crosscoder
+
+    g = torch.Generator().manual_seed(4)
+    d, shared, added = 24, 48, 16
+    base = torch.randn(shared + added, d, generator=g)
+    tuned = base + 0.1 * torch.randn(shared + added, d, generator=g)
+    base[shared:] = 0  # the added concepts do not exist in the base model
+    base_dirs = base / base.norm(dim=1, keepdim=True).clamp_min(1e-9)
+    tuned_dirs = tuned / tuned.norm(dim=1, keepdim=True)
+
+    def batches() -> Iterator[torch.Tensor]:
+        for _ in range(600):
+            codes = _codes(shared + added, 3, 1024, g)
+            yield torch.cat([codes @ base_dirs, codes @ tuned_dirs], dim=1)
+
+    cfg = DictionaryConfig("crosscoder", 2 * d, 128, k=3, extra={"sources": 2})
+    trainer = Trainer(cfg, TrainConfig(600 * 1024, 1024, lr=3e-3, dead_tokens=20_000))
+    fit([trainer], batches(), progress=False)
+    model = trainer.export()
+    assert isinstance(model, Crosscoder)
+    dec = model.W_dec.detach()[:, d:]  # source-1 decoders
+    match = (tuned_dirs[shared:] @ (dec / dec.norm(dim=1, keepdim=True).clamp_min(1e-9)).T).argmax(1)
+    rel = model.relative_norm(1).detach()
+    assert rel[match].mean() > 0.9  # the added concepts' latents live in the fine-tune only
+    shared_match = (tuned_dirs[:shared] @ (dec / dec.norm(dim=1, keepdim=True).clamp_min(1e-9)).T).argmax(1)
+    assert 0.3 < rel[shared_match].mean() < 0.7  # shared concepts are shared
+
+
+def test_paired_batches_need_the_same_tokenizer(tiny_lm_dir: str) -> None:
+    from tests.conftest import FIXTURE_TEXT
+
+    import aimri
+    from aimri.data.corpus import Corpus
+    from aimri.dictionaries.stream import paired_batches
+
+    a, b = aimri.load(tiny_lm_dir), aimri.load(tiny_lm_dir)
+    with torch.no_grad():
+        b.layer(0).mlp.up_proj.weight.mul_(1.5)
+    batch = next(
+        paired_batches(
+            [a, b], Corpus.from_texts([FIXTURE_TEXT] * 20), "resid.1", batch_size=64, context=32, buffer_rows=256
+        )
+    )
+    assert batch.shape == (64, 2 * a.d_model) and not torch.allclose(batch[:, : a.d_model], batch[:, a.d_model :])
+    b.tokenizer = type(a.tokenizer).from_pretrained(tiny_lm_dir)
+    b.tokenizer.add_tokens(["<extra>"])
+    with pytest.raises(AimriError, match="different tokenizers"):
+        next(paired_batches([a, b], Corpus.from_texts([FIXTURE_TEXT]), "resid.1"))

@@ -71,15 +71,19 @@ class BatchTopK(_Thresholded):
         flat = pre.relu().flatten()
         vals, idx = flat.topk(min((self.cfg.k or 1) * pre.shape[0], flat.numel()), sorted=False)
         codes = torch.zeros_like(flat).scatter_(0, idx, vals).view_as(pre)
-        with torch.no_grad():  # per-latent minimum positive selected activation, smoothed
-            chosen = torch.where(codes > 0, codes, torch.full_like(codes, float("inf"))).amin(0)
-            seen = torch.isfinite(chosen)
-            old = self.threshold.data
-            fresh = seen & ~torch.isfinite(old)
-            old[fresh] = chosen[fresh]
-            keep = seen & ~fresh
-            old[keep] = 0.99 * old[keep] + 0.01 * chosen[keep]
+        self._track_thresholds(codes)
         return codes
+
+    @torch.no_grad()
+    def _track_thresholds(self, codes: Tensor) -> None:
+        """Per-latent minimum positive selected activation, smoothed: the inference thresholds."""
+        chosen = torch.where(codes > 0, codes, torch.full_like(codes, float("inf"))).amin(0)
+        seen = torch.isfinite(chosen)
+        old = self.threshold.data
+        fresh = seen & ~torch.isfinite(old)
+        old[fresh] = chosen[fresh]
+        keep = seen & ~fresh
+        old[keep] = 0.99 * old[keep] + 0.01 * chosen[keep]
 
 
 @register("relu")
@@ -122,3 +126,37 @@ class _JumpSTE(torch.autograd.Function):
         near = ((pre - threshold).abs() < ctx.bandwidth / 2).to(pre.dtype)
         grad_t = (-(threshold / ctx.bandwidth) * near * grad).reshape(-1, threshold.shape[-1]).sum(0)
         return grad * (pre > threshold), grad_t, None
+
+
+@register("crosscoder")
+class Crosscoder(BatchTopK):
+    """One encoder over the same Site in several Subjects (inputs concatenated, source-major) and a
+    decoder block per source. Latents compete in BatchTopK on activation x the sum of their per-source
+    decoder norms, so decoder norms carry meaning and are not forced to 1: a latent whose decoder is ~0
+    in the base model and large in the fine-tune is a concept the fine-tune added."""
+
+    def __init__(self, cfg: DictionaryConfig) -> None:
+        sources = int(cfg.extra.get("sources", 2))
+        if cfg.d_in % sources:
+            raise AimriError(f"crosscoder d_in={cfg.d_in} is not divisible by its {sources} sources")
+        super().__init__(cfg)
+        self.sources = sources
+
+    def source_norms(self) -> Tensor:
+        """[d_sae, sources] decoder norms per source."""
+        return self.W_dec.view(self.cfg.d_sae, self.sources, -1).norm(dim=-1)
+
+    def relative_norm(self, source: int = 1) -> Tensor:
+        """Per latent: norm in `source` / total norm (1 = only in that source, 0.5 = shared)."""
+        norms = self.source_norms()
+        return norms[:, source] / norms.sum(1).clamp_min(1e-12)
+
+    def activate(self, pre: Tensor) -> Tensor:
+        if not self.training:
+            return self.jump(pre)
+        acts = pre.relu()
+        score = (acts * self.source_norms().sum(1)).flatten()
+        idx = score.topk(min((self.cfg.k or 1) * pre.shape[0], score.numel()), sorted=False).indices
+        codes = torch.zeros_like(acts).flatten().scatter_(0, idx, acts.flatten()[idx]).view_as(acts)
+        self._track_thresholds(codes)
+        return codes

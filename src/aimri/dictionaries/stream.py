@@ -1,13 +1,14 @@
-"""Training batches straight from a Subject, for when a store would not fit on disk (e.g. mlp.in and
-mlp.out of every layer: 138 KB per token for SmolLM2).
+"""Training batches straight from Subjects, for when a store would not fit on disk (e.g. mlp.in and
+mlp.out of every layer: 138 KB per token for SmolLM2), and for crosscoders (two models, same tokens).
 
-Rows pass through a shuffle buffer; the sequence is a pure function of (corpus, model, seed), so a
+Rows pass through a shuffle buffer; the sequence is a pure function of (corpus, models, seed), so a
 resumed run replays it and skips the batches already trained on (the forward passes are recomputed)."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,42 +18,33 @@ from aimri.data.corpus import Corpus, Packing, pack
 from aimri.errors import AimriError
 from aimri.subject.core import Subject
 
+Reader = Callable[[Tensor, Tensor], dict[str, Tensor]]
 
-def subject_batches(
-    subject: Subject,
-    corpus: Corpus,
-    sites: Sequence[str],
-    batch_size: int = 4096,
-    context: int = 256,
-    forward_batch: int = 8,
-    buffer_rows: int = 65_536,
-    seed: int = 0,
-    sink_ratio: float = 20.0,
-    epochs: int = 1_000_000,
-) -> Iterator[dict[str, Tensor]]:
-    """Yield {site: [batch_size, d]} with rows drawn at random from a buffer refilled by forward passes
-    over packed windows (position 0, special tokens and attention sinks excluded, as in a harvest)."""
-    names = [subject.site(s).name for s in sites]
-    packing = Packing.for_tokenizer(subject.tokenizer, context)
+
+def _stream(
+    tokenizer: Any, corpus: Corpus, read: Reader, names: list[str], batch_size: int, context: int,
+    forward_batch: int, buffer_rows: int, seed: int, sink_ratio: float,
+) -> Iterator[dict[str, Tensor]]:  # fmt: skip
+    packing = Packing.for_tokenizer(tokenizer, context)
     rng = np.random.default_rng(seed)
     buffer: dict[str, list[Tensor]] = {s: [] for s in names}
     buffered = 0
-    for _epoch in range(epochs):
-        windows = pack(corpus, subject.tokenizer, packing)
+    while True:  # epochs
+        windows = pack(corpus, tokenizer, packing)
         produced = False
         while group := list(itertools.islice(windows, forward_batch)):
             produced = True
             ids = torch.from_numpy(np.stack([w.ids for w in group]))
             att = torch.from_numpy(np.stack([w.attention for w in group])).long()
             valid = torch.from_numpy(np.stack([w.valid for w in group]))
-            acts = subject.run(ids, att, read=names)
-            for s in names:
-                if sink_ratio > 0 and valid.any():
-                    norms = acts[s].norm(dim=-1)
-                    valid &= norms <= sink_ratio * norms[valid].median()
+            acts = read(ids, att)
             for s in names:
                 if not torch.isfinite(acts[s][valid]).all():
                     raise AimriError(f"the model produced NaN/inf at {s}; check the model weights and dtype")
+                if sink_ratio > 0 and valid.any():  # attention sinks, as in a harvest
+                    norms = acts[s].norm(dim=-1)
+                    valid &= norms <= sink_ratio * norms[valid].median()
+            for s in names:
                 buffer[s].append(acts[s][valid])
             buffered += int(valid.sum())
             if buffered >= buffer_rows:
@@ -75,3 +67,46 @@ def _drain(
     rest = order[n_out:]
     for s in names:
         buffer[s] = [joined[s][rest]]
+
+
+def subject_batches(
+    subject: Subject, corpus: Corpus, sites: Sequence[str], batch_size: int = 4096, context: int = 256,
+    forward_batch: int = 8, buffer_rows: int = 65_536, seed: int = 0, sink_ratio: float = 20.0,
+) -> Iterator[dict[str, Tensor]]:  # fmt: skip
+    """Yield {site: [batch_size, d]}: rows of one Subject at several Sites (position 0, special tokens and
+    attention sinks excluded, as in a harvest), shuffled through a buffer."""
+    names = [subject.site(s).name for s in sites]
+
+    def read(ids: Tensor, att: Tensor) -> dict[str, Tensor]:
+        return subject.run(ids, att, read=names)
+
+    return _stream(
+        subject.tokenizer, corpus, read, names, batch_size, context, forward_batch, buffer_rows, seed, sink_ratio
+    )
+
+
+def paired_batches(
+    subjects: Sequence[Subject], corpus: Corpus, site: str, batch_size: int = 4096, context: int = 256,
+    forward_batch: int = 8, buffer_rows: int = 65_536, seed: int = 0, sink_ratio: float = 20.0,
+) -> Iterator[Tensor]:  # fmt: skip
+    """Crosscoder data: the same Site of several Subjects on the same tokens, concatenated source-major
+    ([batch, sources x d]). The Subjects must share a tokenizer (a model and its fine-tune do)."""
+    from aimri.data.harvest import tokenizer_identity
+
+    first = tokenizer_identity(subjects[0].tokenizer)["vocab_sha256"]
+    for other in subjects[1:]:
+        if tokenizer_identity(other.tokenizer)["vocab_sha256"] != first:
+            raise AimriError(
+                f"{subjects[0].name} and {other.name} have different tokenizers; a crosscoder needs the same tokens"
+            )
+    name = subjects[0].site(site).name
+    names = [f"{i}:{name}" for i in range(len(subjects))]
+
+    def read(ids: Tensor, att: Tensor) -> dict[str, Tensor]:
+        return {n: s.run(ids, att, read=[name])[name] for n, s in zip(names, subjects, strict=True)}
+
+    stream = _stream(
+        subjects[0].tokenizer, corpus, read, names, batch_size, context, forward_batch, buffer_rows, seed, sink_ratio
+    )
+    for batch in stream:
+        yield torch.cat([batch[n] for n in names], dim=1)

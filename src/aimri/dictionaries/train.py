@@ -157,13 +157,15 @@ class Trainer:
             loss = loss + self.tcfg.auxk_alpha * aux
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        unit_rows = not isinstance(m, arch.Crosscoder)  # a crosscoder's decoder norms carry meaning
         with torch.no_grad():
-            if m.W_dec.grad is not None:  # keep rows on the unit sphere: drop the radial gradient
+            if unit_rows and m.W_dec.grad is not None:  # keep rows on the unit sphere: drop the radial gradient
                 w = m.W_dec
                 m.W_dec.grad -= (m.W_dec.grad * w).sum(1, keepdim=True) * w
         self.optimizer.step()
-        with torch.no_grad():
-            m.W_dec.div_(m.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+        if unit_rows:
+            with torch.no_grad():
+                m.W_dec.div_(m.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
         total = (y - y.mean(0)).pow(2).sum(1).mean()
         self.step_index += 1
         self.last = {
