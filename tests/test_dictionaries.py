@@ -313,3 +313,43 @@ def test_paired_batches_need_the_same_tokenizer(tiny_lm_dir: str) -> None:
     b.tokenizer.add_tokens(["<extra>"])
     with pytest.raises(AimriError, match="different tokenizers"):
         next(paired_batches([a, b], Corpus.from_texts([FIXTURE_TEXT]), "resid.1"))
+
+
+def test_eval_refuses_a_site_the_dictionary_was_not_trained_on(tiny_lm_dir: str, tmp_path: Path) -> None:
+    from tests.conftest import FIXTURE_TEXT
+
+    import aimri
+    from aimri.data.corpus import Corpus
+    from aimri.data.harvest import harvest
+    from aimri.dictionaries.evaluate import reconstruction_metrics
+
+    store = harvest(
+        aimri.load(tiny_lm_dir),
+        Corpus.from_texts([FIXTURE_TEXT] * 4),
+        ["resid.1"],
+        tmp_path / "s",
+        context=32,
+        progress=False,
+    )
+    with pytest.raises(AimriError, match="trained on 'resid.2', which the store .* lacks"):
+        reconstruction_metrics(build(DictionaryConfig("topk", 32, 64, k=4, site="resid.2")), store)
+    with pytest.raises(AimriError, match="store resid.1 is 32 wide, the dictionary expects d_in=16"):
+        reconstruction_metrics(build(DictionaryConfig("topk", 16, 64, k=4, site="resid.1")), store)
+    fine = reconstruction_metrics(build(DictionaryConfig("topk", 32, 64, k=4, site="resid.1")), store)
+    assert fine["l0"] <= 4 and 0 <= fine["dead_frac"] <= 1 and sum(fine["density_log10_hist"]["counts"]) > 0
+
+
+def test_cli_crosscoder_on_two_tiny_models(tiny_lm_dir: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "c.txt"
+    from tests.conftest import FIXTURE_TEXT
+
+    corpus.write_text(FIXTURE_TEXT * 30)
+    cmd = [sys.executable, "-m", "aimri.cli", "train-crosscoder", tiny_lm_dir, tiny_lm_dir, "--site", "resid.1", "--width", "64",
+           "--k", "4", "--tokens", "1024", "--batch-size", "256", "--context", "32", "--corpus", str(corpus), "--out", str(tmp_path / "cc"), "--quiet"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    cc = load_dictionary(tmp_path / "cc")
+    assert cc.architecture == "crosscoder" and cc.cfg.d_in == 64

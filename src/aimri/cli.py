@@ -109,6 +109,7 @@ def train_transcoders_cmd(
     skip: Annotated[bool, typer.Option(help="add a linear skip connection")] = False,
     corpus: Annotated[list[Path], typer.Option(help="default: the default corpus")] = [],  # noqa: B006
     out: Annotated[Path | None, typer.Option(help="default: runs/<model>/transcoders")] = None,
+    context: Annotated[int, typer.Option(help="tokens per window")] = 256,
     quiet: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """Train per-layer transcoders (mlp.in.L -> mlp.out.L) for many layers in one pass, no store needed."""
@@ -123,11 +124,39 @@ def train_transcoders_cmd(
     paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
     metrics = train_transcoders(
         subject, Corpus.from_paths(paths), out, layers=chosen, width=width, k=k, tokens=tokens,
-        batch_size=batch_size, skip=skip, progress=not quiet,
+        batch_size=batch_size, skip=skip, context=context, progress=not quiet,
     )  # fmt: skip
     for layer, m in metrics.items():
         console.print(f"layer {layer:>2}: fvu={m['fvu']:.4f} l0={m['l0']:.1f} dead={m['dead_frac']:.3f}")
     console.print(f"[green]saved[/] {out}")
+
+
+@app.command("train-crosscoder")
+def train_crosscoder_cmd(
+    models: Annotated[list[str], typer.Argument(help="two or more models with the same tokenizer (base first)")],
+    site: Annotated[str, typer.Option()] = "resid.15",
+    width: Annotated[int, typer.Option()] = 4608,
+    k: Annotated[int, typer.Option()] = 32,
+    tokens: Annotated[int, typer.Option()] = 1_000_000,
+    batch_size: Annotated[int, typer.Option()] = 4096,
+    corpus: Annotated[list[Path], typer.Option(help="default: the default corpus")] = [],  # noqa: B006
+    out: Annotated[Path, typer.Option(help="dictionary folder")] = Path("runs/crosscoder"),
+    context: Annotated[int, typer.Option(help="tokens per window")] = 256,
+    quiet: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Train a BatchTopK crosscoder on the same Site of several models (model diffing)."""
+    import aimri
+    from aimri.data.corpus import Corpus
+    from aimri.data.default_corpus import default_corpus_path
+    from aimri.dictionaries.train import train_crosscoder
+
+    if len(models) < 2:
+        raise AimriError("a crosscoder needs at least two models (e.g. a base model and its fine-tune)")
+    subjects = [aimri.load(m) for m in models]
+    paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
+    last = train_crosscoder(subjects, Corpus.from_paths(paths), site, out, width=width, k=k, tokens=tokens,
+                            batch_size=batch_size, context=context, progress=not quiet)  # fmt: skip
+    console.print(f"[green]saved[/] {out}  fvu={last.get('fvu', float('nan')):.4f} l0={last.get('l0', 0):.1f}")
 
 
 @app.command("eval")

@@ -29,6 +29,7 @@ _SAELENS = {
     "topk": ("topk", "topk_transcoder", "topk_skip_transcoder"),
     "jumprelu": ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder"),
     "relu": ("standard", "transcoder", "skip_transcoder"),
+    "crosscoder": ("crosscoder", "crosscoder", "crosscoder"),  # none in SAELens 6: it refuses them
 }
 _FROM_SAELENS = {name: ours for ours, names in _SAELENS.items() for name in names} | {"batchtopk": "jumprelu"}
 
@@ -55,7 +56,7 @@ def save_dictionary(model: Dictionary, path: str | Path) -> Path:
     architecture = cfg.architecture
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if v is not None}
     if isinstance(model, arch.BatchTopK):  # inference form: JumpReLU with per-latent thresholds
-        architecture = "jumprelu"
+        architecture = "crosscoder" if isinstance(model, arch.Crosscoder) else "jumprelu"
         t = tensors["threshold"]
         finite = t[torch.isfinite(t)]
         tensors["threshold"] = torch.where(torch.isfinite(t), t, finite.max() if len(finite) else torch.zeros(()))

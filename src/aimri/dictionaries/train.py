@@ -381,3 +381,43 @@ def train_transcoders(
         metrics[layer] = {**trainer.last, "tokens": trainer.step_index * batch_size}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     return metrics
+
+
+def train_crosscoder(
+    subjects: list[Any],
+    corpus: Any,
+    site: str,
+    out: str | Path,
+    width: int = 4608,
+    k: int = 32,
+    tokens: int = 1_000_000,
+    batch_size: int = 4096,
+    lr: float | None = None,
+    seed: int = 0,
+    context: int = 256,
+    progress: bool = True,
+) -> dict[str, float]:
+    """A BatchTopK crosscoder over `site` of several Subjects (e.g. a base model and its fine-tune),
+    streamed from the models on the same tokens; saved in the SAELens layout at `out`, resumable."""
+    import json
+
+    from aimri.dictionaries.formats import save_dictionary
+    from aimri.dictionaries.stream import paired_batches
+    from aimri.paths import atomic_write_text
+
+    d = subjects[0].d_model
+    if any(s.d_model != d for s in subjects):
+        raise AimriError(
+            f"the models' {site} widths differ ({[s.d_model for s in subjects]}); a crosscoder needs equal widths"
+        )
+    cfg = DictionaryConfig(
+        "crosscoder", d * len(subjects), width, k=k, site=site, model_name="+".join(s.name for s in subjects),
+        model_revision="+".join(s.revision[:12] for s in subjects), extra={"sources": len(subjects)},
+    )  # fmt: skip
+    trainer = Trainer(cfg, TrainConfig(total_tokens=tokens, batch_size=batch_size, lr=lr, seed=seed))
+    out = Path(out)
+    batches = paired_batches(subjects, corpus, site, batch_size=batch_size, context=context, seed=seed)
+    last = fit([trainer], batches, checkpoint_dir=out.with_name(out.name + ".checkpoints"), progress=progress)[0]
+    save_dictionary(trainer.export(), out)
+    atomic_write_text(out / "training.json", json.dumps({**last, "tokens": trainer.step_index * batch_size}, indent=1))
+    return last
