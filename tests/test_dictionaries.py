@@ -353,3 +353,19 @@ def test_cli_crosscoder_on_two_tiny_models(tiny_lm_dir: str, tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr
     cc = load_dictionary(tmp_path / "cc")
     assert cc.architecture == "crosscoder" and cc.cfg.d_in == 64
+
+
+def test_dead_latent_counters_and_auxk() -> None:
+    planted, _ = _planted()
+    trainer = Trainer(DictionaryConfig("topk", 24, 192, k=3), TrainConfig(10 * 256, 256, dead_tokens=600))
+    with torch.no_grad():
+        trainer.model.b_enc[:100] = -1e4  # these latents can never win the top-k
+    batches = _sae_batches(planted, 3, 4, 256)
+    first = trainer.step(next(batches))
+    assert first["auxk"] == 0.0 and first["dead_frac"] == 0.0  # nobody is dead after 256 tokens
+    trainer.step(next(batches))
+    third = trainer.step(next(batches))  # 768 tokens silent > 600: dead, and AuxK now trains them
+    assert (
+        bool((trainer.since_fired[:100] == 768).all()) and third["dead_frac"] >= 100 / 192 - 1e-6 and third["auxk"] > 0
+    )
+    assert bool((trainer.since_fired[100:] < 768).any())
