@@ -211,6 +211,15 @@ def test_mri_train_from_a_store_resumes_and_loads(tiny_lm_dir: str, tmp_path: Pa
     assert again.returncode == 0  # the finished checkpoint resumes at its last step: nothing to redo
     bad = subprocess.run([*base, "--site", "resid.2"], capture_output=True, text=True)
     assert bad.returncode == 2 and "site 'resid.2' is not in the store" in bad.stderr
+    evaluate = [sys.executable, "-m", "aimri.cli", "eval", "--store", str(tmp_path / "s"), "--windows", "0", "--json"]
+    refused = subprocess.run([*evaluate, str(tmp_path / "resid.1")], capture_output=True, text=True)
+    assert refused.returncode == 2 and "trained on every shard" in refused.stderr  # no held-out rows: no FVU claim
+    held = [*base, "--site", "resid.1", "--heldout-shards", "1", "--out", str(tmp_path / "held")]
+    assert subprocess.run(held, capture_output=True, text=True).returncode == 0
+    report = subprocess.run([*evaluate, str(tmp_path / "held")], capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    metrics = json.loads(report.stdout.strip().splitlines()[-1])
+    assert metrics["heldout_shards"] == [len(store.shards) - 1] and metrics["rows"] == store.shards[-1]["rows"]
 
 
 @pytest.mark.integration

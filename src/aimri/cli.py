@@ -79,6 +79,9 @@ def train(
     skip: Annotated[bool, typer.Option(help="transcoder: add a linear skip connection")] = False,
     lr: Annotated[float | None, typer.Option(help="default: 2e-4 * sqrt(16384 / width)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    heldout_shards: Annotated[
+        int, typer.Option(help="keep the store's last N shards out of training (for mri eval)")
+    ] = 0,
     out: Annotated[Path | None, typer.Option(help="dictionary folder (default: next to the store)")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
@@ -91,7 +94,7 @@ def train(
     out = out or store.parent / "dictionaries" / name
     path, metrics = train_from_store(
         store, site, out, architecture=architecture, width=width, k=k, tokens=tokens, batch_size=batch_size,
-        site_out=site_out, skip=skip, lr=lr, seed=seed, progress=not quiet,
+        site_out=site_out, skip=skip, lr=lr, seed=seed, heldout_shards=heldout_shards, progress=not quiet,
     )  # fmt: skip
     console.print(
         f"[green]saved[/] {path}  fvu={metrics.get('fvu', float('nan')):.4f} l0={metrics.get('l0', 0):.1f} dead={metrics.get('dead_frac', 0):.3f}"
@@ -162,7 +165,12 @@ def train_crosscoder_cmd(
 @app.command("eval")
 def eval_(
     dictionary: Annotated[Path, typer.Argument(help="dictionary folder (SAELens layout)")],
-    store: Annotated[Path, typer.Option(help="held-out activation store for reconstruction metrics")],
+    store: Annotated[
+        Path,
+        typer.Option(
+            help="activation store for reconstruction metrics (only its held-out shards when it is the training store)"
+        ),
+    ],
     model: Annotated[str | None, typer.Option(help="model for the downstream CE/KL (default: the store's)")] = None,
     corpus: Annotated[
         list[Path], typer.Option(help="corpus for downstream windows (default: the default corpus)")
@@ -180,7 +188,21 @@ def eval_(
 
     sae = load_dictionary(dictionary)
     held_out = ActivationStore(store)
-    result: dict = {"dictionary": str(dictionary), **reconstruction_metrics(sae, held_out)}
+    shards = None
+    info = dictionary / "training.json"
+    if info.exists():
+        trained = json.loads(info.read_text())
+        if trained.get("store") == str(store.resolve()):
+            shards = trained.get("heldout_shards") or None
+            if shards is None:
+                raise AimriError(
+                    f"{dictionary} was trained on every shard of {store}; pass a held-out store or retrain with --heldout-shards"
+                )
+    result: dict = {
+        "dictionary": str(dictionary),
+        "heldout_shards": shards,
+        **reconstruction_metrics(sae, held_out, shards=shards),
+    }
     if windows:
         subject = aimri.load(model or held_out.spec["model"]["name"])
         paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]

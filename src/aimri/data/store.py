@@ -137,6 +137,7 @@ class ActivationStore:
         shards_per_buffer: int = 8,
         with_tokens: bool = False,
         drop_last: bool = False,
+        shards: Sequence[int] | None = None,
     ) -> Iterator[Any]:
         """Batches of activations as fp32 tensors, read from memory-mapped shards: one tensor for one
         site; a tuple for several sites (the same rows: e.g. mlp.in and mlp.out for a transcoder), with
@@ -144,13 +145,14 @@ class ActivationStore:
 
         With `shuffle`, shards are visited in random order in groups of `shards_per_buffer`, and rows are
         permuted within each group: memory holds one batch, not the store. Each group's last batch may be
-        short unless `drop_last`."""
+        short unless `drop_last`. `shards` restricts reading to those shard indices (e.g. a held-out tail)."""
         sites = [site] if isinstance(site, str) else list(site)
         for name in sites:
             self._check_site(name)
         names = sites + (["tokens"] if with_tokens else [])
         rng = np.random.default_rng(seed)
-        order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
+        chosen = np.arange(len(self.shards)) if shards is None else np.asarray(list(shards), dtype=np.int64)
+        order = rng.permutation(chosen) if shuffle else chosen
         for start in range(0, len(order), shards_per_buffer):
             group = [int(i) for i in order[start : start + shards_per_buffer]]
             arrays = [[self.array(i, name) for name in names] for i in group]

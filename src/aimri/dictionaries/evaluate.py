@@ -35,7 +35,11 @@ def _site_of(dictionary: Dictionary, store: ActivationStore) -> tuple[str, str]:
 
 @torch.no_grad()
 def reconstruction_metrics(
-    dictionary: Dictionary, store: ActivationStore, max_rows: int = 200_000, batch_size: int = 4096
+    dictionary: Dictionary,
+    store: ActivationStore,
+    max_rows: int = 200_000,
+    batch_size: int = 4096,
+    shards: list[int] | None = None,
 ) -> dict[str, Any]:
     """L0, FVU, mean cosine, dead fraction and the log10 firing-density histogram over the store's rows
     (pass a store the dictionary was not trained on, or its held-out tail)."""
@@ -46,7 +50,7 @@ def reconstruction_metrics(
     rows = 0
     sum_y = sum_y2 = None
     sites = [site] if site == site_out else [site, site_out]
-    for batch in dictionary_batches(store, sites, batch_size):
+    for batch in store.batches(sites if len(sites) > 1 else sites[0], batch_size, shuffle=False, shards=shards):
         x, y = batch if isinstance(batch, tuple) else (batch, batch)
         codes = dictionary.encode(x)
         recon = dictionary.decode(codes, x)
@@ -73,10 +77,6 @@ def reconstruction_metrics(
         "dead_frac": float((fired == 0).double().mean()),
         "density_log10_hist": {"counts": hist.tolist(), "edges": edges.round(2).tolist()},
     }
-
-
-def dictionary_batches(store: ActivationStore, sites: list[str], batch_size: int):
-    return store.batches(sites if len(sites) > 1 else sites[0], batch_size, shuffle=False)
 
 
 @torch.no_grad()

@@ -282,7 +282,9 @@ def fit(
     return [t.last for t in trainers]
 
 
-def store_batches(store: Any, sites: list[str], batch_size: int, seed: int) -> Iterator[Batch]:
+def store_batches(
+    store: Any, sites: list[str], batch_size: int, seed: int, shards: list[int] | None = None
+) -> Iterator[Batch]:
     """Shuffled full batches from a store, epoch after epoch (epoch e shuffles with seed + e): the
     same sequence on every run, which is what makes resuming exact."""
     epoch = 0
@@ -311,10 +313,12 @@ def train_from_store(
     skip: bool = False,
     lr: float | None = None,
     seed: int = 0,
+    heldout_shards: int = 0,
     progress: bool = True,
 ) -> tuple[Path, dict[str, float]]:
     """Train one dictionary (an SAE on `site`, or a transcoder `site` -> `site_out`) from a store and save
-    it, scale folded, in the SAELens layout at `out`; checkpoints in `out`.checkpoints allow resuming."""
+    it, scale folded, in the SAELens layout at `out`; checkpoints in `out`.checkpoints allow resuming.
+    The last `heldout_shards` shards are never trained on; training.json records them for `mri eval`."""
     from aimri.data.store import ActivationStore
     from aimri.dictionaries.formats import save_dictionary
 
@@ -329,11 +333,22 @@ def train_from_store(
     trainer = Trainer(cfg, TrainConfig(total_tokens=tokens, batch_size=batch_size, lr=lr, seed=seed))
     out = Path(out)
     ckpt = out.with_name(out.name + ".checkpoints")
-    last = fit([trainer], store_batches(store, sites, batch_size, seed), checkpoint_dir=ckpt, progress=progress)[0]
+    n = len(store.shards)
+    if not 0 <= heldout_shards < n:
+        raise AimriError(f"--heldout-shards {heldout_shards} must leave training data: the store has {n} shards")
+    train_shards = list(range(n - heldout_shards))
+    batches = store_batches(store, sites, batch_size, seed, shards=train_shards)
+    last = fit([trainer], batches, checkpoint_dir=ckpt, progress=progress)[0]
     save_dictionary(trainer.export(), out)
     from aimri.paths import atomic_write_text
 
-    metrics = {**last, "tokens": trainer.step_index * batch_size, "scale_in": trainer.scale_in}
+    metrics = {
+        **last,
+        "tokens": trainer.step_index * batch_size,
+        "scale_in": trainer.scale_in,
+        "store": str(Path(store_path).resolve()),
+        "heldout_shards": list(range(n - heldout_shards, n)),
+    }
     atomic_write_text(out / "training.json", __import__("json").dumps(metrics, indent=1))
     return out, last
 
