@@ -23,8 +23,9 @@ Reader = Callable[[Tensor, Tensor], dict[str, Tensor]]
 
 def _stream(
     tokenizer: Any, corpus: Corpus, read: Reader, names: list[str], batch_size: int, context: int,
-    forward_batch: int, buffer_rows: int, seed: int, sink_ratio: float,
+    forward_batch: int, buffer_rows: int | None, seed: int, sink_ratio: float, row_bytes: int,
 ) -> Iterator[dict[str, Tensor]]:  # fmt: skip
+    buffer_rows = buffer_rows or shuffle_rows(row_bytes, batch_size)
     packing = Packing.for_tokenizer(tokenizer, context)
     rng = np.random.default_rng(seed)
     buffer: dict[str, list[Tensor]] = {s: [] for s in names}
@@ -54,6 +55,12 @@ def _stream(
             raise AimriError("the corpus yields no windows; check the corpus paths")
 
 
+def shuffle_rows(row_bytes: int, batch_size: int, budget_bytes: int = 2 << 30, most: int = 65_536) -> int:
+    """Rows the shuffle buffer holds: `most`, or fewer when they would not fit in `budget_bytes` (the drain
+    briefly doubles it): sixty sites of a 576-wide model are 138 KB a row. At least two batches."""
+    return max(2 * batch_size, min(most, budget_bytes // max(1, row_bytes)))
+
+
 def _drain(
     buffer: dict[str, list[Tensor]], names: list[str], batch_size: int, rng: np.random.Generator, keep: int
 ) -> Iterator[dict[str, Tensor]]:
@@ -71,7 +78,7 @@ def _drain(
 
 def subject_batches(
     subject: Subject, corpus: Corpus, sites: Sequence[str], batch_size: int = 4096, context: int = 256,
-    forward_batch: int = 8, buffer_rows: int = 65_536, seed: int = 0, sink_ratio: float = 20.0,
+    forward_batch: int = 8, buffer_rows: int | None = None, seed: int = 0, sink_ratio: float = 20.0,
 ) -> Iterator[dict[str, Tensor]]:  # fmt: skip
     """Yield {site: [batch_size, d]}: rows of one Subject at several Sites (position 0, special tokens and
     attention sinks excluded, as in a harvest), shuffled through a buffer."""
@@ -80,14 +87,25 @@ def subject_batches(
     def read(ids: Tensor, att: Tensor) -> dict[str, Tensor]:
         return subject.run(ids, att, read=names)
 
+    row_bytes = 4 * sum(subject.site_dim(n) for n in names)
     return _stream(
-        subject.tokenizer, corpus, read, names, batch_size, context, forward_batch, buffer_rows, seed, sink_ratio
+        subject.tokenizer,
+        corpus,
+        read,
+        names,
+        batch_size,
+        context,
+        forward_batch,
+        buffer_rows,
+        seed,
+        sink_ratio,
+        row_bytes,
     )
 
 
 def paired_batches(
     subjects: Sequence[Subject], corpus: Corpus, site: str, batch_size: int = 4096, context: int = 256,
-    forward_batch: int = 8, buffer_rows: int = 65_536, seed: int = 0, sink_ratio: float = 20.0,
+    forward_batch: int = 8, buffer_rows: int | None = None, seed: int = 0, sink_ratio: float = 20.0,
 ) -> Iterator[Tensor]:  # fmt: skip
     """Crosscoder data: the same Site of several Subjects on the same tokens, concatenated source-major
     ([batch, sources x d]). The Subjects must share a tokenizer (a model and its fine-tune do)."""
@@ -105,8 +123,19 @@ def paired_batches(
     def read(ids: Tensor, att: Tensor) -> dict[str, Tensor]:
         return {n: s.run(ids, att, read=[name])[name] for n, s in zip(names, subjects, strict=True)}
 
+    row_bytes = 4 * sum(s.d_model for s in subjects)
     stream = _stream(
-        subjects[0].tokenizer, corpus, read, names, batch_size, context, forward_batch, buffer_rows, seed, sink_ratio
+        subjects[0].tokenizer,
+        corpus,
+        read,
+        names,
+        batch_size,
+        context,
+        forward_batch,
+        buffer_rows,
+        seed,
+        sink_ratio,
+        row_bytes,
     )
     for batch in stream:
         yield torch.cat([batch[n] for n in names], dim=1)
