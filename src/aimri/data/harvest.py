@@ -28,6 +28,24 @@ def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
     return {"name": str(getattr(tokenizer, "name_or_path", "")), "vocab_sha256": hashlib.sha256(vocab).hexdigest()}
 
 
+def keep_rows(
+    acts: dict[str, torch.Tensor], sites: Sequence[str], valid: torch.Tensor, sink_ratio: float, where: str
+) -> torch.Tensor:
+    """The harvest rule, shared by everything that reads activations for statistics or training: refuse
+    NaN/inf at the candidate tokens, then drop attention sinks — tokens whose norm at any site exceeds
+    `sink_ratio` x that batch's median there (0 keeps them). Returns the narrowed [batch, seq] mask."""
+    for s in sites:
+        if not torch.isfinite(acts[s][valid]).all():
+            raise AimriError(f"the model produced NaN/inf at {s} in {where}; check the model weights and dtype")
+    keep = valid.clone()
+    if sink_ratio > 0:
+        for s in sites:
+            if keep.any():
+                norms = acts[s].norm(dim=-1)
+                keep &= norms <= sink_ratio * norms[keep].median()
+    return keep
+
+
 def _batched(it: Iterator[Window], n: int) -> Iterator[list[Window]]:
     while batch := list(itertools.islice(it, n)):
         yield batch
@@ -102,8 +120,8 @@ def harvest(
             windows = itertools.islice(windows, max_windows)
         task = bar.add_task(f"harvest {', '.join(parsed)}", total=max_windows, rate="")
         skip = writer.done_shards * windows_per_shard
-        skipped = list(itertools.islice(windows, skip))
-        if len(skipped) < skip:
+        skipped = sum(1 for _ in itertools.islice(windows, skip))  # finished shards: consume, do not keep
+        if skipped < skip:
             raise AimriError(f"{out} has more shards than this corpus yields windows: the corpus changed")
         bar.update(task, completed=skip)
         start, tokens_done, sinks = time.perf_counter(), 0, 0
@@ -116,19 +134,9 @@ def harvest(
                 attention = torch.from_numpy(np.stack([w.attention for w in batch]))
                 valid = np.stack([w.valid for w in batch])
                 out_acts = subject.run(ids, attention.long(), read=parsed, stop=True)
-                sel = torch.from_numpy(valid.copy())
-                for s in parsed:
-                    if not torch.isfinite(out_acts[s][sel]).all():
-                        raise AimriError(
-                            f"the model produced NaN/inf at {s} in shard {shard_index}; check the model weights and dtype"
-                        )
-                if sink_ratio > 0:
-                    for s in parsed:
-                        norms = out_acts[s].norm(dim=-1)
-                        if sel.any():
-                            sel &= norms <= sink_ratio * norms[sel].median()
-                    sinks += int(valid.sum()) - int(sel.sum())
-                    valid = sel.numpy()
+                sel = keep_rows(out_acts, parsed, torch.from_numpy(valid), sink_ratio, f"shard {shard_index}")
+                sinks += int(valid.sum()) - int(sel.sum())
+                valid = sel.numpy()
                 for s in parsed:
                     acts[s].append(out_acts[s][sel].float().numpy().astype(np_dtype, copy=False))
                 first = shard_index * windows_per_shard + b * batch_size

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from aimri.data.corpus import Corpus, Packing, pack
+from aimri.data.harvest import keep_rows
 from aimri.data.store import ActivationStore
 from aimri.dictionaries.base import Dictionary
 from aimri.errors import AimriError
@@ -109,9 +110,7 @@ def downstream_metrics(
         att = torch.from_numpy(np.stack([w.attention for w in group])).long()
         valid = torch.from_numpy(np.stack([w.valid for w in group]))
         clean = subject.run(ids, att, read=[site_in], stop=False)
-        if sink_ratio > 0:
-            norms = clean[site_in].norm(dim=-1)
-            valid &= norms <= sink_ratio * norms[valid].median()
+        valid = keep_rows(clean, [site_in], valid, sink_ratio, "the downstream evaluation")
         inputs = clean[site_in]
 
         def splice(y: Tensor, inputs: Tensor = inputs) -> Tensor:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from aimri.data.corpus import Corpus, Packing, pack
+from aimri.data.harvest import keep_rows
 from aimri.errors import AimriError
 from aimri.subject.core import Subject
 
@@ -23,9 +24,8 @@ Reader = Callable[[Tensor, Tensor], dict[str, Tensor]]
 
 def _stream(
     tokenizer: Any, corpus: Corpus, read: Reader, names: list[str], batch_size: int, context: int,
-    forward_batch: int, buffer_rows: int | None, seed: int, sink_ratio: float, row_bytes: int,
+    forward_batch: int, buffer_rows: int | None, seed: int, sink_ratio: float,
 ) -> Iterator[dict[str, Tensor]]:  # fmt: skip
-    buffer_rows = buffer_rows or shuffle_rows(row_bytes, batch_size)
     packing = Packing.for_tokenizer(tokenizer, context)
     rng = np.random.default_rng(seed)
     buffer: dict[str, list[Tensor]] = {s: [] for s in names}
@@ -39,15 +39,12 @@ def _stream(
             att = torch.from_numpy(np.stack([w.attention for w in group])).long()
             valid = torch.from_numpy(np.stack([w.valid for w in group]))
             acts = read(ids, att)
-            for s in names:
-                if not torch.isfinite(acts[s][valid]).all():
-                    raise AimriError(f"the model produced NaN/inf at {s}; check the model weights and dtype")
-                if sink_ratio > 0 and valid.any():  # attention sinks, as in a harvest
-                    norms = acts[s].norm(dim=-1)
-                    valid &= norms <= sink_ratio * norms[valid].median()
+            valid = keep_rows(acts, names, valid, sink_ratio, "a training stream")
             for s in names:
                 buffer[s].append(acts[s][valid])
             buffered += int(valid.sum())
+            if buffer_rows is None:  # sized from the first batch's row width
+                buffer_rows = shuffle_rows(sum(4 * acts[s].shape[-1] for s in names), batch_size)
             if buffered >= buffer_rows:
                 yield from _drain(buffer, names, batch_size, rng, keep=buffer_rows // 2)
                 buffered = sum(len(t) for t in buffer[names[0]])
@@ -87,20 +84,8 @@ def subject_batches(
     def read(ids: Tensor, att: Tensor) -> dict[str, Tensor]:
         return subject.run(ids, att, read=names)
 
-    row_bytes = 4 * sum(subject.site_dim(n) for n in names)
-    return _stream(
-        subject.tokenizer,
-        corpus,
-        read,
-        names,
-        batch_size,
-        context,
-        forward_batch,
-        buffer_rows,
-        seed,
-        sink_ratio,
-        row_bytes,
-    )
+    options = (batch_size, context, forward_batch, buffer_rows, seed, sink_ratio)
+    return _stream(subject.tokenizer, corpus, read, names, *options)
 
 
 def paired_batches(
@@ -123,19 +108,7 @@ def paired_batches(
     def read(ids: Tensor, att: Tensor) -> dict[str, Tensor]:
         return {n: s.run(ids, att, read=[name])[name] for n, s in zip(names, subjects, strict=True)}
 
-    row_bytes = 4 * sum(s.d_model for s in subjects)
-    stream = _stream(
-        subjects[0].tokenizer,
-        corpus,
-        read,
-        names,
-        batch_size,
-        context,
-        forward_batch,
-        buffer_rows,
-        seed,
-        sink_ratio,
-        row_bytes,
-    )
+    options = (batch_size, context, forward_batch, buffer_rows, seed, sink_ratio)
+    stream = _stream(subjects[0].tokenizer, corpus, read, names, *options)
     for batch in stream:
         yield torch.cat([batch[n] for n in names], dim=1)

@@ -5,6 +5,7 @@ decay, and checkpoints that resume to the same final weights as an uninterrupted
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -20,7 +21,7 @@ from aimri.dictionaries import architectures as arch
 from aimri.dictionaries.base import Dictionary, DictionaryConfig, build
 from aimri.dictionaries.sparse import topk_autoencode
 from aimri.errors import AimriError
-from aimri.paths import fsync_dir
+from aimri.paths import atomic_write_text, fsync_dir
 
 # one site's rows, (input, output) rows, or rows of many sites by name (one pass feeding many dictionaries)
 Batch = Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]
@@ -340,8 +341,6 @@ def train_from_store(
     batches = store_batches(store, sites, batch_size, seed, shards=train_shards)
     last = fit([trainer], batches, checkpoint_dir=ckpt, progress=progress)[0]
     save_dictionary(trainer.export(), out)
-    from aimri.paths import atomic_write_text
-
     metrics = {
         **last,
         "tokens": trainer.step_index * batch_size,
@@ -349,7 +348,7 @@ def train_from_store(
         "store": str(Path(store_path).resolve()),
         "heldout_shards": list(range(n - heldout_shards, n)),
     }
-    atomic_write_text(out / "training.json", __import__("json").dumps(metrics, indent=1))
+    atomic_write_text(out / "training.json", json.dumps(metrics, indent=1))
     return out, last
 
 
@@ -371,11 +370,8 @@ def train_transcoders(
 ) -> dict[int, dict[str, float]]:
     """Per-layer transcoders mlp.in.L -> mlp.out.L for many layers, trained together from one pass over
     the model's activations (no store); saved as `out`/layer-L in the SAELens layout, resumable."""
-    import json
-
     from aimri.dictionaries.formats import save_dictionary
     from aimri.dictionaries.stream import subject_batches
-    from aimri.paths import atomic_write_text
 
     layers = list(range(subject.n_layers)) if layers is None else layers
     out = Path(out)
@@ -414,11 +410,8 @@ def train_crosscoder(
 ) -> dict[str, float]:
     """A BatchTopK crosscoder over `site` of several Subjects (e.g. a base model and its fine-tune),
     streamed from the models on the same tokens; saved in the SAELens layout at `out`, resumable."""
-    import json
-
     from aimri.dictionaries.formats import save_dictionary
     from aimri.dictionaries.stream import paired_batches
-    from aimri.paths import atomic_write_text
 
     d = subjects[0].d_model
     if any(s.d_model != d for s in subjects):
