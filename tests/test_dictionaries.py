@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,21 +20,41 @@ def _dense_topk(x, W_enc, b_enc, W_dec, b_dec, k):
     return torch.zeros_like(pre).scatter(-1, idx, vals.relu()) @ W_dec + b_dec
 
 
-def test_sparse_backward_equals_dense_autograd() -> None:
+@pytest.mark.parametrize("encoder_layout", ["d_in-major", "latent-major"])
+def test_sparse_backward_equals_dense_autograd(encoder_layout: str) -> None:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 16, dtype=torch.float64, generator=g)
+    x = torch.randn(64, 16, dtype=torch.float64, generator=g).requires_grad_()
     shapes = [(16, 96), (96,), (96, 16), (16,)]
-    params = [torch.randn(*s, dtype=torch.float64, generator=g).requires_grad_() for s in shapes]
+    params = [torch.randn(*s, dtype=torch.float64, generator=g) for s in shapes]
+    if encoder_layout == "latent-major":  # how Dictionary stores W_enc: the transpose of [d_sae, d_in]
+        params[0] = params[0].t().contiguous().t()
+    params = [p.requires_grad_() for p in params]
     sparse = topk_autoencode(x, *params, 5, True)[0]
     sparse.pow(2).sum().backward()
-    grads = [p.grad.clone() for p in params]  # type: ignore[union-attr]
-    for p in params:
+    grads = [p.grad.clone() for p in [x, *params]]  # type: ignore[union-attr]
+    for p in [x, *params]:
         p.grad = None
     dense = _dense_topk(x, *params, 5)
     dense.pow(2).sum().backward()
     assert torch.allclose(sparse, dense)
-    for got, want in zip(grads, [p.grad for p in params], strict=True):
+    for got, want in zip(grads, [p.grad for p in [x, *params]], strict=True):
         assert torch.allclose(got, want, atol=1e-10)
+
+
+def test_bf16_selection_keeps_exact_values() -> None:
+    """A bfloat16 workspace picks the latents; their values (and so the reconstruction) stay exact fp32."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 32, generator=g) * 3
+    W_enc = torch.randn(512, 32, generator=g).t()
+    b_enc, W_dec, b_dec = torch.randn(512, generator=g) * 0.1, torch.randn(512, 32, generator=g), torch.zeros(32)
+    exact = (x @ W_enc + b_enc).topk(8, dim=-1)
+    work = torch.empty(256, 512, dtype=torch.bfloat16)
+    recon, vals, idx, _ = topk_autoencode(x, W_enc, b_enc, W_dec, b_dec, 8, True, work)
+    assert torch.allclose(vals, (x @ W_enc + b_enc).gather(1, idx).relu(), atol=1e-5)
+    assert torch.allclose(recon, torch.zeros(256, 512).scatter(1, idx, vals) @ W_dec + b_dec, atol=1e-4)
+    chosen = torch.zeros(256, 512, dtype=torch.bool).scatter(1, idx, True)
+    overlap = chosen.gather(1, exact.indices).float().mean()
+    assert overlap > 0.95  # only near-ties at the 8th place may differ
 
 
 def _planted(n_feat: int = 96, d: int = 24, k: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,6 +243,31 @@ def test_mri_train_from_a_store_resumes_and_loads(tiny_lm_dir: str, tmp_path: Pa
     assert metrics["heldout_shards"] == [len(store.shards) - 1] and metrics["rows"] == store.shards[-1]["rows"]
 
 
+def test_mri_train_streams_from_a_model_without_a_store(tiny_lm_dir: str, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import FIXTURE_TEXT
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(FIXTURE_TEXT * 20)
+    cmd = [
+        sys.executable, "-m", "aimri.cli", "train", tiny_lm_dir, "--site", "resid.1", "--corpus", str(corpus),
+        "--context", "32", "--width", "64", "--k", "4", "--batch-size", "128", "--tokens", "2560", "--quiet",
+        "--out", str(tmp_path / "sae"),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    info = json.loads((tmp_path / "sae" / "training.json").read_text())
+    assert info["tokens"] == 2560 and info["context"] == 32 and len(info["corpus"]) == 64
+    assert load_dictionary(tmp_path / "sae").cfg.site == "resid.1"
+    wrong = subprocess.run([*cmd[:6], "resid.9", *cmd[7:]], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "resid.9" in wrong.stderr and "Traceback" not in wrong.stderr
+    neither = subprocess.run([*cmd[:4], str(tmp_path), *cmd[5:]], capture_output=True, text=True)
+    assert neither.returncode == 2 and "neither an activation store" in neither.stderr
+
+
 @pytest.mark.integration
 def test_downstream_metrics_known_answers() -> None:
     """On SmolLM2: an exact dictionary (codes [relu(x), relu(-x)]) recovers 100% of the CE loss with zero
@@ -260,15 +306,39 @@ def test_transcoders_for_every_layer_in_one_pass(tiny_lm_dir: str, tmp_path: Pat
 
     subject = aimri.load(tiny_lm_dir)
     corpus = Corpus.from_texts([FIXTURE_TEXT] * 30)
-    kwargs = dict(width=64, k=4, tokens=256 * 12, batch_size=256, context=32, progress=False)
-    metrics = train_transcoders(subject, corpus, tmp_path / "tc", **kwargs)
+    kwargs = dict(width=64, k=4, tokens=256 * 12, batch_size=256, context=32, progress=False, heldout_every=5)
+    metrics = train_transcoders(subject, corpus, tmp_path / "tc", eval_windows=4, downstream_windows=2, **kwargs)
     assert sorted(metrics) == [0, 1, 2] and all(m["tokens"] == 256 * 12 for m in metrics.values())
     for layer in range(3):
         tc = load_dictionary(tmp_path / "tc" / f"layer-{layer}")
         assert (tc.cfg.site, tc.cfg.site_out) == (f"mlp.in.{layer}", f"mlp.out.{layer}")
+        m = metrics[layer]  # measured on held-out windows, and downstream with the transcoder spliced in
+        assert 0 < m["fvu"] < 2 and m["l0"] <= 4 and m["rows"] > 0 and 0 <= m["dead_frac"] <= 1
+        assert m["ce_spliced"] > 0 and m["downstream_tokens"] > 0
+    saved = json.loads((tmp_path / "tc" / "metrics.json").read_text())
+    assert saved["eval_windows"] == 4 and saved["layers"]["1"]["fvu"] == metrics[1]["fvu"]
+    stamp = (tmp_path / "tc" / "metrics.json").stat().st_mtime_ns
+    again = train_transcoders(subject, corpus, tmp_path / "tc", eval_windows=4, downstream_windows=2, **kwargs)
+    assert again[2]["fvu"] == metrics[2]["fvu"]  # cached: the same settings neither retrain nor re-evaluate
+    assert (tmp_path / "tc" / "metrics.json").stat().st_mtime_ns == stamp
     # the first dictionary matches one trained alone on the same stream: one pass feeds each its own sites
     alone = train_transcoders(subject, corpus, tmp_path / "one", layers=[0], **kwargs)
-    assert alone[0]["fvu"] == pytest.approx(metrics[0]["fvu"], rel=1e-5)
+    assert alone[0]["train_fvu"] == pytest.approx(metrics[0]["train_fvu"], rel=1e-5)
+
+
+def test_heldout_windows_are_never_trained_on(tiny_lm_dir: str) -> None:
+    from tests.conftest import FIXTURE_TEXT
+
+    import aimri
+    from aimri.data.corpus import Corpus, Packing, pack
+    from aimri.dictionaries.stream import heldout_windows, training_windows
+
+    tokenizer, corpus = aimri.load(tiny_lm_dir).tokenizer, Corpus.from_texts([FIXTURE_TEXT] * 30)
+    every = [tuple(w.ids) for w in pack(corpus, tokenizer, Packing.for_tokenizer(tokenizer, 32))]
+    trained = [tuple(w.ids) for w in training_windows(tokenizer, corpus, 32, heldout_every=4)]
+    held = [tuple(w.ids) for w in heldout_windows(tokenizer, corpus, 32, 4, n=10_000)]
+    assert len(trained) + len(held) == len(every) and len(held) == len(every) // 4
+    assert held == every[3::4] and trained == [w for i, w in enumerate(every) if i % 4 != 3]
 
 
 def test_crosscoder_finds_the_concepts_a_finetune_added() -> None:

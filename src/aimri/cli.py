@@ -68,34 +68,52 @@ def harvest(
 
 @app.command()
 def train(
-    store: Annotated[Path, typer.Argument(help="activation store made by `mri harvest`")],
+    source: Annotated[
+        str, typer.Argument(help="activation store made by `mri harvest`, or a model to stream from (no store)")
+    ],
     site: Annotated[str, typer.Option(help="input site (an SAE reconstructs it)")] = "resid.15",
     site_out: Annotated[str | None, typer.Option(help="output site: trains a transcoder site -> site_out")] = None,
     architecture: Annotated[str, typer.Option(help="topk, batchtopk, jumprelu or relu")] = "topk",
     width: Annotated[int, typer.Option(help="number of latents (d_sae)")] = 4608,
     k: Annotated[int, typer.Option(help="active latents per token (topk, batchtopk)")] = 32,
-    tokens: Annotated[int, typer.Option(help="training tokens (the store is cycled if smaller)")] = 2_000_000,
+    tokens: Annotated[int, typer.Option(help="training tokens (the store or corpus is cycled if smaller)")] = 2_000_000,
     batch_size: Annotated[int, typer.Option()] = 4096,
     skip: Annotated[bool, typer.Option(help="transcoder: add a linear skip connection")] = False,
-    lr: Annotated[float | None, typer.Option(help="default: 2e-4 * sqrt(16384 / width)")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate (default: 3e-3 * sqrt(4608 / width))")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     heldout_shards: Annotated[
-        int, typer.Option(help="keep the store's last N shards out of training (for mri eval)")
+        int, typer.Option(help="store: keep its last N shards out of training (for mri eval)")
     ] = 0,
-    out: Annotated[Path | None, typer.Option(help="dictionary folder (default: next to the store)")] = None,
+    corpus: Annotated[list[Path], typer.Option(help="model source: corpus (default: the default corpus)")] = [],  # noqa: B006
+    context: Annotated[int, typer.Option(help="model source: tokens per window")] = 256,
+    out: Annotated[
+        Path | None, typer.Option(help="dictionary folder (default: next to the store / under runs/)")
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
-    """Train a sparse dictionary from an activation store; resumable; saved in the SAELens layout."""
-    from aimri.dictionaries.train import train_from_store
+    """Train a sparse dictionary from a store or straight from a model; resumable; saved in the SAELens layout."""
+    from aimri.dictionaries.train import train_from_store, train_from_subject
 
     name = f"{architecture}-{site}{'-to-' + site_out if site_out else ''}-w{width}" + (
         f"-k{k}" if "topk" in architecture else ""
     )
-    out = out or store.parent / "dictionaries" / name
-    path, metrics = train_from_store(
-        store, site, out, architecture=architecture, width=width, k=k, tokens=tokens, batch_size=batch_size,
-        site_out=site_out, skip=skip, lr=lr, seed=seed, heldout_shards=heldout_shards, progress=not quiet,
-    )  # fmt: skip
+    common = dict(architecture=architecture, width=width, k=k, tokens=tokens, batch_size=batch_size,
+                  site_out=site_out, skip=skip, lr=lr, seed=seed, progress=not quiet)  # fmt: skip
+    if (Path(source) / "manifest.json").exists():
+        store = Path(source)
+        out = out or store.parent / "dictionaries" / name
+        path, metrics = train_from_store(store, site, out, heldout_shards=heldout_shards, **common)  # type: ignore[arg-type]
+    else:
+        import aimri
+        from aimri.data.corpus import Corpus
+        from aimri.data.default_corpus import default_corpus_path
+
+        if Path(source).is_dir() and not (Path(source) / "config.json").exists():
+            raise AimriError(f"{source} is neither an activation store (no manifest.json) nor a model directory")
+        subject = aimri.load(source)
+        paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
+        out = out or Path("runs") / Path(source).name.removesuffix(".gguf") / "dictionaries" / name
+        path, metrics = train_from_subject(subject, Corpus.from_paths(paths), site, out, context=context, **common)  # type: ignore[arg-type]
     console.print(
         f"[green]saved[/] {path}  fvu={metrics.get('fvu', float('nan')):.4f} l0={metrics.get('l0', 0):.1f} dead={metrics.get('dead_frac', 0):.3f}"
     )
@@ -130,7 +148,9 @@ def train_transcoders_cmd(
         batch_size=batch_size, skip=skip, context=context, progress=not quiet,
     )  # fmt: skip
     for layer, m in metrics.items():
-        console.print(f"layer {layer:>2}: fvu={m['fvu']:.4f} l0={m['l0']:.1f} dead={m['dead_frac']:.3f}")
+        held = "" if "fvu" not in m else f"held-out fvu={m['fvu']:.4f} l0={m['l0']:.1f} dead={m['dead_frac']:.3f}"
+        ce = f" ce_recovered={m['ce_loss_recovered']:.3f}" if "ce_loss_recovered" in m else ""
+        console.print(f"layer {layer:>2}: train fvu={m['train_fvu']:.4f}  {held}{ce}")
     console.print(f"[green]saved[/] {out}")
 
 

@@ -77,7 +77,9 @@ class Dictionary(nn.Module):
             raise AimriError(f"k={cfg.k} must be between 1 and the width d_sae={cfg.d_sae}")
         self.cfg = cfg
         d_out = cfg.out_dim
-        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae))
+        # [d_in, d_sae] as the field reads it, stored as the transpose of a contiguous [d_sae, d_in]: each
+        # latent's encoder row is contiguous, which the forward GEMM and the sparse backward both prefer
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in).t())
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, d_out))
         self.b_dec = nn.Parameter(torch.zeros(d_out))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aimri.data.corpus import Corpus, Packing, pack
+from aimri.data.corpus import Corpus, Packing, Window, pack
 from aimri.data.harvest import keep_rows
 from aimri.data.store import ActivationStore
 from aimri.dictionaries.base import Dictionary
@@ -45,14 +46,26 @@ def reconstruction_metrics(
     """L0, FVU, mean cosine, dead fraction and the log10 firing-density histogram over the store's rows
     (pass a store the dictionary was not trained on, or its held-out tail)."""
     site, site_out = _site_of(dictionary, store)
+    sites = [site] if site == site_out else [site, site_out]
+    batches = store.batches(sites if len(sites) > 1 else sites[0], batch_size, shuffle=False, shards=shards)
+    pairs = (b if isinstance(b, tuple) else (b, b) for b in batches)
+    result = reconstruction_from_pairs(dictionary, pairs, max_rows)
+    if result is None:
+        raise AimriError(f"the store {store.path} has no rows to evaluate on")
+    return result
+
+
+@torch.no_grad()
+def reconstruction_from_pairs(
+    dictionary: Dictionary, pairs: Iterable[tuple[Tensor, Tensor]], max_rows: int = 200_000
+) -> dict[str, Any] | None:
+    """The reconstruction statistics over (input, target) row batches; None when there are no rows."""
     dictionary.eval()
     fired = torch.zeros(dictionary.d_sae, dtype=torch.int64)
-    sse = total_sq = cos_sum = l0_sum = 0.0
+    sse = cos_sum = l0_sum = 0.0
     rows = 0
     sum_y = sum_y2 = None
-    sites = [site] if site == site_out else [site, site_out]
-    for batch in store.batches(sites if len(sites) > 1 else sites[0], batch_size, shuffle=False, shards=shards):
-        x, y = batch if isinstance(batch, tuple) else (batch, batch)
+    for x, y in pairs:
         codes = dictionary.encode(x)
         recon = dictionary.decode(codes, x)
         sse += float((recon - y).pow(2).sum())
@@ -66,7 +79,7 @@ def reconstruction_metrics(
         if rows >= max_rows:
             break
     if rows == 0 or sum_y is None or sum_y2 is None:
-        raise AimriError(f"the store {store.path} has no rows to evaluate on")
+        return None
     total_sq = float((sum_y2 - sum_y.pow(2) / rows).sum())
     density = fired.double() / rows
     hist, edges = np.histogram(np.log10(density[density > 0].numpy()), bins=20, range=(-8, 0))
@@ -81,6 +94,24 @@ def reconstruction_metrics(
 
 
 @torch.no_grad()
+def rows_from_windows(
+    subject: Subject, windows: list[Window], sites: list[str], batch_size: int = 8, sink_ratio: float = 20.0
+) -> dict[str, Tensor]:
+    """{site: [rows, d]}: the Subject's activations on `windows`, kept by the harvest's rule."""
+    names = [subject.site(s).name for s in sites]
+    parts: dict[str, list[Tensor]] = {n: [] for n in names}
+    for start in range(0, len(windows), batch_size):
+        group = windows[start : start + batch_size]
+        ids = torch.from_numpy(np.stack([w.ids for w in group]))
+        att = torch.from_numpy(np.stack([w.attention for w in group])).long()
+        acts = subject.run(ids, att, read=names)
+        valid = keep_rows(acts, names, torch.from_numpy(np.stack([w.valid for w in group])), sink_ratio, "evaluation")
+        for n in names:
+            parts[n].append(acts[n][valid])
+    return {n: torch.cat(p) if p else torch.zeros(0, subject.site_dim(n)) for n, p in parts.items()}
+
+
+@torch.no_grad()
 def downstream_metrics(
     dictionary: Dictionary,
     subject: Subject,
@@ -90,15 +121,20 @@ def downstream_metrics(
     skip_windows: int = 0,
     batch_size: int = 8,
     sink_ratio: float = 20.0,
+    windows: list[Window] | None = None,
 ) -> dict[str, float]:
     """CE of next-token prediction with the dictionary spliced in (its error term dropped) vs the clean
     model vs the site zero-ablated, over held-out windows (those after the first `skip_windows`), and the
-    KL from clean to spliced. Splicing skips position 0 and attention-sink tokens, as the harvest does."""
+    KL from clean to spliced. Splicing skips position 0 and attention-sink tokens, as the harvest does.
+    `windows`, when given, are used instead (e.g. a training stream's held-out windows)."""
     cfg = dictionary.cfg
     site_in = subject.site(cfg.site).name
     site_out = subject.site(cfg.site_out).name if cfg.is_transcoder else site_in
-    packing = Packing.for_tokenizer(subject.tokenizer, context)
-    windows = list(itertools.islice(pack(corpus, subject.tokenizer, packing), skip_windows, skip_windows + n_windows))
+    if windows is None:
+        packing = Packing.for_tokenizer(subject.tokenizer, context)
+        windows = list(
+            itertools.islice(pack(corpus, subject.tokenizer, packing), skip_windows, skip_windows + n_windows)
+        )
     if not windows:
         raise AimriError("no held-out windows left in the corpus for the downstream evaluation; use a larger corpus")
     dictionary.eval()

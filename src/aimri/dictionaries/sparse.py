@@ -3,24 +3,73 @@
 Forward: pre = x_c @ W_enc + b_enc (dense: the top-k needs every pre-activation), top-k, then a decoder
 that gathers only the k active rows of W_dec per token (embedding_bag). Backward: every gradient goes
 through the k active latents only, k x d per token, where dense autograd would spend d_in x d_sae per
-token on each of three products (~150x more at k = 32, d_sae = 4608).
+token on each of three products (~150x more at k = 32, d_sae = 4608). The two weight gradients are one
+sparse [d_sae, batch] x dense [batch, d] product each, with the sparsity pattern (sorted by latent) built
+once per step.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
+class LatentIndex:
+    """The batch's (token, latent) pairs grouped by latent: a CSR pattern of the [d_sae, batch] code matrix."""
+
+    def __init__(self, idx: Tensor, d_sae: int) -> None:
+        flat = idx.reshape(-1)
+        self.order = torch.argsort(flat)
+        self.tokens = torch.div(self.order, idx.shape[1], rounding_mode="floor")
+        self.crow = torch.zeros(d_sae + 1, dtype=torch.int64)
+        torch.cumsum(torch.bincount(flat, minlength=d_sae), 0, out=self.crow[1:])
+        self.shape = (d_sae, idx.shape[0])
+
+    def matmul(self, values: Tensor, dense: Tensor) -> Tensor:
+        """sum over tokens of values[token, j] * dense[token], per latent: [d_sae, d]."""
+        with warnings.catch_warnings():  # "CSR support is in beta": the product used here is well covered
+            warnings.simplefilter("ignore")
+            codes_t = torch.sparse_csr_tensor(
+                self.crow, self.tokens, values.reshape(-1)[self.order], self.shape, check_invariants=False
+            )
+            return codes_t @ dense
+
+
+def _row_dots(idx: Tensor, rows: Tensor, other: Tensor) -> Tensor:
+    """[batch, k]: dot(rows[idx[b, j]], other[b]) without materialising the gathered rows: embedding_bag's
+    per-sample-weight gradient is exactly this product, in one fused kernel."""
+    with torch.enable_grad():
+        w = torch.ones(idx.shape, dtype=rows.dtype, requires_grad=True)
+        out = F.embedding_bag(idx, rows.detach(), per_sample_weights=w, mode="sum")
+        (dots,) = torch.autograd.grad(out, w, other)
+    return dots
+
+
 class TopKAutoencode(torch.autograd.Function):
-    """recon = decode(topk(encode(x))); returns (recon, vals, idx, pre)."""
+    """recon = decode(topk(encode(x))); returns (recon, vals, idx, pre).
+
+    W_enc is best stored as the transpose of a contiguous [d_sae, d_in] tensor (Dictionary does): the
+    forward GEMM is faster that way and the backward's per-latent rows need no copy."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int, centre: bool):  # type: ignore[override]
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int, centre: bool,
+                workspace: Tensor | None):  # type: ignore[override]  # fmt: skip
+        ctx.set_materialize_grads(False)  # no zero-filled [batch, d_sae] gradients for `pre`
         xc = x - b_dec if centre else x
-        pre = torch.addmm(b_enc, xc, W_enc)
-        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        shape = (x.shape[0], W_enc.shape[1])
+        if workspace is None or workspace.shape != shape:
+            workspace = torch.empty(shape, dtype=x.dtype)
+        if workspace.dtype == x.dtype:
+            pre = torch.addmm(b_enc, xc, W_enc, out=workspace)  # a reused buffer: no fresh pages to fault in
+            vals, idx = pre.topk(k, dim=-1, sorted=False)
+        else:  # choose the k latents at low precision, then compute their values exactly
+            low = workspace.dtype
+            pre = torch.addmm(b_enc.to(low), xc.to(low), W_enc.to(low), out=workspace)
+            idx = pre.topk(k, dim=-1, sorted=False).indices
+            vals = _row_dots(idx, W_enc.t(), xc) + b_enc[idx]
         vals = vals.relu()
         recon = F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum") + b_dec
         ctx.save_for_backward(xc, W_enc, W_dec, vals, idx)
@@ -29,30 +78,35 @@ class TopKAutoencode(torch.autograd.Function):
         return recon, vals, idx, pre
 
     @staticmethod
-    def backward(ctx, grad_recon: Tensor, *_unused: Tensor):  # type: ignore[override]
-        # embedding_bag's own backward is the sparse kernel we need: for out[b] = sum_j w[b,j] W[idx[b,j]]
-        # it gives dW (an index-add over the k rows per token) and dw (k dot products per token).
+    def backward(ctx, grad_recon: Tensor | None, *_unused: Tensor):  # type: ignore[override]
         xc, W_enc, W_dec, vals, idx = ctx.saved_tensors
+        if grad_recon is None:
+            return (None,) * 8
         grad_recon = grad_recon.contiguous()
-        with torch.enable_grad():
-            w = vals.detach().requires_grad_()
-            dec = W_dec.detach().requires_grad_()
-            out = F.embedding_bag(idx, dec, per_sample_weights=w, mode="sum")
-            grad_vals, grad_W_dec = torch.autograd.grad(out, (w, dec), grad_recon)
-        grad_pre_vals = grad_vals * (vals > 0)
-        with torch.enable_grad():  # the encoder, seen from its transpose [n, d_in]: same kernel
-            enc_t = W_enc.detach().t().contiguous().requires_grad_()
-            grad_xc = F.embedding_bag(idx, enc_t, per_sample_weights=grad_pre_vals, mode="sum")
-            (grad_enc_t,) = torch.autograd.grad(grad_xc, enc_t, xc)
+        enc_t = W_enc.t().contiguous()  # free when W_enc is stored transposed
+        pattern = LatentIndex(idx, W_dec.shape[0])
+        grad_W_dec = pattern.matmul(vals, grad_recon) if ctx.needs_input_grad[3] else None
+        grad_pre_vals = _row_dots(idx, W_dec, grad_recon) * (vals > 0)
+        grad_enc_t = pattern.matmul(grad_pre_vals, xc)
         grad_b_enc = torch.zeros(W_dec.shape[0], dtype=vals.dtype).index_add_(
             0, idx.reshape(-1), grad_pre_vals.reshape(-1)
         )
         grad_b_dec = grad_recon.sum(0)
-        if ctx.centre:
-            grad_b_dec = grad_b_dec - grad_xc.sum(0)
-        grad_x = grad_xc.detach() if ctx.needs_input_grad[0] else None
-        return grad_x, grad_enc_t.t(), grad_b_enc, grad_W_dec, grad_b_dec, None, None
+        if ctx.centre:  # xc = x - b_dec: the encoder's input gradient, summed over tokens, is W_enc @ grad_b_enc
+            grad_b_dec = grad_b_dec - W_enc @ grad_b_enc
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(idx, enc_t, per_sample_weights=grad_pre_vals, mode="sum")
+        return grad_x, grad_enc_t.t(), grad_b_enc, grad_W_dec, grad_b_dec, None, None, None
 
 
-def topk_autoencode(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int, centre: bool = True):
-    return TopKAutoencode.apply(x, W_enc, b_enc, W_dec, b_dec, k, centre)
+def topk_autoencode(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int, centre: bool = True,
+    workspace: Tensor | None = None,
+):  # fmt: skip
+    """`workspace`: a [batch, d_sae] buffer the pre-activations are written into (and returned as `pre`),
+    reused across steps by a trainer (the returned `pre` is overwritten by the next call). A bfloat16
+    workspace selects the top k from a bfloat16 GEMM (2.5x faster than fp32 on CPUs with AVX512-BF16 or
+    AMX) and recomputes the chosen k values exactly in fp32, so codes, reconstruction and gradients are
+    exact for the chosen latents; only near-ties at the k-th place can differ from the fp32 choice."""
+    return TopKAutoencode.apply(x, W_enc, b_enc, W_dec, b_dec, k, centre, workspace)

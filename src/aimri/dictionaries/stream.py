@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from aimri.data.corpus import Corpus, Packing, pack
+from aimri.data.corpus import Corpus, Packing, Window, pack
 from aimri.data.harvest import keep_rows
 from aimri.errors import AimriError
 from aimri.subject.core import Subject
@@ -22,16 +22,29 @@ from aimri.subject.core import Subject
 Reader = Callable[[Tensor, Tensor], dict[str, Tensor]]
 
 
+def training_windows(tokenizer: Any, corpus: Corpus, context: int, heldout_every: int = 0) -> Iterator[Window]:
+    """The corpus' windows minus every `heldout_every`-th one (0: none held out)."""
+    windows = pack(corpus, tokenizer, Packing.for_tokenizer(tokenizer, context))
+    if not heldout_every:
+        return windows
+    return (w for i, w in enumerate(windows) if i % heldout_every != heldout_every - 1)
+
+
+def heldout_windows(tokenizer: Any, corpus: Corpus, context: int, heldout_every: int, n: int) -> list[Window]:
+    """The first `n` windows a stream with `heldout_every` never trains on."""
+    windows = pack(corpus, tokenizer, Packing.for_tokenizer(tokenizer, context))
+    return list(itertools.islice(itertools.islice(windows, heldout_every - 1, None, heldout_every), n))
+
+
 def _stream(
     tokenizer: Any, corpus: Corpus, read: Reader, names: list[str], batch_size: int, context: int,
-    forward_batch: int, buffer_rows: int | None, seed: int, sink_ratio: float,
+    forward_batch: int, buffer_rows: int | None, seed: int, sink_ratio: float, heldout_every: int = 0,
 ) -> Iterator[dict[str, Tensor]]:  # fmt: skip
-    packing = Packing.for_tokenizer(tokenizer, context)
     rng = np.random.default_rng(seed)
     buffer: dict[str, list[Tensor]] = {s: [] for s in names}
     buffered = 0
     while True:  # epochs
-        windows = pack(corpus, tokenizer, packing)
+        windows = training_windows(tokenizer, corpus, context, heldout_every)
         produced = False
         while group := list(itertools.islice(windows, forward_batch)):
             produced = True
@@ -76,15 +89,17 @@ def _drain(
 def subject_batches(
     subject: Subject, corpus: Corpus, sites: Sequence[str], batch_size: int = 4096, context: int = 256,
     forward_batch: int = 8, buffer_rows: int | None = None, seed: int = 0, sink_ratio: float = 20.0,
+    heldout_every: int = 0,
 ) -> Iterator[dict[str, Tensor]]:  # fmt: skip
     """Yield {site: [batch_size, d]}: rows of one Subject at several Sites (position 0, special tokens and
-    attention sinks excluded, as in a harvest), shuffled through a buffer."""
+    attention sinks excluded, as in a harvest), shuffled through a buffer; every `heldout_every`-th
+    window is left out (see `heldout_windows`)."""
     names = [subject.site(s).name for s in sites]
 
     def read(ids: Tensor, att: Tensor) -> dict[str, Tensor]:
         return subject.run(ids, att, read=names)
 
-    options = (batch_size, context, forward_batch, buffer_rows, seed, sink_ratio)
+    options = (batch_size, context, forward_batch, buffer_rows, seed, sink_ratio, heldout_every)
     return _stream(subject.tokenizer, corpus, read, names, *options)
 
 
