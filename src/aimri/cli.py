@@ -241,6 +241,54 @@ def eval_(
                 console.print(f"{key:>20}: {value:.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
 
 
+@app.command()
+def atlas(
+    dictionary: Annotated[Path, typer.Argument(help="dictionary folder (SAELens layout)")],
+    model: Annotated[str | None, typer.Option(help="model (default: the one the dictionary was trained on)")] = None,
+    corpus: Annotated[list[Path], typer.Option(help="corpus (default: the default corpus)")] = [],  # noqa: B006
+    tokens: Annotated[int, typer.Option(help="tokens to run the dictionary over")] = 1_000_000,
+    context: Annotated[int, typer.Option(help="tokens per example window")] = 64,
+    top: Annotated[int, typer.Option(help="top examples kept per feature")] = 20,
+    out: Annotated[Path | None, typer.Option(help="atlas file (default: DICTIONARY/atlas.sqlite)")] = None,
+    jsonl: Annotated[Path | None, typer.Option(help="also export Neuronpedia-style feature JSONL here")] = None,
+    quiet: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Per-feature statistics, examples, logit effects, neighbours and co-firing, in one SQLite atlas."""
+    import aimri
+    from aimri.atlas.build import build_atlas
+    from aimri.data.corpus import Corpus
+    from aimri.data.default_corpus import default_corpus_path
+    from aimri.dictionaries import load_dictionary
+
+    sae = load_dictionary(dictionary)
+    subject = aimri.load(model or sae.cfg.model_name or DEFAULT_MODEL)
+    paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
+    out = out or dictionary / "atlas.sqlite"
+    result = build_atlas(sae, subject, Corpus.from_paths(paths), out, tokens=tokens, context=context, top_n=top,
+                         dictionary_name=dictionary.name, progress=not quiet)  # fmt: skip
+    console.print(f"[green]wrote[/] {out}: {result.n_features:,} features over {result.meta['tokens']:,} tokens")
+    if jsonl:
+        console.print(f"[green]wrote[/] {result.export_jsonl(jsonl)}")
+
+
+@app.command()
+def feature(
+    atlas_path: Annotated[Path, typer.Argument(metavar="ATLAS", help="atlas file made by `mri atlas`")],
+    index: Annotated[int, typer.Argument(metavar="ID", help="feature index")],
+    examples: Annotated[int, typer.Option(help="top examples to show")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="print the card as one JSON object")] = False,
+) -> None:
+    """Print a feature card: label, score, density, top examples (activating tokens highlighted), logits."""
+    from aimri.atlas.card import render_card
+    from aimri.atlas.db import Atlas
+
+    card = Atlas(atlas_path).card(index, n_top=examples)
+    if as_json:
+        print(json.dumps(card))
+    else:
+        render_card(card, Console(soft_wrap=True, highlight=False))
+
+
 @corpus_app.command("build")
 def corpus_build(
     out: Annotated[Path | None, typer.Option(help="output folder (default: $AIMRI_HOME/corpus/default)")] = None,

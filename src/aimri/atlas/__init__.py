@@ -1,0 +1,1 @@
+"""Feature atlas: per-feature statistics, examples and labels, stored in one SQLite file."""

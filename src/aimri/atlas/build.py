@@ -1,0 +1,208 @@
+"""`build_atlas`: mine a dictionary's features over a corpus and write the atlas database.
+
+The database is written under a temporary name and renamed when complete, so an interrupted build never
+leaves a half-written atlas where a finished one was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from aimri.atlas.db import Atlas
+from aimri.atlas.mine import HIST_EDGES, Mined, mine
+from aimri.data.corpus import Corpus
+from aimri.dictionaries.base import Dictionary
+from aimri.paths import fsync_dir
+from aimri.subject.core import Subject
+
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+
+
+def token_strings(tokenizer: Any) -> list[str]:
+    """Every vocabulary id decoded on its own (how a card shows tokens: ' Texas', not 'ĠTexas')."""
+    return [tokenizer.decode([i]) for i in range(len(tokenizer))]
+
+
+def quantiles_from_hist(hist: Tensor) -> list[dict[str, float] | None]:
+    """Per feature, activation quantiles (when firing) read off its log-binned histogram."""
+    edges = HIST_EDGES.double()
+    mids = torch.cat([edges[:1], (edges[:-1] * edges[1:]).sqrt(), edges[-1:]])
+    counts = hist.double()
+    total = counts.sum(1, keepdim=True)
+    cum = counts.cumsum(1) / total.clamp_min(1)
+    out: list[dict[str, float] | None] = []
+    where = {q: (cum < q).sum(1).clamp_max(len(mids) - 1) for q in QUANTILES}
+    for f in range(len(hist)):
+        out.append(None if total[f] == 0 else {str(q): round(float(mids[where[q][f]]), 4) for q in QUANTILES})
+    return out
+
+
+def _top_per_row(rows: np.ndarray, cols: np.ndarray, scores: np.ndarray, n_rows: int, n: int) -> list[list]:
+    order = np.lexsort((-scores, rows))
+    rows, cols, scores = rows[order], cols[order], scores[order]
+    starts = np.searchsorted(rows, np.arange(n_rows + 1))
+    return [
+        [[int(c), round(float(s), 4)] for c, s in zip(cols[a : a + n], scores[a : a + n], strict=True)]
+        for a in starts[:-1]
+    ]
+
+
+@torch.no_grad()
+def logit_effects(dictionary: Dictionary, subject: Subject, vocab: list[str], n: int = 10) -> list[tuple[list, list]]:
+    """Top and bottom tokens of each decoder direction read through the unembedding (W_dec @ W_U^T)."""
+    unembed = subject.model.get_output_embeddings()
+    if unembed is None or unembed.weight.shape[1] != dictionary.cfg.out_dim:
+        return [([], [])] * dictionary.d_sae
+    W_U = unembed.weight.float()
+    out = []
+    for start in range(0, dictionary.d_sae, 512):
+        logits = dictionary.W_dec[start : start + 512].float() @ W_U.T
+        top, bottom = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
+        for tv, ti, bv, bi in zip(top.values, top.indices, bottom.values, bottom.indices, strict=True):
+            out.append(
+                (
+                    [[vocab[i], round(float(v), 4)] for v, i in zip(tv, ti, strict=True)],
+                    [[vocab[i], round(float(v), 4)] for v, i in zip(bv, bi, strict=True)],
+                )
+            )
+    return out
+
+
+@torch.no_grad()
+def decoder_neighbours(dictionary: Dictionary, n: int = 10) -> list[list]:
+    W = dictionary.W_dec.float()
+    W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    out = []
+    for start in range(0, len(W), 1024):
+        cos = W[start : start + 1024] @ W.T
+        cos[torch.arange(len(cos)), torch.arange(start, start + len(cos))] = -2.0
+        v, i = cos.topk(min(n, len(W) - 1), dim=1)
+        out += [
+            [[int(a), round(float(b), 4)] for a, b in zip(ii, vv, strict=True)] for ii, vv in zip(i, v, strict=True)
+        ]
+    return out
+
+
+def cofiring(mined: Mined, n: int = 10) -> list[list]:
+    """Per feature, the features most often firing on the same tokens (Jaccard index)."""
+    F = len(mined.fires)
+    c = mined.cofire.coalesce()
+    rows, cols = c.indices().numpy()
+    counts = c.values().numpy().astype(np.float64)
+    diag = np.zeros(F)
+    on_diag = rows == cols
+    diag[rows[on_diag]] = counts[on_diag]
+    off = ~on_diag
+    rows, cols, counts = rows[off], cols[off], counts[off]
+    jaccard = counts / np.maximum(diag[rows] + diag[cols] - counts, 1)
+    return _top_per_row(rows, cols, jaccard, F, n)
+
+
+def build_atlas(
+    dictionary: Dictionary,
+    subject: Subject,
+    corpus: Corpus,
+    out: str | Path,
+    tokens: int = 1_000_000,
+    context: int = 64,
+    top_n: int = 20,
+    reservoir: int = 64,
+    negatives: int = 10,
+    dictionary_name: str = "",
+    seed: int = 0,
+    progress: bool = True,
+) -> Atlas:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".atlas-", dir=out.parent))
+    try:
+        mined = mine(dictionary, subject, corpus, work, tokens=tokens, context=context, top_n=top_n,
+                     reservoir=reservoir, seed=seed, progress=progress)  # fmt: skip
+        tmp = work / "atlas.sqlite"
+        atlas = Atlas.create(tmp)
+        _write(atlas, mined, dictionary, subject, negatives, seed)
+        cfg = dictionary.cfg
+        atlas.set_meta(
+            format="aimri.atlas", version=1, model=subject.name, model_revision=subject.revision, site=cfg.site,
+            site_out=cfg.site_out, architecture=cfg.architecture, d_sae=cfg.d_sae, d_in=cfg.d_in,
+            dictionary_name=dictionary_name or f"{cfg.architecture}-w{cfg.d_sae}", dictionary_sha=dictionary_sha(dictionary),
+            tokens=mined.tokens, windows=mined.windows, context=context, corpus=corpus.fingerprint(),
+            cofire_tokens=mined.cofire_tokens, complete=True,
+        )  # fmt: skip
+        atlas.commit()
+        atlas.db.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return Atlas(out)
+
+
+def dictionary_sha(dictionary: Dictionary) -> str:
+    """A short content hash of the weights, so an atlas is never read against another dictionary."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        digest.update(getattr(dictionary, name).detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _write(atlas: Atlas, mined: Mined, dictionary: Dictionary, subject: Subject, negatives: int, seed: int) -> None:
+    F = len(mined.fires)
+    vocab = token_strings(subject.tokenizer)
+    quant = quantiles_from_hist(mined.hist)
+    logits = logit_effects(dictionary, subject, vocab)
+    neighbours = decoder_neighbours(dictionary)
+    cofire = cofiring(mined)
+    density = (mined.fires.double() / max(mined.tokens, 1)).tolist()
+    mean = (mined.act_sum / mined.fires.clamp_min(1)).tolist()
+    atlas.db.executemany(
+        "INSERT INTO features VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (f, int(mined.fires[f]), density[f], mean[f], float(mined.act_max[f]), json.dumps(quant[f]),
+             json.dumps(logits[f][0]), json.dumps(logits[f][1]), json.dumps(neighbours[f]), json.dumps(cofire[f]))
+            for f in range(F)
+        ],
+    )  # fmt: skip
+    rng = np.random.default_rng(seed)
+    used: set[int] = set()
+    rows = []
+    for f in range(F):
+        top = mined.top_win[f][torch.isfinite(mined.top_act[f]) & (mined.top_act[f] > 0)].numpy()
+        valid = mined.sample_win[f] >= 0
+        sample_win, sample_act = mined.sample_win[f][valid].numpy(), mined.sample_act[f][valid].numpy()
+        order = np.argsort(sample_act)
+        sample_win = sample_win[order]
+        deciles = (np.arange(len(sample_win)) * 10 // max(len(sample_win), 1)).astype(int)
+        candidates = rng.choice(mined.windows, size=min(mined.windows, 3 * negatives), replace=False)
+        cand_acts = mined.token_acts(f, candidates)
+        neg = candidates[cand_acts.max(1) <= 0][:negatives]
+        wins = np.concatenate([top, sample_win, neg]).astype(np.int64)
+        acts = mined.token_acts(f, wins) if len(wins) else np.zeros((0, mined.context))
+        kinds = ["top"] * len(top) + ["sample"] * len(sample_win) + ["negative"] * len(neg)
+        ranks = list(range(len(top))) + list(range(len(sample_win))) + list(range(len(neg)))
+        quants = [None] * len(top) + deciles.tolist() + [None] * len(neg)
+        for kind, rank, q, w, a in zip(kinds, ranks, quants, wins, acts, strict=True):
+            rows.append((f, kind, rank, q, int(w), float(a.max(initial=0.0)), a.astype(np.float16).tobytes()))
+            used.add(int(w))
+        if len(rows) > 100_000:
+            atlas.db.executemany("INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            rows = []
+    atlas.db.executemany("INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    ids = mined.window_ids()
+    atlas.db.executemany(
+        "INSERT INTO windows VALUES (?, ?)", [(w, json.dumps([vocab[i] for i in ids[w]])) for w in sorted(used)]
+    )
+    atlas.commit()

@@ -1,0 +1,178 @@
+"""Streaming feature statistics: one pass over a corpus, memory fixed by the dictionary's width, never by
+the corpus' length. Per feature it keeps running moments, the top windows by peak activation, a uniform
+reservoir of activating windows (for quantile-stratified examples), a log-spaced histogram (for
+quantiles) and co-firing counts; each window's token ids and its tokens' top codes go to disk, so the
+per-token activations of the chosen examples can be read back at the end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from aimri.data.corpus import Corpus, Packing, pack
+from aimri.data.harvest import keep_rows
+from aimri.dictionaries.base import Dictionary
+from aimri.errors import AimriError
+from aimri.progress import progress_bar
+from aimri.subject.core import Subject
+
+HIST_EDGES = torch.logspace(-4, 4, 65)  # activation histogram bins (log10 -4 .. 4), for quantiles
+
+
+@dataclass
+class Mined:
+    """What one pass leaves: per-feature arrays plus the on-disk windows and codes."""
+
+    tokens: int
+    windows: int
+    context: int
+    fires: Tensor  # [F] tokens the feature fired on
+    act_sum: Tensor
+    act_max: Tensor
+    hist: Tensor  # [F, bins] counts of positive activations per log bin
+    top_act: Tensor  # [F, N] peak activation of the top windows (-inf: empty)
+    top_win: Tensor  # [F, N]
+    sample_act: Tensor  # [F, R] peak activation of reservoir-sampled activating windows
+    sample_win: Tensor  # [F, R] (-1: empty)
+    cofire: Tensor  # sparse [F, F] co-firing token counts (on the first `cofire_tokens` tokens)
+    cofire_tokens: int
+    ids_path: Path  # [windows, context] int32 token ids
+    codes_path: Path  # [windows, context, k] (int32 index, float16 value) per token
+    k_stored: int
+    extra: dict = field(default_factory=dict)
+
+    def window_ids(self) -> np.ndarray:
+        return np.memmap(self.ids_path, dtype=np.int32, mode="r", shape=(self.windows, self.context))
+
+    def window_codes(self) -> tuple[np.ndarray, np.ndarray]:
+        shape = (self.windows, self.context, self.k_stored)
+        idx = np.memmap(self.codes_path, dtype=np.int32, mode="r", shape=shape)
+        val = np.memmap(self.codes_path.with_suffix(".val"), dtype=np.float16, mode="r", shape=shape)
+        return idx, val
+
+    def token_acts(self, feature: int, windows: np.ndarray) -> np.ndarray:
+        """[len(windows), context] activations of `feature` on every token of those windows."""
+        idx, val = self.window_codes()
+        order = np.argsort(windows)
+        sel_idx, sel_val = idx[windows[order]], val[windows[order]].astype(np.float32)
+        acts = np.where(sel_idx == feature, sel_val, 0.0).sum(-1)
+        out = np.empty_like(acts)
+        out[order] = acts
+        return out
+
+
+def _merge_top(vals: Tensor, refs: Tensor, new_vals: Tensor, new_refs: Tensor) -> tuple[Tensor, Tensor]:
+    """Keep each row's N largest of (vals ++ new_vals), with their refs."""
+    all_vals = torch.cat([vals, new_vals], 1)
+    all_refs = torch.cat([refs, new_refs], 1)
+    best, where = all_vals.topk(vals.shape[1], dim=1)
+    return best, all_refs.gather(1, where)
+
+
+@torch.no_grad()
+def mine(
+    dictionary: Dictionary,
+    subject: Subject,
+    corpus: Corpus,
+    workdir: Path,
+    tokens: int = 1_000_000,
+    context: int = 64,
+    batch_windows: int = 32,
+    top_n: int = 20,
+    reservoir: int = 64,
+    cofire_tokens: int = 200_000,
+    k_stored: int = 64,
+    seed: int = 0,
+    sink_ratio: float = 20.0,
+    progress: bool = True,
+) -> Mined:
+    cfg = dictionary.cfg
+    site = subject.site(cfg.site).name
+    if subject.site_dim(site) != cfg.d_in:
+        raise AimriError(f"{site} is {subject.site_dim(site)} wide; the dictionary expects d_in={cfg.d_in}")
+    F = cfg.d_sae
+    k_stored = min(k_stored, F)
+    packing = Packing.for_tokenizer(subject.tokenizer, context)
+    n_windows = max(1, tokens // context)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ids_path, codes_path = workdir / "windows.i32", workdir / "codes.idx"
+    ids_mm = np.memmap(ids_path, dtype=np.int32, mode="w+", shape=(n_windows, context))
+    idx_mm = np.memmap(codes_path, dtype=np.int32, mode="w+", shape=(n_windows, context, k_stored))
+    val_mm = np.memmap(
+        codes_path.with_suffix(".val"), dtype=np.float16, mode="w+", shape=(n_windows, context, k_stored)
+    )
+    gen = torch.Generator().manual_seed(seed)
+    fires = torch.zeros(F, dtype=torch.int64)
+    act_sum, act_max = torch.zeros(F, dtype=torch.float64), torch.zeros(F)
+    hist = torch.zeros(F, len(HIST_EDGES) + 1, dtype=torch.int64)
+    top_act, top_win = torch.full((F, top_n), -float("inf")), torch.full((F, top_n), -1, dtype=torch.int64)
+    keys = torch.full((F, reservoir), -float("inf"))
+    sample_act, sample_win = torch.zeros(F, reservoir), torch.full((F, reservoir), -1, dtype=torch.int64)
+    cofire = torch.sparse_coo_tensor(
+        torch.zeros(2, 0, dtype=torch.int64), torch.zeros(0), (F, F), check_invariants=False
+    )
+    seen_tokens = cofire_seen = done = 0
+    dictionary.eval()
+    windows = pack(corpus, subject.tokenizer, packing)
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task("atlas", total=n_windows, rate="")
+        while done < n_windows and (group := list(itertools.islice(windows, min(batch_windows, n_windows - done)))):
+            B = len(group)
+            ids = torch.from_numpy(np.stack([w.ids for w in group]))
+            att = torch.from_numpy(np.stack([w.attention for w in group])).long()
+            valid = torch.from_numpy(np.stack([w.valid for w in group]))
+            acts = subject.run(ids, att, read=[site])
+            valid = keep_rows(acts, [site], valid, sink_ratio, "the atlas")
+            codes = dictionary.encode(acts[site].reshape(B * context, -1).float()).reshape(B, context, F)
+            codes = codes * valid[..., None]
+            if not torch.isfinite(codes).all():
+                raise AimriError(f"the dictionary produced NaN/inf codes at windows {done}..{done + B}")
+            win = torch.arange(done, done + B)
+            # per token: the k largest codes, stored for reading examples back
+            top_vals, top_idx = codes.topk(k_stored, dim=-1)
+            ids_mm[done : done + B] = ids.numpy()
+            idx_mm[done : done + B] = top_idx.int().numpy()
+            val_mm[done : done + B] = top_vals.clamp_min(0).half().numpy()
+            active = codes > 0
+            fires += active.sum((0, 1))
+            act_sum += codes.sum((0, 1)).double()
+            act_max = torch.maximum(act_max, codes.amax((0, 1)))
+            positive = codes[active]
+            feats = active.nonzero()[:, 2]
+            bins = torch.bucketize(positive, HIST_EDGES)
+            hist.view(-1).index_add_(0, feats * hist.shape[1] + bins, torch.ones_like(bins))
+            peak = codes.amax(1).T.contiguous()  # [F, B]: each window's peak per feature
+            top_act, top_win = _merge_top(top_act, top_win, peak, win.expand(F, B))
+            fired_win = peak > 0
+            new_keys = torch.where(fired_win, torch.rand(F, B, generator=gen), torch.tensor(-float("inf")))
+            merged_keys = torch.cat([keys, new_keys], 1)
+            keys, where = merged_keys.topk(reservoir, dim=1)
+            sample_act = torch.cat([sample_act, peak], 1).gather(1, where)
+            sample_win = torch.cat([sample_win, win.expand(F, B)], 1).gather(1, where)
+            sample_win[~torch.isfinite(keys)] = -1
+            if cofire_seen < cofire_tokens:
+                rows = active.reshape(B * context, F)[valid.reshape(-1)]
+                pairs = rows.to_sparse().float()
+                with warnings.catch_warnings():  # "sparse support is in beta": sparse x sparse is well covered
+                    warnings.simplefilter("ignore")
+                    cofire = (cofire + torch.sparse.mm(pairs.t(), pairs)).coalesce()
+                cofire_seen += len(rows)
+            seen_tokens += int(valid.sum())
+            done += B
+            bar.update(task, advance=B, rate=f"{seen_tokens:,} tokens")
+    if done == 0:
+        raise AimriError("the corpus yields no windows; check the corpus paths")
+    for mm in (ids_mm, idx_mm, val_mm):
+        mm.flush()
+    return Mined(
+        tokens=seen_tokens, windows=done, context=context, fires=fires, act_sum=act_sum, act_max=act_max,
+        hist=hist, top_act=top_act, top_win=top_win, sample_act=sample_act, sample_win=sample_win,
+        cofire=cofire, cofire_tokens=cofire_seen, ids_path=ids_path, codes_path=codes_path, k_stored=k_stored,
+    )  # fmt: skip

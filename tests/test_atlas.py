@@ -1,0 +1,135 @@
+"""Atlas: streaming statistics with a planted known answer, the database, cards, export, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tests.conftest import FIXTURE_TEXT
+
+import aimri
+from aimri.atlas.build import build_atlas
+from aimri.atlas.db import Atlas
+from aimri.data.corpus import Corpus, Packing, pack
+from aimri.dictionaries import DictionaryConfig, build, save_dictionary
+from aimri.errors import AimriError
+
+
+def _token_detector(subject, token: int, width: int = 16):
+    """A TopK(k=1) dictionary on the embeddings whose feature 0 fires on `token` and nowhere else; the
+    other features never fire. Its activation there is known: |e_T| - threshold."""
+    emb = subject.model.get_input_embeddings().weight.detach().float()
+    direction = emb[token] / emb[token].norm()
+    others = torch.cat([emb[:token], emb[token + 1 :]]) @ direction
+    own = float(emb[token] @ direction)
+    threshold = (own + float(others.max())) / 2
+    cfg = DictionaryConfig("topk", emb.shape[1], width, k=1, site="resid.-1", apply_b_dec_to_input=False)
+    sae = build(cfg)
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.W_enc[:, 0] = direction
+        sae.b_enc.fill_(-1.0)
+        sae.b_enc[0] = -threshold
+        sae.b_dec.zero_()
+    return sae, own - threshold
+
+
+def _windows(subject, corpus: Corpus, context: int):
+    return list(pack(corpus, subject.tokenizer, Packing.for_tokenizer(subject.tokenizer, context)))
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_lm_dir: str, tmp_path_factory: pytest.TempPathFactory):
+    subject = aimri.load(tiny_lm_dir)
+    corpus = Corpus.from_texts([FIXTURE_TEXT] * 12)
+    windows = _windows(subject, corpus, 16)
+    counts = Counter(int(t) for w in windows for t, v in zip(w.ids, w.valid, strict=True) if v)
+    token = counts.most_common(1)[0][0]
+    sae, expected_peak = _token_detector(subject, token)
+    path = tmp_path_factory.mktemp("atlas") / "atlas.sqlite"
+    atlas = build_atlas(sae, subject, corpus, path, tokens=10_000, context=16, top_n=5, reservoir=8,
+                        negatives=3, progress=False)  # fmt: skip
+    valid_tokens = sum(int(w.valid.sum()) for w in windows)
+    return atlas, token, counts[token], valid_tokens, expected_peak, subject, sae
+
+
+def test_planted_token_detector_is_found(planted) -> None:
+    atlas, token, count, valid_tokens, expected_peak, subject, _ = planted
+    card = atlas.card(0)
+    assert card["fires"] == count and card["density"] == pytest.approx(count / valid_tokens)
+    assert card["max_act"] == pytest.approx(expected_peak, rel=1e-4)
+    word = subject.tokenizer.decode([token])
+    assert len(card["top_examples"]) == 5
+    for ex in card["top_examples"]:  # every top example peaks on the planted token, at the known value
+        at = int(np.argmax(ex["acts"]))
+        assert ex["tokens"][at] == word
+        assert ex["peak"] == pytest.approx(expected_peak, rel=1e-2)
+        assert all((a > 0) == (t == word) for a, t in zip(ex["acts"], ex["tokens"], strict=True) if t != "<s>")
+    for ex in atlas.examples(0, "negative"):
+        assert max(ex["acts"]) == 0 and word not in ex["tokens"][1:]
+    samples = atlas.examples(0, "sample")
+    assert 0 < len(samples) <= 8 and sorted(s["quantile"] for s in samples) == [s["quantile"] for s in samples]
+    dead = atlas.card(3)
+    assert dead["fires"] == 0 and dead["top_examples"] == [] and dead["quantiles"] is None
+
+
+def test_logit_effects_and_neighbours_are_exact(planted) -> None:
+    atlas, *_, subject, sae = planted
+    card = atlas.card(2)
+    with torch.no_grad():
+        logits = sae.W_dec[2] @ subject.model.get_output_embeddings().weight.T
+    assert card["logits_top"][0][1] == pytest.approx(float(logits.max()), abs=1e-4)
+    assert card["logits_bottom"][0][1] == pytest.approx(float(logits.min()), abs=1e-4)
+    W = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)
+    cos = W[2] @ W.T
+    cos[2] = -2
+    assert card["neighbours"][0] == [int(cos.argmax()), pytest.approx(float(cos.max()), abs=1e-4)]
+
+
+def test_export_and_cli_card(planted, tmp_path: Path) -> None:
+    atlas, *_ = planted
+    out = atlas.export_jsonl(tmp_path / "features.jsonl")
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == atlas.n_features and records[0]["index"] == 0
+    assert records[0]["frac_nonzero"] > 0 and records[0]["activations"][0]["maxValue"] > 0
+    cmd = [sys.executable, "-m", "aimri.cli", "feature", str(atlas.path)]
+    card = subprocess.run([*cmd, "0", "--json"], capture_output=True, text=True)
+    assert card.returncode == 0 and json.loads(card.stdout)["id"] == 0
+    shown = subprocess.run([*cmd, "0"], capture_output=True, text=True)
+    assert shown.returncode == 0 and "density" in shown.stdout
+    bad = subprocess.run([*cmd, "99"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "out of range" in bad.stderr and "0..15" in bad.stderr
+
+
+def test_bad_atlas_files(tmp_path: Path) -> None:
+    (tmp_path / "junk.sqlite").write_bytes(b"not a database at all")
+    with pytest.raises(AimriError, match="not an atlas"):
+        Atlas(tmp_path / "junk.sqlite")
+    with pytest.raises(AimriError, match="build one with"):
+        Atlas(tmp_path / "missing.sqlite")
+    unfinished = Atlas.create(tmp_path / "half.sqlite")
+    unfinished.set_meta(d_sae=4)
+    unfinished.commit()
+    with pytest.raises(AimriError, match="unfinished"):
+        Atlas(tmp_path / "half.sqlite")
+
+
+def test_cli_atlas_on_a_saved_dictionary(tiny_lm_dir: str, tmp_path: Path) -> None:
+    subject = aimri.load(tiny_lm_dir)
+    sae = build(DictionaryConfig("topk", subject.d_model, 32, k=4, site="resid.1", model_name=tiny_lm_dir))
+    save_dictionary(sae, tmp_path / "sae")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(FIXTURE_TEXT * 8)
+    cmd = [sys.executable, "-m", "aimri.cli", "atlas", str(tmp_path / "sae"), "--corpus", str(corpus),
+           "--tokens", "2000", "--context", "16", "--quiet", "--jsonl", str(tmp_path / "f.jsonl")]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    atlas = Atlas(tmp_path / "sae" / "atlas.sqlite")
+    assert atlas.meta["site"] == "resid.1" and atlas.meta["tokens"] > 0
+    assert len((tmp_path / "f.jsonl").read_text().splitlines()) == 32
