@@ -59,10 +59,10 @@ def _top_per_row(rows: np.ndarray, cols: np.ndarray, scores: np.ndarray, n_rows:
 @torch.no_grad()
 def logit_effects(dictionary: Dictionary, subject: Subject, vocab: list[str], n: int = 10) -> list[tuple[list, list]]:
     """Top and bottom tokens of each decoder direction read through the unembedding (W_dec @ W_U^T)."""
-    unembed = subject.model.get_output_embeddings()
+    unembed: Any = subject.model.get_output_embeddings()
     if unembed is None or unembed.weight.shape[1] != dictionary.cfg.out_dim:
         return [([], [])] * dictionary.d_sae
-    W_U = unembed.weight.float()
+    W_U = unembed.weight.detach().float()
     out = []
     for start in range(0, dictionary.d_sae, 512):
         logits = dictionary.W_dec[start : start + 512].float() @ W_U.T

@@ -104,7 +104,7 @@ class Atlas:
                 "peak": peak,
                 "acts": np.frombuffer(acts, dtype=np.float16).astype(np.float32).tolist(),
                 "tokens": json.loads(tokens),
-            }  # fmt: skip
+            }
             for rank, quantile, window, peak, acts, tokens in rows
         ]
 
@@ -150,23 +150,31 @@ class Atlas:
             top, bottom = card["logits_top"] or [], card["logits_bottom"] or []
             neighbours = card["neighbours"] or []
             yield {
-                "modelId": model, "layer": source, "index": feature,
-                "frac_nonzero": card["density"], "maxActApprox": card["max_act"],
-                "pos_str": [t for t, _ in top], "pos_values": [v for _, v in top],
-                "neg_str": [t for t, _ in bottom], "neg_values": [v for _, v in bottom],
-                "topkCosSimIndices": [i for i, _ in neighbours], "topkCosSimValues": [v for _, v in neighbours],
+                "modelId": model,
+                "layer": source,
+                "index": feature,
+                "frac_nonzero": card["density"],
+                "maxActApprox": card["max_act"],
+                "pos_str": [t for t, _ in top],
+                "pos_values": [v for _, v in top],
+                "neg_str": [t for t, _ in bottom],
+                "neg_values": [v for _, v in bottom],
+                "topkCosSimIndices": [i for i, _ in neighbours],
+                "topkCosSimValues": [v for _, v in neighbours],
                 "activations": [
                     {
-                        "tokens": ex["tokens"], "values": ex["acts"], "maxValue": max(ex["acts"], default=0.0),
+                        "tokens": ex["tokens"],
+                        "values": ex["acts"],
+                        "maxValue": max(ex["acts"], default=0.0),
                         "maxValueTokenIndex": int(np.argmax(ex["acts"])) if ex["acts"] else 0,
-                    }  # fmt: skip
+                    }
                     for ex in card["top_examples"]
                 ],
                 "explanations": [
                     {"description": lab["label"], "explanationModelName": lab["explainer"], "scores": lab["scores"]}
                     for lab in card["labels"]
                 ],
-            }  # fmt: skip
+            }
 
     def export_jsonl(self, path: str | Path) -> Path:
         path = Path(path)
