@@ -59,7 +59,7 @@ def _top_per_row(rows: np.ndarray, cols: np.ndarray, scores: np.ndarray, n_rows:
 @torch.no_grad()
 def logit_effects(dictionary: Dictionary, subject: Subject, vocab: list[str], n: int = 10) -> list[tuple[list, list]]:
     """Top and bottom tokens of each decoder direction read through the unembedding (W_dec @ W_U^T)."""
-    unembed: Any = subject.model.get_output_embeddings()
+    unembed: Any = subject.model.get_output_embeddings()  # type: ignore[operator]
     if unembed is None or unembed.weight.shape[1] != dictionary.cfg.out_dim:
         return [([], [])] * dictionary.d_sae
     W_U = unembed.weight.detach().float()
