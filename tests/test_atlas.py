@@ -50,7 +50,7 @@ def planted(tiny_lm_dir: str, tmp_path_factory: pytest.TempPathFactory):
     corpus = Corpus.from_texts([FIXTURE_TEXT] * 12)
     windows = _windows(subject, corpus, 16)
     counts = Counter(int(t) for w in windows for t, v in zip(w.ids, w.valid, strict=True) if v)
-    token = counts.most_common(1)[0][0]
+    token = next(t for t, _ in counts.most_common() if subject.tokenizer.decode([t]).strip().isalpha())
     sae, expected_peak = _token_detector(subject, token)
     path = tmp_path_factory.mktemp("atlas") / "atlas.sqlite"
     atlas = build_atlas(sae, subject, corpus, path, tokens=10_000, context=16, top_n=5, reservoir=8,
@@ -133,3 +133,42 @@ def test_cli_atlas_on_a_saved_dictionary(tiny_lm_dir: str, tmp_path: Path) -> No
     atlas = Atlas(tmp_path / "sae" / "atlas.sqlite")
     assert atlas.meta["site"] == "resid.1" and atlas.meta["tokens"] > 0
     assert len((tmp_path / "f.jsonl").read_text().splitlines()) == 32
+
+
+def test_statistical_label_names_the_planted_token_and_scores_above_control(planted, tmp_path: Path) -> None:
+    import shutil
+
+    from aimri.autointerp.examples import split_examples
+    from aimri.autointerp.explainers import StatisticalExplainer
+    from aimri.autointerp.label import label_features
+    from aimri.autointerp.scorers import auroc
+
+    atlas, token, *_, subject, _ = planted
+    copy = tmp_path / "atlas.sqlite"
+    shutil.copy(atlas.path, copy)
+    mine = Atlas(copy)
+    word = subject.tokenizer.decode([token]).strip()
+    split = split_examples(mine, 0)
+    assert split.score_active and split.score_inactive
+    assert not {ex.window for ex in split.explain} & {ex.window for ex in split.score_active}
+    assert f'"{word}"' in StatisticalExplainer().explain(split.explain)
+
+    class Exact:  # a scorer with a known answer: 1 for the planted feature's label, by construction
+        name = "exact"
+
+        def score(self, label: str, examples) -> float:  # type: ignore[no-untyped-def]
+            hits = [float(f'"{word}"' in label and word in ex.text()) for ex in examples.score_active]
+            misses = [float(f'"{word}"' in label and word in ex.text()[1:]) for ex in examples.score_inactive]
+            return auroc(hits, misses)
+
+    summary = label_features(mine, [0], StatisticalExplainer(), [Exact()], progress=False)
+    assert summary["labelled"] == 1 and summary["mean_exact"] == 1.0
+    again = label_features(mine, [0], StatisticalExplainer(), [Exact()], progress=False)
+    assert again["labelled"] == 0 and again["skipped"] == 1  # resumed: nothing relabelled
+    assert mine.card(0)["labels"][0]["scores"]["exact"] == 1.0
+
+
+def test_auroc_known_values() -> None:
+    from aimri.autointerp.scorers import auroc
+
+    assert auroc([3, 4], [1, 2]) == 1.0 and auroc([1], [2]) == 0.0 and auroc([1, 2], [1, 2]) == 0.5

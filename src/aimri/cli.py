@@ -289,6 +289,51 @@ def feature(
         render_card(card, Console(soft_wrap=True, highlight=False))
 
 
+def _feature_list(spec: str, atlas) -> list[int]:  # type: ignore[no-untyped-def]
+    """'0-99,150' -> ids; 'live:N' -> the first N features that fired."""
+    if spec.startswith("live:"):
+        return atlas.live_features()[: int(spec.split(":", 1)[1])]
+    ids: list[int] = []
+    try:
+        for part in spec.split(","):
+            a, _, b = part.partition("-")
+            ids += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    except ValueError as err:
+        raise AimriError(f"--features {spec!r}: use ids and ranges like 0-99,150 or live:100") from err
+    return ids
+
+
+@app.command()
+def label(
+    atlas_path: Annotated[Path, typer.Argument(metavar="ATLAS", help="atlas file made by `mri atlas`")],
+    features: Annotated[
+        str, typer.Option(help="ids and ranges (0-99,150) or live:N (first N that fired)")
+    ] = "live:100",
+    explainer: Annotated[str, typer.Option(help="statistical (offline, no LLM)")] = "statistical",
+    scorer: Annotated[list[str], typer.Option(help="embedding (offline, MiniLM)")] = ["embedding"],  # noqa: B006
+    seed: Annotated[int, typer.Option()] = 0,
+    quiet: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Label features and score each label on held-out examples, beside a random-label control; resumable."""
+    from aimri.atlas.db import Atlas
+    from aimri.autointerp.explainers import StatisticalExplainer
+    from aimri.autointerp.label import label_features
+    from aimri.autointerp.scorers import EmbeddingScorer
+
+    explainers = {"statistical": StatisticalExplainer}
+    scorers = {"embedding": EmbeddingScorer}
+    if explainer not in explainers:
+        raise AimriError(f"unknown explainer {explainer!r}; choose from {', '.join(explainers)}")
+    for name in scorer:
+        if name not in scorers:
+            raise AimriError(f"unknown scorer {name!r}; choose from {', '.join(scorers)}")
+    atlas = Atlas(atlas_path)
+    ids = _feature_list(features, atlas)
+    summary = label_features(atlas, ids, explainers[explainer](), [scorers[n]() for n in scorer], seed=seed,
+                             progress=not quiet)  # fmt: skip
+    print(json.dumps(summary))
+
+
 @corpus_app.command("build")
 def corpus_build(
     out: Annotated[Path | None, typer.Option(help="output folder (default: $AIMRI_HOME/corpus/default)")] = None,
