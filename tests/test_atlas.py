@@ -161,6 +161,10 @@ def test_statistical_label_names_the_planted_token_and_scores_above_control(plan
             misses = [float(f'"{word}"' in label and word in ex.text()[1:]) for ex in examples.score_inactive]
             return auroc(hits, misses)
 
+        def score_many(self, items):  # type: ignore[no-untyped-def]
+            return [self.score(label, examples) for label, examples in items]
+
+    assert f'"{word}"' in StatisticalExplainer().explain(split.explain)
     summary = label_features(mine, [0], StatisticalExplainer(), [Exact()], progress=False)
     assert summary["labelled"] == 1 and summary["mean_exact"] == 1.0
     again = label_features(mine, [0], StatisticalExplainer(), [Exact()], progress=False)

@@ -11,12 +11,15 @@ from collections import Counter
 from typing import Protocol
 
 from aimri.autointerp.examples import Example
+from aimri.autointerp.llm import ChatBackend
 
 
 class Explainer(Protocol):
     name: str
 
-    def explain(self, examples: list[Example]) -> str: ...
+    def explain_many(self, example_sets: list[list[Example]]) -> list[str | Exception]:
+        """One label per feature's example set, or the error that prevented it."""
+        ...
 
 
 class StatisticalExplainer:
@@ -48,6 +51,32 @@ class StatisticalExplainer:
             if count >= self.share * sum(before.values()):
                 label += f' after "{word}"'
         return label
+
+    def explain_many(self, example_sets: list[list[Example]]) -> list[str | Exception]:
+        return [self.explain(examples) for examples in example_sets]
+
+
+def clean_label(text: str) -> str:
+    """The first non-empty line of a reply, unquoted; a ValueError (retried) when there is none."""
+    for line in text.strip().splitlines():
+        line = line.strip().strip('"').strip()
+        for prefix in ("Explanation:", "Label:", "Answer:"):
+            line = line.removeprefix(prefix).strip()
+        if line:
+            return line[:200]
+    raise ValueError("empty label")
+
+
+class LLMExplainer:
+    """Labels from a chat model (an OpenAI-compatible endpoint or an in-process HF model)."""
+
+    def __init__(self, backend: ChatBackend, max_examples: int = 20) -> None:
+        self.backend, self.max_examples = backend, max_examples
+        self.name = backend.name
+
+    def explain_many(self, example_sets: list[list[Example]]) -> list[str | Exception]:
+        prompts = [prompt_for(examples, self.max_examples) for examples in example_sets]
+        return self.backend.complete_many(prompts, max_tokens=48, parse=clean_label)
 
 
 def prompt_for(examples: list[Example], max_examples: int = 20) -> list[dict[str, str]]:
