@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -32,7 +33,7 @@ def _free_port() -> int:
 class _Scripted(http.server.BaseHTTPRequestHandler):
     """Answers /v1/chat/completions from a script of (status, body, delay) steps, the last one repeating."""
 
-    script: list[tuple[int, str, float]] = []
+    script: ClassVar[list[tuple[int, str, float]]] = []
     calls = 0
 
     def do_POST(self) -> None:
