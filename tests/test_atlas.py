@@ -176,3 +176,45 @@ def test_auroc_known_values() -> None:
     from aimri.autointerp.scorers import auroc
 
     assert auroc([3, 4], [1, 2]) == 1.0 and auroc([1], [2]) == 0.0 and auroc([1, 2], [1, 2]) == 0.5
+
+
+def test_neuron_dictionary_is_exact_and_atlas_ready(tiny_lm_dir: str) -> None:
+    """The identity dictionary over mlp.neurons.L: its codes are the neurons (positive part) and its decoder
+    reproduces mlp.out.L exactly from all of them."""
+    from aimri.dictionaries.architectures import neuron_dictionary
+
+    subject = aimri.load(tiny_lm_dir)
+    ids = subject.tokenizer(FIXTURE_TEXT, return_tensors="pt")["input_ids"][:, :24]
+    acts = subject.run(ids, read=["mlp.neurons.1", "mlp.out.1"])
+    neurons = neuron_dictionary(subject, 1)
+    assert neurons.cfg.d_in == subject.site_dim("mlp.neurons.1") == acts["mlp.neurons.1"].shape[-1]
+    x = acts["mlp.neurons.1"][0]
+    assert torch.equal(neurons.encode(x), x.relu())
+    exact = x @ neurons.W_dec + neurons.b_dec  # all neurons, signed: the MLP's own output
+    assert torch.allclose(exact, acts["mlp.out.1"][0], atol=1e-5)
+
+
+def test_neuron_atlas_label_and_compare_cli(tiny_lm_dir: str, tmp_path: Path) -> None:
+    """mri atlas --neurons, mri label (offline explainer + MiniLM scorer) and mri compare, end to end."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(FIXTURE_TEXT * 8)
+    cli = [sys.executable, "-m", "aimri.cli"]
+    common = ["--model", tiny_lm_dir, "--corpus", str(corpus), "--tokens", "1500", "--context", "16", "--quiet"]
+    made = subprocess.run([*cli, "atlas", "--neurons", "1", *common, "--out", str(tmp_path / "n.sqlite")],
+                          capture_output=True, text=True)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    neither = subprocess.run([*cli, "atlas", *common], capture_output=True, text=True)
+    assert neither.returncode == 2 and "one of the two" in neither.stderr
+    labelled = subprocess.run([*cli, "label", str(tmp_path / "n.sqlite"), "--features", "live:6", "--quiet"],
+                              capture_output=True, text=True)  # fmt: skip
+    assert labelled.returncode == 0, labelled.stderr
+    summary = json.loads(labelled.stdout.strip().splitlines()[-1])
+    assert summary["labelled"] == 6 and "mean_embedding" in summary and "mean_embedding_control" in summary
+    compared = subprocess.run([*cli, "compare", str(tmp_path / "n.sqlite"), "--json"], capture_output=True, text=True)
+    assert compared.returncode == 0, compared.stderr
+    (row,) = json.loads(compared.stdout)
+    assert row["n"] <= 6 and row["gap_ci"][0] <= row["gap"] <= row["gap_ci"][1]
+    bad = subprocess.run(
+        [*cli, "label", str(tmp_path / "n.sqlite"), "--features", "a-b"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "--features" in bad.stderr

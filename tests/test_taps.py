@@ -33,7 +33,8 @@ def test_unedited_tap_is_bitwise_plain(arch: str) -> None:
             tapped = subject.model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(plain, tapped)
     assert set(t.acts) == set(_every_site(subject))
-    assert all(a.shape == (3, 10, subject.d_model) for a in t.acts.values())
+    assert all(a.shape == (3, 10, subject.site_dim(name)) for name, a in t.acts.items())
+    assert t.acts[f"mlp.neurons.{subject.n_layers - 1}"].shape[-1] > subject.d_model  # the MLP hidden width
 
 
 def test_stop_skips_later_layers_and_unembedding(arch: str) -> None:

@@ -243,7 +243,10 @@ def eval_(
 
 @app.command()
 def atlas(
-    dictionary: Annotated[Path, typer.Argument(help="dictionary folder (SAELens layout)")],
+    dictionary: Annotated[Path | None, typer.Argument(help="dictionary folder (SAELens layout)")] = None,
+    neurons: Annotated[
+        int | None, typer.Option(help="instead: the MLP neurons of this layer (identity dictionary)")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="model (default: the one the dictionary was trained on)")] = None,
     corpus: Annotated[list[Path], typer.Option(help="corpus (default: the default corpus)")] = [],  # noqa: B006
     tokens: Annotated[int, typer.Option(help="tokens to run the dictionary over")] = 1_000_000,
@@ -259,13 +262,22 @@ def atlas(
     from aimri.data.corpus import Corpus
     from aimri.data.default_corpus import default_corpus_path
     from aimri.dictionaries import load_dictionary
+    from aimri.dictionaries.architectures import neuron_dictionary
 
-    sae = load_dictionary(dictionary)
-    subject = aimri.load(model or sae.cfg.model_name or DEFAULT_MODEL)
+    if (dictionary is None) == (neurons is None):
+        raise AimriError("give a dictionary folder or --neurons LAYER (one of the two)")
+    if dictionary is not None:
+        sae = load_dictionary(dictionary)
+        subject = aimri.load(model or sae.cfg.model_name or DEFAULT_MODEL)
+        name, out = dictionary.name, out or dictionary / "atlas.sqlite"
+    else:
+        subject = aimri.load(model or DEFAULT_MODEL)
+        sae = neuron_dictionary(subject, int(neurons or 0))
+        name = f"neurons-{neurons}"
+        out = out or Path("runs") / Path(model or DEFAULT_MODEL).name.removesuffix(".gguf") / f"atlas-{name}.sqlite"
     paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
-    out = out or dictionary / "atlas.sqlite"
     result = build_atlas(sae, subject, Corpus.from_paths(paths), out, tokens=tokens, context=context, top_n=top,
-                         dictionary_name=dictionary.name, progress=not quiet)  # fmt: skip
+                         dictionary_name=name, progress=not quiet)  # fmt: skip
     console.print(f"[green]wrote[/] {out}: {result.n_features:,} features over {result.meta['tokens']:,} tokens")
     if jsonl:
         console.print(f"[green]wrote[/] {result.export_jsonl(jsonl)}")
@@ -309,29 +321,89 @@ def label(
     features: Annotated[
         str, typer.Option(help="ids and ranges (0-99,150) or live:N (first N that fired)")
     ] = "live:100",
-    explainer: Annotated[str, typer.Option(help="statistical (offline, no LLM)")] = "statistical",
-    scorer: Annotated[list[str], typer.Option(help="embedding (offline, MiniLM)")] = ["embedding"],  # noqa: B006
+    explainer: Annotated[
+        str, typer.Option(help="statistical (offline), openai (--endpoint) or hf[:MODEL] (in-process)")
+    ] = "statistical",
+    scorer: Annotated[list[str], typer.Option(help="embedding (offline), detection, fuzzing (LLM-judged)")] = [  # noqa: B006
+        "embedding"
+    ],
+    endpoint: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    ] = None,
+    llm_model: Annotated[str | None, typer.Option(help="model name the endpoint serves")] = None,
+    api_key_env: Annotated[str, typer.Option(help="environment variable holding the API key")] = "OPENAI_API_KEY",
+    concurrency: Annotated[int, typer.Option(help="requests in flight")] = 8,
     seed: Annotated[int, typer.Option()] = 0,
     quiet: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """Label features and score each label on held-out examples, beside a random-label control; resumable."""
-    from aimri.atlas.db import Atlas
-    from aimri.autointerp.explainers import StatisticalExplainer
-    from aimri.autointerp.label import label_features
-    from aimri.autointerp.scorers import EmbeddingScorer
+    import os
 
-    explainers = {"statistical": StatisticalExplainer}
-    scorers = {"embedding": EmbeddingScorer}
-    if explainer not in explainers:
-        raise AimriError(f"unknown explainer {explainer!r}; choose from {', '.join(explainers)}")
+    from aimri.atlas.db import Atlas
+    from aimri.autointerp.explainers import LLMExplainer, StatisticalExplainer
+    from aimri.autointerp.label import label_features
+    from aimri.autointerp.llm import ChatBackend, ChatClient, HFChat
+    from aimri.autointerp.scorers import DetectionScorer, EmbeddingScorer, FuzzingScorer
+    from aimri.paths import aimri_home
+
+    backend: ChatBackend | None = None
+    if explainer == "openai" or {"detection", "fuzzing"} & set(scorer):
+        if endpoint:
+            if not llm_model:
+                raise AimriError("--endpoint needs --llm-model (the model name the server serves)")
+            backend = ChatClient(endpoint, llm_model, api_key=os.environ.get(api_key_env), concurrency=concurrency,
+                                 cache=aimri_home() / "llm-cache.sqlite")  # fmt: skip
+        elif explainer.startswith("hf") or explainer == "statistical":
+            backend = HFChat(explainer.partition(":")[2] or DEFAULT_MODEL)
+        else:
+            raise AimriError("the openai explainer needs --endpoint URL and --llm-model NAME")
+    if explainer == "statistical":
+        chosen = StatisticalExplainer()
+    elif explainer == "openai" or explainer.startswith("hf"):
+        chosen = LLMExplainer(backend or HFChat(explainer.partition(":")[2] or DEFAULT_MODEL))
+    else:
+        raise AimriError(f"unknown explainer {explainer!r}; choose statistical, openai or hf[:MODEL]")
+    made = []
     for name in scorer:
-        if name not in scorers:
-            raise AimriError(f"unknown scorer {name!r}; choose from {', '.join(scorers)}")
+        if name == "embedding":
+            made.append(EmbeddingScorer())
+        elif name in ("detection", "fuzzing") and backend is not None:
+            made.append((DetectionScorer if name == "detection" else FuzzingScorer)(backend))
+        else:
+            raise AimriError(f"unknown scorer {name!r}; choose from embedding, detection, fuzzing")
     atlas = Atlas(atlas_path)
     ids = _feature_list(features, atlas)
-    summary = label_features(atlas, ids, explainers[explainer](), [scorers[n]() for n in scorer], seed=seed,
-                             progress=not quiet)  # fmt: skip
+    summary = label_features(atlas, ids, chosen, made, seed=seed, progress=not quiet)  # type: ignore[arg-type]
+    usage = getattr(backend, "usage", None)
+    if usage is not None:
+        summary["llm"] = {k: getattr(usage, k) for k in ("requests", "cached", "retries", "failures",
+                                                          "prompt_tokens", "completion_tokens", "cost")}  # fmt: skip
+    for feature_id, why in summary["failed"].items():
+        console.print(f"[yellow]feature {feature_id} not labelled[/]: {why}")
     print(json.dumps(summary))
+
+
+@app.command()
+def compare(
+    atlases: Annotated[list[Path], typer.Argument(help="atlas files labelled with the same explainer and scorer")],
+    explainer: Annotated[str, typer.Option()] = "statistical",
+    scorer: Annotated[str, typer.Option()] = "embedding",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Side by side: label scores of (say) MLP neurons and dictionary features, with their controls."""
+    from aimri.atlas.db import Atlas
+    from aimri.autointerp.report import compare_atlases
+
+    rows = compare_atlases([Atlas(p) for p in atlases], explainer, scorer)
+    if as_json:
+        print(json.dumps(rows))
+        return
+    console.print(f"{'atlas':<40} {'n':>5} {scorer:>10} {'control':>8} {'gap':>7} {'95% CI of gap':>17}")
+    for r in rows:
+        console.print(
+            f"{r['atlas']:<40} {r['n']:>5} {r['score']:>10.3f} {r['control']:>8.3f} {r['gap']:>7.3f} "
+            f"  [{r['gap_ci'][0]:.3f}, {r['gap_ci'][1]:.3f}]"
+        )
 
 
 @corpus_app.command("build")

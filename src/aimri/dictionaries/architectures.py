@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from aimri.dictionaries.base import Dictionary, DictionaryConfig, register
+from aimri.dictionaries.base import Dictionary, DictionaryConfig, build, register
 from aimri.errors import AimriError
 
 
@@ -160,3 +162,39 @@ class Crosscoder(BatchTopK):
         codes = torch.zeros_like(acts).flatten().scatter_(0, idx, acts.flatten()[idx]).view_as(acts)
         self._track_thresholds(codes)
         return codes
+
+
+@register("identity")
+class Identity(Dictionary):
+    """A model's own MLP neurons as a dictionary: codes are the positive part of mlp.neurons.L, the
+    decoder is the down-projection (so a neuron's logit effects and neighbours are its output direction).
+    The baseline that sparse dictionaries are compared against."""
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        return x
+
+    def activate(self, pre: Tensor) -> Tensor:
+        return pre.relu()
+
+
+def neuron_dictionary(subject: Any, layer: int) -> Dictionary:
+    """The identity dictionary over layer `layer`'s MLP neurons, decoding through its down-projection."""
+    from aimri.subject.adapters import get_module
+
+    site = f"mlp.neurons.{layer}"
+    width = subject.site_dim(site)
+    down: Any = get_module(subject.layer(layer), subject.adapter.down_proj)
+    weight = down.weight.detach().float()
+    W_dec = weight if subject.adapter.o_proj_is_conv1d else weight.T  # [width, d_model]
+    cfg = DictionaryConfig(
+        "identity", width, width, d_out=subject.d_model, site=site, site_out=f"mlp.out.{layer}",
+        model_name=subject.name, model_revision=subject.revision, apply_b_dec_to_input=False,
+    )  # fmt: skip
+    neurons = build(cfg)
+    with torch.no_grad():
+        neurons.W_enc.copy_(torch.eye(width))
+        neurons.b_enc.zero_()
+        neurons.W_dec.copy_(W_dec)
+        bias = getattr(down, "bias", None)
+        neurons.b_dec.copy_(bias.detach().float() if bias is not None else torch.zeros(subject.d_model))
+    return neurons.eval()

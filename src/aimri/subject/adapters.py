@@ -29,6 +29,7 @@ class Adapter:
     mlp: str = "mlp"
     attn_out: str | None = None
     mlp_out: str | None = None
+    down_proj: str = "mlp.down_proj"  # its input is the MLP's neurons (site mlp.neurons.L)
     o_proj_is_conv1d: bool = False  # GPT-2's Conv1D stores weight as [in, out]
 
     @property
@@ -63,8 +64,12 @@ ADAPTERS: dict[str, Adapter] = {
         attn_out="post_attention_layernorm",
         mlp_out="post_feedforward_layernorm",
     ),
-    "gpt2": Adapter(layers="transformer.h", attn="attn", o_proj="attn.c_proj", o_proj_is_conv1d=True),
-    "gpt_neox": Adapter(layers="gpt_neox.layers", attn="attention", o_proj="attention.dense"),
+    "gpt2": Adapter(
+        layers="transformer.h", attn="attn", o_proj="attn.c_proj", down_proj="mlp.c_proj", o_proj_is_conv1d=True
+    ),
+    "gpt_neox": Adapter(
+        layers="gpt_neox.layers", attn="attention", o_proj="attention.dense", down_proj="mlp.dense_4h_to_h"
+    ),
 }
 
 

@@ -63,8 +63,13 @@ class Subject:
         return all_site_names(self.n_layers)
 
     def site_dim(self, name: str | Site) -> int:
-        """Width of a site's activations (every site lives in the residual basis)."""
-        self.site(name)
+        """Width of a site's activations: the MLP's hidden width for mlp.neurons, else the residual's."""
+        if self.site(name).kind == "mlp.neurons":
+            return int(
+                getattr(self.config, "intermediate_size", None)
+                or getattr(self.config, "n_inner", None)
+                or 4 * self.d_model
+            )
         return self.d_model
 
     def tap(

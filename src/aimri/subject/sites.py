@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 from aimri.errors import SiteError
 
-KINDS = ("resid", "attn.out", "mlp.in", "mlp.out")
+KINDS = ("resid", "attn.out", "mlp.in", "mlp.neurons", "mlp.out")
 # Order of sites inside one block, used to find the deepest site a tap needs.
-_RANK = {"attn.head": 0.0, "attn.out": 0.5, "mlp.in": 1.0, "mlp.out": 2.0, "resid": 3.0}
-_PATTERN = re.compile(r"^(resid|attn\.out|mlp\.in|mlp\.out)\.(-?\d+)(?:\.h(\d+))?$")
+_RANK = {"attn.head": 0.0, "attn.out": 0.5, "mlp.in": 1.0, "mlp.neurons": 1.5, "mlp.out": 2.0, "resid": 3.0}
+_PATTERN = re.compile(r"^(resid|attn\.out|mlp\.in|mlp\.neurons|mlp\.out)\.(-?\d+)(?:\.h(\d+))?$")
 
 
 @dataclass(frozen=True, order=True)
@@ -53,7 +53,7 @@ def parse_site(name: str, n_layers: int, n_heads: int) -> Site:
         near = difflib.get_close_matches(name, all_site_names(n_layers), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(near)}?" if near else ""
         raise SiteError(
-            f"unknown site {name!r}: sites are resid.L, attn.out.L[.hN], mlp.in.L, mlp.out.L "
+            f"unknown site {name!r}: sites are resid.L, attn.out.L[.hN], mlp.in.L, mlp.neurons.L, mlp.out.L "
             f"with L in 0..{n_layers - 1} (resid.-1 = embeddings).{hint}"
         )
     kind, layer_s, head_s = match.groups()

@@ -123,6 +123,8 @@ class Tap:
                 self._post_hook(subj.layer(site.layer), site)
             elif site.kind == "mlp.in":
                 self._pre_hook(get_module(subj.layer(site.layer), subj.adapter.mlp), site)
+            elif site.kind == "mlp.neurons":
+                self._pre_hook(get_module(subj.layer(site.layer), subj.adapter.down_proj), site)
             elif site.kind == "mlp.out":
                 self._post_hook(get_module(subj.layer(site.layer), subj.adapter.mlp_out_module), site)
             elif site.head is None:
