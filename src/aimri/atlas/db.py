@@ -57,6 +57,8 @@ class Atlas:
                         raise AimriError(f"{self.path} is not an atlas (not an SQLite file)")
             except OSError as err:
                 raise AimriError(f"cannot read {self.path}: {err}") from err
+        if _create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path)
         if _create:
             self.db.executescript(SCHEMA)
