@@ -72,7 +72,7 @@ def test_planted_token_detector_is_found(planted) -> None:
         assert ex["peak"] == pytest.approx(expected_peak, rel=1e-2)
         assert all((a > 0) == (t == word) for a, t in zip(ex["acts"], ex["tokens"], strict=True) if t != "<s>")
     for ex in atlas.examples(0, "negative"):
-        assert max(ex["acts"]) == 0 and word not in ex["tokens"][1:]
+        assert max(ex["acts"]) < 0.05 * expected_peak and word not in ex["tokens"][1:]
     samples = atlas.examples(0, "sample")
     assert 0 < len(samples) <= 8 and sorted(s["quantile"] for s in samples) == [s["quantile"] for s in samples]
     dead = atlas.card(3)

@@ -93,18 +93,24 @@ def decoder_neighbours(dictionary: Dictionary, n: int = 10) -> list[list]:
 
 
 def cofiring(mined: Mined, n: int = 10) -> list[list]:
-    """Per feature, the features most often firing on the same tokens (Jaccard index)."""
+    """Per feature, the features most often firing on the same tokens (Jaccard index); empty lists when
+    the dictionary was too wide to count pairs (over 16384 features)."""
     F = len(mined.fires)
-    c = mined.cofire.coalesce()
-    rows, cols = c.indices().numpy()
-    counts = c.values().numpy().astype(np.float64)
-    diag = np.zeros(F)
-    on_diag = rows == cols
-    diag[rows[on_diag]] = counts[on_diag]
-    off = ~on_diag
-    rows, cols, counts = rows[off], cols[off], counts[off]
-    jaccard = counts / np.maximum(diag[rows] + diag[cols] - counts, 1)
-    return _top_per_row(rows, cols, jaccard, F, n)
+    if mined.cofire is None:
+        return [[] for _ in range(F)]
+    counts = mined.cofire.double()
+    diag = counts.diagonal().clone()
+    out = []
+    for start in range(0, F, 1024):
+        block = counts[start : start + 1024]
+        jaccard = block / (diag[start : start + 1024, None] + diag[None, :] - block).clamp_min(1)
+        jaccard[torch.arange(len(block)), torch.arange(start, start + len(block))] = 0
+        v, i = jaccard.topk(min(n, F - 1), dim=1)
+        out += [
+            [[int(a), round(float(b), 4)] for a, b in zip(ii, vv, strict=True) if b > 0]
+            for ii, vv in zip(i, v, strict=True)
+        ]
+    return out
 
 
 def build_atlas(
@@ -177,30 +183,36 @@ def _write(atlas: Atlas, mined: Mined, dictionary: Dictionary, subject: Subject,
         ],
     )  # fmt: skip
     rng = np.random.default_rng(seed)
-    used: set[int] = set()
-    rows = []
+    feats, wins, kinds, ranks, quants = [], [], [], [], []
+    negative_pool = rng.integers(0, mined.windows, size=(F, 3 * negatives))
+    pool_acts = mined.example_acts(np.repeat(np.arange(F), 3 * negatives), negative_pool.reshape(-1))
+    # negatives: windows where the feature stays under 5% of its largest activation (for a sparse feature:
+    # never fires; a dense MLP neuron is positive somewhere in almost every window)
+    pool_fired = pool_acts.reshape(F, 3 * negatives, -1).max(-1) > 0.05 * mined.act_max.numpy()[:, None]
     for f in range(F):
         top = mined.top_win[f][torch.isfinite(mined.top_act[f]) & (mined.top_act[f] > 0)].numpy()
         valid = mined.sample_win[f] >= 0
-        sample_win, sample_act = mined.sample_win[f][valid].numpy(), mined.sample_act[f][valid].numpy()
-        order = np.argsort(sample_act)
-        sample_win = sample_win[order]
-        deciles = (np.arange(len(sample_win)) * 10 // max(len(sample_win), 1)).astype(int)
-        candidates = rng.choice(mined.windows, size=min(mined.windows, 3 * negatives), replace=False)
-        cand_acts = mined.token_acts(f, candidates)
-        neg = candidates[cand_acts.max(1) <= 0][:negatives]
-        wins = np.concatenate([top, sample_win, neg]).astype(np.int64)
-        acts = mined.token_acts(f, wins) if len(wins) else np.zeros((0, mined.context))
-        kinds = ["top"] * len(top) + ["sample"] * len(sample_win) + ["negative"] * len(neg)
-        ranks = list(range(len(top))) + list(range(len(sample_win))) + list(range(len(neg)))
-        quants = [None] * len(top) + deciles.tolist() + [None] * len(neg)
-        for kind, rank, q, w, a in zip(kinds, ranks, quants, wins, acts, strict=True):
-            rows.append((f, kind, rank, q, int(w), float(a.max(initial=0.0)), a.astype(np.float16).tobytes()))
-            used.add(int(w))
-        if len(rows) > 100_000:
-            atlas.db.executemany("INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-            rows = []
-    atlas.db.executemany("INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        sample_win = mined.sample_win[f][valid].numpy()[np.argsort(mined.sample_act[f][valid].numpy())]
+        deciles = (np.arange(len(sample_win)) * 10 // max(len(sample_win), 1)).tolist()
+        neg = np.unique(negative_pool[f][~pool_fired[f]])[:negatives]
+        for kind, chosen, q in (("top", top, [None] * len(top)), ("sample", sample_win, deciles),
+                                ("negative", neg, [None] * len(neg))):  # fmt: skip
+            feats += [f] * len(chosen)
+            wins += chosen.tolist()
+            kinds += [kind] * len(chosen)
+            ranks += list(range(len(chosen)))
+            quants += q
+    acts = mined.example_acts(np.asarray(feats, np.int64), np.asarray(wins, np.int64))
+    peaks = acts.max(1, initial=0.0)
+    half = acts.astype(np.float16)
+    atlas.db.executemany(
+        "INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            (feats[i], kinds[i], ranks[i], quants[i], wins[i], float(peaks[i]), half[i].tobytes())
+            for i in range(len(feats))
+        ),
+    )
+    used = set(wins)
     ids = mined.window_ids()
     atlas.db.executemany(
         "INSERT INTO windows VALUES (?, ?)", [(w, json.dumps([vocab[i] for i in ids[w]])) for w in sorted(used)]

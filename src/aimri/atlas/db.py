@@ -10,8 +10,9 @@ Schema
              neighbours TEXT, cofiring TEXT)          JSON [[feature, cosine | jaccard], ...]
     windows(id INTEGER PRIMARY KEY, tokens TEXT)      JSON token strings of one context window
     examples(feature, kind, rank, quantile, window, peak, acts BLOB)
-                                                      kind: top | sample | negative; acts: float16 per
-                                                      token of the window; index on (feature, kind)
+                                                      kind: top | sample | negative (peak under 5% of
+                                                      the feature's max); acts: float16 per token of the
+                                                      window; index on (feature, kind)
     labels(feature, explainer, label, scores TEXT, created REAL, PRIMARY KEY (feature, explainer))
 """
 

@@ -8,7 +8,6 @@ per-token activations of the chosen examples can be read back at the end.
 from __future__ import annotations
 
 import itertools
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +40,7 @@ class Mined:
     top_win: Tensor  # [F, N]
     sample_act: Tensor  # [F, R] peak activation of reservoir-sampled activating windows
     sample_win: Tensor  # [F, R] (-1: empty)
-    cofire: Tensor  # sparse [F, F] co-firing token counts (on the first `cofire_tokens` tokens)
+    cofire: Tensor | None  # dense [F, F] int32 co-firing token counts (first `cofire_tokens` tokens; F <= 16384)
     cofire_tokens: int
     ids_path: Path  # [windows, context] int32 token ids
     codes_path: Path  # [windows, context, k] (int32 index, float16 value) per token
@@ -56,6 +55,18 @@ class Mined:
         idx = np.memmap(self.codes_path, dtype=np.int32, mode="r", shape=shape)
         val = np.memmap(self.codes_path.with_suffix(".val"), dtype=np.float16, mode="r", shape=shape)
         return idx, val
+
+    def example_acts(self, features: np.ndarray, windows: np.ndarray, chunk: int = 8192) -> np.ndarray:
+        """[n, context]: the activation of features[i] on every token of windows[i], for many pairs at once."""
+        idx, val = self.window_codes()
+        out = np.zeros((len(features), self.context), np.float32)
+        order = np.argsort(windows, kind="stable")  # memmap reads in file order
+        for start in range(0, len(order), chunk):
+            sel = order[start : start + chunk]
+            w = windows[sel]
+            hit = idx[w] == features[sel][:, None, None]
+            out[sel] = np.where(hit, val[w].astype(np.float32), 0.0).sum(-1)
+        return out
 
     def token_acts(self, feature: int, windows: np.ndarray) -> np.ndarray:
         """[len(windows), context] activations of `feature` on every token of those windows."""
@@ -88,7 +99,7 @@ def mine(
     top_n: int = 20,
     reservoir: int = 64,
     cofire_tokens: int = 200_000,
-    k_stored: int = 64,
+    k_stored: int | None = None,
     seed: int = 0,
     sink_ratio: float = 20.0,
     progress: bool = True,
@@ -98,16 +109,12 @@ def mine(
     if subject.site_dim(site) != cfg.d_in:
         raise AimriError(f"{site} is {subject.site_dim(site)} wide; the dictionary expects d_in={cfg.d_in}")
     F = cfg.d_sae
-    k_stored = min(k_stored, F)
     packing = Packing.for_tokenizer(subject.tokenizer, context)
     n_windows = max(1, tokens // context)
     workdir.mkdir(parents=True, exist_ok=True)
     ids_path, codes_path = workdir / "windows.i32", workdir / "codes.idx"
     ids_mm = np.memmap(ids_path, dtype=np.int32, mode="w+", shape=(n_windows, context))
-    idx_mm = np.memmap(codes_path, dtype=np.int32, mode="w+", shape=(n_windows, context, k_stored))
-    val_mm = np.memmap(
-        codes_path.with_suffix(".val"), dtype=np.float16, mode="w+", shape=(n_windows, context, k_stored)
-    )
+    idx_mm = val_mm = None  # sized at the first batch, from its L0
     gen = torch.Generator().manual_seed(seed)
     fires = torch.zeros(F, dtype=torch.int64)
     act_sum, act_max = torch.zeros(F, dtype=torch.float64), torch.zeros(F)
@@ -115,9 +122,7 @@ def mine(
     top_act, top_win = torch.full((F, top_n), -float("inf")), torch.full((F, top_n), -1, dtype=torch.int64)
     keys = torch.full((F, reservoir), -float("inf"))
     sample_act, sample_win = torch.zeros(F, reservoir), torch.full((F, reservoir), -1, dtype=torch.int64)
-    cofire = torch.sparse_coo_tensor(
-        torch.zeros(2, 0, dtype=torch.int64), torch.zeros(0), (F, F), check_invariants=False
-    )
+    cofire = torch.zeros(F * F, dtype=torch.int32) if F <= 16384 else None
     seen_tokens = cofire_seen = done = 0
     dictionary.eval()
     windows = pack(corpus, subject.tokenizer, packing)
@@ -135,8 +140,14 @@ def mine(
             if not torch.isfinite(codes).all():
                 raise AimriError(f"the dictionary produced NaN/inf codes at windows {done}..{done + B}")
             win = torch.arange(done, done + B)
-            # per token: the k largest codes, stored for reading examples back
-            top_vals, top_idx = codes.topk(k_stored, dim=-1)
+            if idx_mm is None or val_mm is None:  # per token, the k largest codes are kept for the examples:
+                # enough for every firing code at this batch's largest L0 (up to 512)
+                most = int((codes > 0).sum(-1).max())
+                k_stored = k_stored or min(F, max(64, 1 << max(0, most - 1).bit_length()), 512)
+                shape = (n_windows, context, k_stored)
+                idx_mm = np.memmap(codes_path, dtype=np.int32, mode="w+", shape=shape)
+                val_mm = np.memmap(codes_path.with_suffix(".val"), dtype=np.float16, mode="w+", shape=shape)
+            top_vals, top_idx = codes.topk(int(k_stored or F), dim=-1)
             ids_mm[done : done + B] = ids.numpy()
             idx_mm[done : done + B] = top_idx.int().numpy()
             val_mm[done : done + B] = top_vals.clamp_min(0).half().numpy()
@@ -157,22 +168,23 @@ def mine(
             sample_act = torch.cat([sample_act, peak], 1).gather(1, where)
             sample_win = torch.cat([sample_win, win.expand(F, B)], 1).gather(1, where)
             sample_win[~torch.isfinite(keys)] = -1
-            if cofire_seen < cofire_tokens:
-                rows = active.reshape(B * context, F)[valid.reshape(-1)]
-                pairs = rows.to_sparse().float()
-                with warnings.catch_warnings():  # "sparse support is in beta": sparse x sparse is well covered
-                    warnings.simplefilter("ignore")
-                    cofire = (cofire + torch.sparse.mm(pairs.t(), pairs)).coalesce()
-                cofire_seen += len(rows)
+            if cofire is not None and cofire_seen < cofire_tokens:  # pairs of firing codes on each token
+                keep = valid.reshape(-1)
+                on = top_vals.reshape(B * context, -1)[keep] > 0
+                idx = top_idx.reshape(B * context, -1)[keep]
+                both = on[:, :, None] & on[:, None, :]
+                flat = (idx[:, :, None] * F + idx[:, None, :])[both]
+                cofire.index_add_(0, flat, torch.ones(len(flat), dtype=torch.int32))
+                cofire_seen += int(keep.sum())
             seen_tokens += int(valid.sum())
             done += B
             bar.update(task, advance=B, rate=f"{seen_tokens:,} tokens")
-    if done == 0:
+    if done == 0 or idx_mm is None or val_mm is None or k_stored is None:
         raise AimriError("the corpus yields no windows; check the corpus paths")
     for mm in (ids_mm, idx_mm, val_mm):
         mm.flush()
     return Mined(
         tokens=seen_tokens, windows=done, context=context, fires=fires, act_sum=act_sum, act_max=act_max,
         hist=hist, top_act=top_act, top_win=top_win, sample_act=sample_act, sample_win=sample_win,
-        cofire=cofire, cofire_tokens=cofire_seen, ids_path=ids_path, codes_path=codes_path, k_stored=k_stored,
+        cofire=None if cofire is None else cofire.view(F, F), cofire_tokens=cofire_seen, ids_path=ids_path, codes_path=codes_path, k_stored=k_stored,
     )  # fmt: skip
