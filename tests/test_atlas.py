@@ -133,6 +133,12 @@ def test_cli_atlas_on_a_saved_dictionary(tiny_lm_dir: str, tmp_path: Path) -> No
     atlas = Atlas(tmp_path / "sae" / "atlas.sqlite")
     assert atlas.meta["site"] == "resid.1" and atlas.meta["tokens"] > 0
     assert len((tmp_path / "f.jsonl").read_text().splitlines()) == 32
+    card = [sys.executable, "-m", "aimri.cli", "feature", str(tmp_path / "sae" / "atlas.sqlite"), "1", "--json"]
+    assert subprocess.run([*card, "--dictionary", str(tmp_path / "sae")], capture_output=True).returncode == 0
+    other = build(DictionaryConfig("topk", subject.d_model, 32, k=4, site="resid.1"))
+    save_dictionary(other, tmp_path / "other")
+    wrong = subprocess.run([*card, "--dictionary", str(tmp_path / "other")], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "another dictionary" in wrong.stderr
 
 
 def test_statistical_label_names_the_planted_token_and_scores_above_control(planted, tmp_path: Path) -> None:

@@ -288,13 +288,18 @@ def feature(
     atlas_path: Annotated[Path, typer.Argument(metavar="ATLAS", help="atlas file made by `mri atlas`")],
     index: Annotated[int, typer.Argument(metavar="ID", help="feature index")],
     examples: Annotated[int, typer.Option(help="top examples to show")] = 5,
+    dictionary: Annotated[Path | None, typer.Option(help="check the atlas was built from this dictionary")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the card as one JSON object")] = False,
 ) -> None:
     """Print a feature card: label, score, density, top examples (activating tokens highlighted), logits."""
     from aimri.atlas.card import render_card
     from aimri.atlas.db import Atlas
+    from aimri.dictionaries import load_dictionary
 
-    card = Atlas(atlas_path).card(index, n_top=examples)
+    atlas = Atlas(atlas_path)
+    if dictionary is not None:
+        atlas.check_dictionary(load_dictionary(dictionary))
+    card = atlas.card(index, n_top=examples)
     if as_json:
         print(json.dumps(card))
     else:

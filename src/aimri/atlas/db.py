@@ -93,6 +93,17 @@ class Atlas:
         if not 0 <= feature < self.n_features:
             raise AimriError(f"feature {feature} is out of range: this atlas has features 0..{self.n_features - 1}")
 
+    def check_dictionary(self, dictionary: Any) -> None:
+        """Refuse to read this atlas as describing another dictionary (weights hashed at build time)."""
+        from aimri.atlas.build import dictionary_sha
+
+        built, given = self.meta.get("dictionary_sha"), dictionary_sha(dictionary)
+        if built != given:
+            raise AimriError(
+                f"{self.path} was built from another dictionary ({self.meta.get('dictionary_name')}, weights "
+                f"{built}) than the one given (weights {given}); rebuild it with `mri atlas`"
+            )
+
     def examples(self, feature: int, kind: str) -> list[dict[str, Any]]:
         rows = self.db.execute(
             "SELECT e.rank, e.quantile, e.window, e.peak, e.acts, w.tokens FROM examples e "
