@@ -224,3 +224,30 @@ def test_neuron_atlas_label_and_compare_cli(tiny_lm_dir: str, tmp_path: Path) ->
         [*cli, "label", str(tmp_path / "n.sqlite"), "--features", "a-b"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "--features" in bad.stderr
+
+
+def test_simulation_scorer_reads_digit_probabilities(planted, tiny_lm_dir: str) -> None:
+    from aimri.autointerp.examples import split_examples
+    from aimri.autointerp.llm import HFChat
+    from aimri.autointerp.scorers import SimulationScorer, _pearson
+
+    atlas, *_ = planted
+    from aimri.autointerp.examples import Example, FeatureExamples
+
+    scorer = SimulationScorer(HFChat(tiny_lm_dir), per_class=2)
+    scorer.subject.context_length = 256  # declared 128; RoPE runs longer, and the prompt alone is ~140 here
+    full = split_examples(atlas, 0)
+
+    def short(ex: Example) -> Example:  # the tiny model's context is 128 tokens
+        at = max(0, ex.peak_index - 3)
+        return Example(ex.tokens[at : at + 6], ex.acts[at : at + 6], ex.peak)
+
+    examples = FeatureExamples(0, [], [short(e) for e in full.score_active], [short(e) for e in full.score_inactive])
+    predicted = scorer._predict("a token", examples.score_active[0])
+    assert len(predicted) == len(examples.score_active[0].tokens) and all(0 <= p <= 9 for p in predicted)
+    (score,) = scorer.score_many([("a token", examples)])
+    assert isinstance(score, float) and -1 <= score <= 1
+    scorer.subject.context_length = 128
+    (too_long,) = scorer.score_many([("a token", full)])
+    assert isinstance(too_long, AimriError) and "exceeds the model's context" in str(too_long)
+    assert _pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0) and _pearson([1, 1], [0, 1]) != _pearson([1, 1], [0, 1])

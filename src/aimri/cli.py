@@ -329,7 +329,10 @@ def label(
     explainer: Annotated[
         str, typer.Option(help="statistical (offline), openai (--endpoint) or hf[:MODEL] (in-process)")
     ] = "statistical",
-    scorer: Annotated[list[str], typer.Option(help="embedding (offline), detection, fuzzing (LLM-judged)")] = [  # noqa: B006
+    scorer: Annotated[
+        list[str],
+        typer.Option(help="embedding (offline), detection, fuzzing (LLM-judged), simulation (in-process model)"),
+    ] = [  # noqa: B006
         "embedding"
     ],
     endpoint: Annotated[
@@ -348,11 +351,11 @@ def label(
     from aimri.autointerp.explainers import LLMExplainer, StatisticalExplainer
     from aimri.autointerp.label import label_features
     from aimri.autointerp.llm import ChatBackend, ChatClient, HFChat
-    from aimri.autointerp.scorers import DetectionScorer, EmbeddingScorer, FuzzingScorer
+    from aimri.autointerp.scorers import DetectionScorer, EmbeddingScorer, FuzzingScorer, SimulationScorer
     from aimri.paths import aimri_home
 
     backend: ChatBackend | None = None
-    if explainer == "openai" or {"detection", "fuzzing"} & set(scorer):
+    if explainer == "openai" or {"detection", "fuzzing", "simulation"} & set(scorer):
         if endpoint:
             if not llm_model:
                 raise AimriError("--endpoint needs --llm-model (the model name the server serves)")
@@ -374,6 +377,8 @@ def label(
             made.append(EmbeddingScorer())
         elif name in ("detection", "fuzzing") and backend is not None:
             made.append((DetectionScorer if name == "detection" else FuzzingScorer)(backend))
+        elif name == "simulation":
+            made.append(SimulationScorer(backend if isinstance(backend, HFChat) else HFChat(DEFAULT_MODEL)))
         else:
             raise AimriError(f"unknown scorer {name!r}; choose from embedding, detection, fuzzing")
     atlas = Atlas(atlas_path)

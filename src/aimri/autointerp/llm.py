@@ -178,6 +178,15 @@ class ChatClient:
         return asyncio.run(run())
 
 
+def chat_ids(tokenizer: Any, messages: Messages) -> list[int]:
+    """Token ids of a chat prompt ending where the assistant speaks: the model's chat template, or plain
+    "Role: text" lines for a base model without one."""
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+    return list(tokenizer(text)["input_ids"])
+
+
 class HFChat:
     """A Hugging Face chat model in this process (greedy decoding), e.g. the embedded SmolLM2."""
 
@@ -194,16 +203,17 @@ class HFChat:
         tok = self.subject.tokenizer
         out: list[Any] = []
         for messages, check in zip(prompts, _parsers(parse, len(prompts)), strict=True):
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            prompt = torch.tensor([chat_ids(tok, messages)])
             model: Any = self.subject.model
             with torch.no_grad():
                 generated = model.generate(
-                    **ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id
-                )
-            new = generated[0, ids["input_ids"].shape[1] :]
+                    input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_tokens,
+                    do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                )  # fmt: skip
+            new = generated[0, prompt.shape[1] :]
             text = tok.decode(new, skip_special_tokens=True)
             self.usage.requests += 1
-            self.usage.prompt_tokens += int(ids["input_ids"].shape[1])
+            self.usage.prompt_tokens += int(prompt.shape[1])
             self.usage.completion_tokens += len(new)
             try:
                 out.append(check(text) if check else text)

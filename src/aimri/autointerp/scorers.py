@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Protocol
+from typing import Any, Protocol
 
 from aimri.autointerp.embedder import Embedder, default_embedder
 from aimri.autointerp.examples import FeatureExamples
-from aimri.autointerp.llm import ChatBackend
+from aimri.autointerp.llm import ChatBackend, chat_ids
+from aimri.errors import AimriError
 
 
 def auroc(positive: list[float], negative: list[float]) -> float:
@@ -148,4 +149,77 @@ class FuzzingScorer(_JudgedScorer):
             n = max(1, sum(a > 0 for a in ex.acts))
             fake = set(rng.sample(range(len(ex.tokens)), min(n, len(ex.tokens))))
             out.append(("".join(f"<<{t}>>" if i in fake else t for i, t in enumerate(ex.tokens)), 0))
+        return out
+
+
+def _pearson(a: list[float], b: list[float]) -> float:
+    n = len(a)
+    if n < 2:
+        return float("nan")
+    ma, mb = sum(a) / n, sum(b) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True))
+    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
+    return cov / (va * vb) ** 0.5 if va > 0 and vb > 0 else float("nan")
+
+
+class SimulationScorer:
+    """OpenAI-style simulation: given only the label, a model predicts each token's activation (0-9); the
+    score is the correlation of its expected prediction (from the digit probabilities, so it needs a
+    backend that exposes them: an in-process HF model) with the true activations, over held-out active and
+    inactive examples. One forward pass per example: every token is followed by a tab, the prediction is
+    read at the tab, and "0" is written after it (teacher forcing; most tokens are 0)."""
+
+    name = "simulation"
+
+    def __init__(self, backend: Any, per_class: int = 3) -> None:
+        if not hasattr(backend, "subject"):
+            raise AimriError(
+                "the simulation scorer needs token probabilities: use an in-process model (--explainer hf)"
+            )
+        self.subject, self.per_class = backend.subject, per_class
+        tok = self.subject.tokenizer
+        self.digits = [tok.encode(str(d), add_special_tokens=False) for d in range(10)]
+        if any(len(d) != 1 for d in self.digits):
+            raise AimriError("the simulation scorer needs a tokenizer with single-token digits 0-9")
+
+    def _predict(self, label: str, example: Any) -> list[float]:
+        import torch
+
+        tok = self.subject.tokenizer
+        messages = [
+            {"role": "system", "content": "Predict how strongly a language-model feature fires on each token, "
+             "from 0 (not at all) to 9 (strongly). Each line is a token, a tab, and your number."},
+            {"role": "user", "content": f"The feature: {label}"},
+        ]  # fmt: skip
+        ids = chat_ids(tok, messages)
+        at = []
+        zero = tok.encode("0\n", add_special_tokens=False)
+        for token in example.tokens:
+            ids += tok.encode(token.replace("\n", "\\n") + "\t", add_special_tokens=False)
+            at.append(len(ids) - 1)
+            ids += zero
+        if len(ids) > self.subject.context_length:
+            raise AimriError(f"a simulation prompt of {len(ids)} tokens exceeds the model's context")
+        with torch.no_grad():
+            logits = self.subject.run(torch.tensor([ids]), stop=False)["logits"][0]
+        digit_ids = torch.tensor([d[0] for d in self.digits])
+        probs = logits[at][:, digit_ids].softmax(-1)
+        return (probs @ torch.arange(10.0)).tolist()
+
+    def score(self, label: str, examples: FeatureExamples) -> float:
+        chosen = examples.score_active[: self.per_class] + examples.score_inactive[: self.per_class]
+        predicted, true = [], []
+        top = max((max(ex.acts, default=0.0) for ex in chosen), default=0.0) or 1.0
+        for ex in chosen:
+            predicted += self._predict(label, ex)
+            true += [9 * max(0.0, a) / top for a in ex.acts]
+        return _pearson(predicted, true)
+
+    def score_many(self, items: list[tuple[str, FeatureExamples]]) -> list[float | Exception]:
+        out: list[float | Exception] = []
+        for label, examples in items:
+            try:
+                out.append(self.score(label, examples))
+            except AimriError as err:
+                out.append(err)
         return out
