@@ -68,16 +68,6 @@ class Mined:
             out[sel] = np.where(hit, val[w].astype(np.float32), 0.0).sum(-1)
         return out
 
-    def token_acts(self, feature: int, windows: np.ndarray) -> np.ndarray:
-        """[len(windows), context] activations of `feature` on every token of those windows."""
-        idx, val = self.window_codes()
-        order = np.argsort(windows)
-        sel_idx, sel_val = idx[windows[order]], val[windows[order]].astype(np.float32)
-        acts = np.where(sel_idx == feature, sel_val, 0.0).sum(-1)
-        out = np.empty_like(acts)
-        out[order] = acts
-        return out
-
 
 def _merge_top(vals: Tensor, refs: Tensor, new_vals: Tensor, new_refs: Tensor) -> tuple[Tensor, Tensor]:
     """Keep each row's N largest of (vals ++ new_vals), with their refs."""

@@ -83,7 +83,6 @@ class TopKAutoencode(torch.autograd.Function):
         if grad_recon is None:
             return (None,) * 8
         grad_recon = grad_recon.contiguous()
-        enc_t = W_enc.t().contiguous()  # free when W_enc is stored transposed
         pattern = LatentIndex(idx, W_dec.shape[0])
         grad_W_dec = pattern.matmul(vals, grad_recon) if ctx.needs_input_grad[3] else None
         grad_pre_vals = _row_dots(idx, W_dec, grad_recon) * (vals > 0)
@@ -96,6 +95,7 @@ class TopKAutoencode(torch.autograd.Function):
             grad_b_dec = grad_b_dec - W_enc @ grad_b_enc
         grad_x = None
         if ctx.needs_input_grad[0]:
+            enc_t = W_enc.t().contiguous()  # free when W_enc is stored latent-major
             grad_x = F.embedding_bag(idx, enc_t, per_sample_weights=grad_pre_vals, mode="sum")
         return grad_x, grad_enc_t.t(), grad_b_enc, grad_W_dec, grad_b_dec, None, None, None
 
