@@ -170,3 +170,89 @@ def test_label_run_on_a_real_server_reports_every_feature(served, tiny_lm_dir: s
     for f in labelled:
         scores = atlas.card(f)["labels"][0]["scores"]
         assert "detection" in scores and "detection_control" in scores
+
+
+class _EchoLogprobs(http.server.BaseHTTPRequestHandler):
+    """/v1/completions with `echo` and `logprobs`, as vLLM answers it, computed by a real (tiny) model."""
+
+    subject: ClassVar[object] = None
+
+    def do_POST(self) -> None:
+        import torch
+
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        tok = self.subject.tokenizer  # type: ignore[attr-defined]
+        enc = tok(body["prompt"], return_offsets_mapping=True, add_special_tokens=False)
+        with torch.no_grad():
+            logits = self.subject.run(torch.tensor([enc["input_ids"]]), stop=False)["logits"][0]  # type: ignore[attr-defined]
+        logp = logits.log_softmax(-1)
+        top: list[dict[str, float] | None] = [None]
+        for row in logp[:-1]:
+            values, ids = row.topk(body["logprobs"])
+            top.append({tok.decode([int(i)]): float(v) for v, i in zip(values, ids, strict=True)})
+        reply = {"choices": [{"text": body["prompt"], "logprobs": {
+            "tokens": [tok.decode([i]) for i in enc["input_ids"]], "top_logprobs": top,
+            "text_offset": [start for start, _ in enc["offset_mapping"]]}}]}  # fmt: skip
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_simulation_over_http_reads_prompt_logprobs(tiny_lm_dir: str, tmp_path: Path) -> None:
+    """Digit expectations from an endpoint's prompt logprobs equal the same model's exact digit
+    probabilities at the slots where the digits are written."""
+    import torch
+
+    import aimri
+    from aimri.autointerp.examples import FeatureExamples
+    from aimri.autointerp.scorers import SimulationScorer
+
+    subject = aimri.load(tiny_lm_dir)
+    subject.context_length = 256  # declared 128; RoPE runs longer, and the task line alone is ~130 here
+    handler = type("Handler", (_EchoLogprobs,), {"subject": subject})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = ChatClient(f"http://127.0.0.1:{server.server_address[1]}/v1", "tiny", cache=tmp_path / "c.sqlite")
+        vocab = len(subject.tokenizer)
+        scorer = SimulationScorer(client, per_class=1, top_logprobs=vocab)
+        example = Example(["The", " keeper", " sat"], [0.0, 2.0, 0.0], 2.0)
+        predicted = scorer._predict("goalkeepers", example)
+        assert len(predicted) == 3
+        from aimri.autointerp.scorers import _SIMULATION_TASK, _line
+
+        text, slots = f"{_SIMULATION_TASK}\nThe feature: goalkeepers\n", []
+        for token in example.tokens:
+            text += _line(token)
+            slots.append(len(text))
+            text += "0\n"
+        enc = subject.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+        starts = [s for s, _ in enc["offset_mapping"]]
+        with torch.no_grad():
+            logits = subject.run(torch.tensor([enc["input_ids"]]), stop=False)["logits"][0]
+        digits = torch.tensor([subject.tokenizer.encode(str(d), add_special_tokens=False)[0] for d in range(10)])
+        expected = [float(logits[starts.index(s) - 1, digits].softmax(-1) @ torch.arange(10.0)) for s in slots]
+        assert predicted == pytest.approx(expected, abs=1e-4)
+        (score,) = scorer.score_many([("goalkeepers", FeatureExamples(0, [], [example], [example]))])
+        assert isinstance(score, float)
+        assert client.usage.cached >= 1  # the same prompt again came from the cache
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.integration
+def test_simulation_on_an_endpoint_without_prompt_logprobs_says_so(served) -> None:
+    from aimri.autointerp.examples import FeatureExamples
+    from aimri.autointerp.scorers import SimulationScorer
+
+    url, model = served
+    scorer = SimulationScorer(ChatClient(url, model, retries=0), per_class=1)
+    example = Example(["a", " b"], [0.0, 1.0], 1.0)
+    (result,) = scorer.score_many([("b", FeatureExamples(0, [], [example], [example]))])
+    assert isinstance(result, LLMError) and "prompt log-probabilities" in str(result), result

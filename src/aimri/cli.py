@@ -331,7 +331,10 @@ def label(
     ] = "statistical",
     scorer: Annotated[
         list[str],
-        typer.Option(help="embedding (offline), detection, fuzzing (LLM-judged), simulation (in-process model)"),
+        typer.Option(
+            help="embedding (offline), detection, fuzzing (LLM-judged), simulation (in-process model, or an endpoint "
+            "giving prompt logprobs)"
+        ),
     ] = [  # noqa: B006
         "embedding"
     ],
@@ -378,9 +381,11 @@ def label(
         elif name in ("detection", "fuzzing") and backend is not None:
             made.append((DetectionScorer if name == "detection" else FuzzingScorer)(backend))
         elif name == "simulation":
-            made.append(SimulationScorer(backend if isinstance(backend, HFChat) else HFChat(DEFAULT_MODEL)))
+            made.append(
+                SimulationScorer(backend if isinstance(backend, HFChat | ChatClient) else HFChat(DEFAULT_MODEL))
+            )
         else:
-            raise AimriError(f"unknown scorer {name!r}; choose from embedding, detection, fuzzing")
+            raise AimriError(f"unknown scorer {name!r}; choose from embedding, detection, fuzzing, simulation")
     atlas = Atlas(atlas_path)
     ids = _feature_list(features, atlas)
     summary = label_features(atlas, ids, chosen, made, seed=seed, progress=not quiet)  # type: ignore[arg-type]

@@ -77,6 +77,44 @@ class ResponseCache:
             self.db.commit()
 
 
+def _chat_text(reply: dict[str, Any]) -> str:
+    text = reply["choices"][0]["message"]["content"]
+    if not isinstance(text, str):
+        raise ValueError("the reply has no text content")
+    return text
+
+
+def _echo_logprobs(reply: dict[str, Any]) -> str:
+    logprobs = reply["choices"][0]["logprobs"]
+    if (
+        not logprobs
+        or not logprobs.get("top_logprobs")
+        or len(logprobs["text_offset"]) != len(logprobs["top_logprobs"])
+    ):
+        raise ValueError("the reply has no prompt log-probabilities")
+    return json.dumps({k: logprobs[k] for k in ("text_offset", "top_logprobs")})
+
+
+@dataclass
+class PromptLogprobs:
+    """Per prompt token: its character offset, and the top alternatives' log-probabilities at that slot."""
+
+    text_offset: list[int]
+    top_logprobs: list[dict[str, float] | None]
+
+    @classmethod
+    def from_json(cls, text: str) -> PromptLogprobs:
+        data = json.loads(text)
+        return cls([int(o) for o in data["text_offset"]], data["top_logprobs"])
+
+    def at(self, offset: int) -> dict[str, float] | None:
+        """The alternatives for the token starting at character `offset`; None if no token starts there."""
+        try:
+            return self.top_logprobs[self.text_offset.index(offset)] or {}
+        except ValueError:
+            return None
+
+
 def _seconds(value: str | None, most: float = 60.0) -> float:
     try:
         return min(most, max(0.0, float(value))) if value else 0.0
@@ -102,9 +140,9 @@ class ChatClient:
         self._lock = threading.Lock()
 
     # -- one request, blocking (run in a worker thread) ---------------------------------------------
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
         request = urllib.request.Request(
-            f"{self.base_url}/chat/completions",
+            f"{self.base_url}/{route}",
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})},
         )  # fmt: skip
@@ -113,7 +151,13 @@ class ChatClient:
 
     def _complete(self, messages: Messages, max_tokens: int, parse: Callable[[str], Any] | None) -> Any:
         body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": self.temperature}
-        key = hashlib.sha256(json.dumps([self.base_url, body], sort_keys=True).encode()).hexdigest()
+        return self._request("chat/completions", body, _chat_text, parse)
+
+    def _request(
+        self, route: str, body: dict[str, Any], extract: Callable[[dict[str, Any]], str], parse: Callable[[str], Any] | None
+    ) -> Any:  # fmt: skip
+        """POST with cache, retries and usage counting; `extract` turns a reply into the text that is cached."""
+        key = hashlib.sha256(json.dumps([self.base_url, route, body], sort_keys=True).encode()).hexdigest()
         if self.cache and (hit := self.cache.get(key)) is not None:
             try:
                 result = parse(hit) if parse else hit
@@ -131,10 +175,8 @@ class ChatClient:
             try:
                 with self._lock:
                     self.usage.requests += 1
-                reply = self._post(body)
-                text = reply["choices"][0]["message"]["content"]
-                if not isinstance(text, str):
-                    raise ValueError("the reply has no text content")
+                reply = self._post(route, body)
+                text = extract(reply)
                 usage = reply.get("usage") or {}
                 with self._lock:
                     self.usage.prompt_tokens += int(usage.get("prompt_tokens", 0))
@@ -159,6 +201,18 @@ class ChatClient:
             self.usage.failures += 1
             self.usage.errors.append(reason)
         raise LLMError(f"{self.base_url}: {reason} after {attempt + 1} tries")
+
+    def prompt_logprobs(self, prompt: str, top: int = 20) -> PromptLogprobs:
+        """Top log-probabilities at every prompt position, from /completions with `echo` (vLLM, OpenAI's
+        legacy completions). Chat routes only give them for generated tokens, too late for simulation."""
+        body = {"model": self.model, "prompt": prompt, "max_tokens": 1, "echo": True, "logprobs": top, "temperature": 0}
+        try:
+            return self._request("completions", body, _echo_logprobs, PromptLogprobs.from_json)
+        except LLMError as err:
+            raise LLMError(
+                f"{err} — simulation over HTTP needs prompt log-probabilities (/v1/completions with echo and "
+                "logprobs, as vLLM serves); otherwise score with --explainer hf"
+            ) from None
 
     # -- many requests, concurrently ------------------------------------------------------------------
     def complete_many(self, prompts: list[Messages], max_tokens: int = 64, parse: Parse = None) -> list[Any]:

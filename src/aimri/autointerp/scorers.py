@@ -7,7 +7,9 @@ score for a random other feature's label (the control), so a number means someth
 from __future__ import annotations
 
 import json
+import math
 import random
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from aimri.autointerp.embedder import Embedder, default_embedder
@@ -162,40 +164,58 @@ def _pearson(a: list[float], b: list[float]) -> float:
     return cov / (va * vb) ** 0.5 if va > 0 and vb > 0 else float("nan")
 
 
+_SIMULATION_TASK = (
+    "Predict how strongly a language-model feature fires on each token, from 0 (not at all) to 9 "
+    "(strongly). Each line is a token, a tab, and your number."
+)
+
+
+def _line(token: str) -> str:
+    return token.replace("\n", "\\n") + "\t"
+
+
 class SimulationScorer:
     """OpenAI-style simulation: given only the label, a model predicts each token's activation (0-9); the
-    score is the correlation of its expected prediction (from the digit probabilities, so it needs a
-    backend that exposes them: an in-process HF model) with the true activations, over held-out active and
-    inactive examples. One forward pass per example: every token is followed by a tab, the prediction is
-    read at the tab, and "0" is written after it (teacher forcing; most tokens are 0)."""
+    score is the correlation of its expected prediction (from the digit probabilities) with the true
+    activations, over held-out active and inactive examples. One forward pass per example: every token is
+    followed by a tab, the prediction is read at the tab, and "0" is written after it (teacher forcing;
+    most tokens are 0). The backend is an in-process HF model (exact digit probabilities) or an HTTP
+    endpoint that returns prompt log-probabilities (`ChatClient.prompt_logprobs`; digits outside its top
+    alternatives count as probability 0)."""
 
     name = "simulation"
 
-    def __init__(self, backend: Any, per_class: int = 3) -> None:
-        if not hasattr(backend, "subject"):
+    def __init__(self, backend: Any, per_class: int = 3, top_logprobs: int = 20) -> None:
+        self.per_class, self.top_logprobs = per_class, top_logprobs
+        self.client = backend if hasattr(backend, "prompt_logprobs") else None
+        if self.client is None and not hasattr(backend, "subject"):
             raise AimriError(
-                "the simulation scorer needs token probabilities: use an in-process model (--explainer hf)"
+                "the simulation scorer needs token probabilities: an in-process model (--explainer hf) or an "
+                "endpoint that returns prompt logprobs (--endpoint)"
             )
-        self.subject, self.per_class = backend.subject, per_class
+        if self.client is not None:
+            return
+        self.subject = backend.subject
         tok = self.subject.tokenizer
         self.digits = [tok.encode(str(d), add_special_tokens=False) for d in range(10)]
         if any(len(d) != 1 for d in self.digits):
             raise AimriError("the simulation scorer needs a tokenizer with single-token digits 0-9")
 
     def _predict(self, label: str, example: Any) -> list[float]:
+        if self.client is not None:
+            return self._predict_http(label, example)
         import torch
 
         tok = self.subject.tokenizer
         messages = [
-            {"role": "system", "content": "Predict how strongly a language-model feature fires on each token, "
-             "from 0 (not at all) to 9 (strongly). Each line is a token, a tab, and your number."},
+            {"role": "system", "content": _SIMULATION_TASK},
             {"role": "user", "content": f"The feature: {label}"},
-        ]  # fmt: skip
+        ]
         ids = chat_ids(tok, messages)
         at = []
         zero = tok.encode("0\n", add_special_tokens=False)
         for token in example.tokens:
-            ids += tok.encode(token.replace("\n", "\\n") + "\t", add_special_tokens=False)
+            ids += tok.encode(_line(token), add_special_tokens=False)
             at.append(len(ids) - 1)
             ids += zero
         if len(ids) > self.subject.context_length:
@@ -205,6 +225,26 @@ class SimulationScorer:
         digit_ids = torch.tensor([d[0] for d in self.digits])
         probs = logits[at][:, digit_ids].softmax(-1)
         return (probs @ torch.arange(10.0)).tolist()
+
+    def _predict_http(self, label: str, example: Any) -> list[float]:
+        assert self.client is not None
+        prompt, at = f"{_SIMULATION_TASK}\nThe feature: {label}\n", []
+        for token in example.tokens:
+            prompt += _line(token)
+            at.append(len(prompt))
+            prompt += "0\n"
+        logprobs = self.client.prompt_logprobs(prompt, self.top_logprobs)
+        predicted = []
+        for offset in at:
+            top = logprobs.at(offset)
+            if top is None:
+                raise AimriError("the endpoint's tokenizer merges the predicted digit with the text around it")
+            mass = {
+                int(t.strip()): math.exp(lp) for t, lp in top.items() if t.strip().isdigit() and len(t.strip()) == 1
+            }
+            total = sum(mass.values())
+            predicted.append(sum(d * p for d, p in mass.items()) / total if total > 0 else 0.0)
+        return predicted
 
     def score(self, label: str, examples: FeatureExamples) -> float:
         chosen = examples.score_active[: self.per_class] + examples.score_inactive[: self.per_class]
@@ -216,10 +256,13 @@ class SimulationScorer:
         return _pearson(predicted, true)
 
     def score_many(self, items: list[tuple[str, FeatureExamples]]) -> list[float | Exception]:
-        out: list[float | Exception] = []
-        for label, examples in items:
+        def one(item: tuple[str, FeatureExamples]) -> float | Exception:
             try:
-                out.append(self.score(label, examples))
+                return self.score(*item)
             except AimriError as err:
-                out.append(err)
-        return out
+                return err
+
+        if self.client is None:
+            return [one(item) for item in items]
+        with ThreadPoolExecutor(self.client.concurrency) as pool:  # HTTP: requests in flight together
+            return list(pool.map(one, items))
