@@ -251,3 +251,17 @@ def test_simulation_scorer_reads_digit_probabilities(planted, tiny_lm_dir: str) 
     (too_long,) = scorer.score_many([("a token", full)])
     assert isinstance(too_long, AimriError) and "exceeds the model's context" in str(too_long)
     assert _pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0) and _pearson([1, 1], [0, 1]) != _pearson([1, 1], [0, 1])
+
+
+def test_cofiring_counts_agree_between_pair_list_and_gemm() -> None:
+    from aimri.atlas.mine import add_cofiring
+
+    gen = torch.Generator().manual_seed(0)
+    F, T, k = 40, 300, 12
+    idx = torch.stack([torch.randperm(F, generator=gen)[:k] for _ in range(T)])
+    on = torch.rand(T, k, generator=gen) < 0.6
+    pairs, gemm = torch.zeros(F * F, dtype=torch.int32), torch.zeros(F * F, dtype=torch.int32)
+    add_cofiring(pairs, on, idx, dense=False)
+    add_cofiring(gemm, on, idx, dense=True)
+    hits = torch.zeros(T, F, dtype=torch.int64).scatter_(1, idx, on.long())
+    assert torch.equal(pairs, gemm) and torch.equal(pairs.view(F, F).long(), hits.T @ hits)

@@ -8,6 +8,7 @@ per-token activations of the chosen examples can be read back at the end.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,22 @@ def _merge_top(vals: Tensor, refs: Tensor, new_vals: Tensor, new_refs: Tensor) -
 
 
 @torch.no_grad()
+def add_cofiring(cofire: Tensor, on: Tensor, idx: Tensor, dense: bool | None = None) -> None:
+    """cofire[F*F] += how many tokens fire each pair, from per-token kept codes `idx` [T, k] firing where
+    `on`. Sparse codes add their pairs; dense firing (neurons) takes one GEMM instead of a pair list
+    that would not fit in memory."""
+    F = math.isqrt(len(cofire))
+    if dense is None:
+        dense = int(on.sum(1).pow(2).sum()) > len(on) * F
+    if not dense:
+        both = on[:, :, None] & on[:, None, :]
+        flat = (idx[:, :, None] * F + idx[:, None, :])[both]
+        cofire.index_add_(0, flat, torch.ones(len(flat), dtype=torch.int32))
+    else:
+        hits = torch.zeros(len(on), F).scatter_(1, idx, on.float())
+        cofire += (hits.T @ hits).round().int().view(-1)
+
+
 def mine(
     dictionary: Dictionary,
     subject: Subject,
@@ -162,9 +179,7 @@ def mine(
                 keep = valid.reshape(-1)
                 on = top_vals.reshape(B * context, -1)[keep] > 0
                 idx = top_idx.reshape(B * context, -1)[keep]
-                both = on[:, :, None] & on[:, None, :]
-                flat = (idx[:, :, None] * F + idx[:, None, :])[both]
-                cofire.index_add_(0, flat, torch.ones(len(flat), dtype=torch.int32))
+                add_cofiring(cofire, on, idx)
                 cofire_seen += int(keep.sum())
             seen_tokens += int(valid.sum())
             done += B
