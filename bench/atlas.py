@@ -7,14 +7,18 @@
    measured in this run (model layers up to the site plus the dictionary's encoder, per token).
 2. Offline labelling (statistical explainer + MiniLM embedding scorer, with its control): features/min.
 3. A synthetic atlas of 1M features (the real schema, 5 examples each): median feature-card latency.
+4. Peer: delphi's latent cache (its first stage, in its own venv) on the same windows, model and SAE:
+   tokens/s and peak memory. It keeps every nonzero activation in memory; the atlas streams.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import random
+import resource
 import statistics
 import sys
 import tempfile
@@ -31,12 +35,12 @@ from aimri.atlas.db import Atlas
 from aimri.autointerp.explainers import StatisticalExplainer
 from aimri.autointerp.label import label_features
 from aimri.autointerp.scorers import EmbeddingScorer
-from aimri.data.corpus import Corpus
+from aimri.data.corpus import Corpus, Packing, pack
 from aimri.data.default_corpus import default_corpus_path
 from aimri.dictionaries import load_dictionary
 from aimri.dictionaries.train import train_from_subject
 from aimri.paths import aimri_home
-from common import emit, gemm_gflops
+from common import emit, gemm_gflops, run_peer
 
 
 def synthetic_atlas(path: Path, n_features: int, examples: int = 5, context: int = 64, windows: int = 10_000) -> Atlas:
@@ -82,6 +86,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--label", type=int, default=100, help="features to label and score")
     parser.add_argument("--card-features", type=int, default=1_000_000)
+    parser.add_argument("--no-peers", action="store_true", help="skip delphi (its venv is built on first use)")
     args = parser.parse_args()
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
     torch.set_grad_enabled(False)
@@ -105,6 +110,16 @@ def main() -> None:
     layer_params = sum(p.numel() for i in range(layer + 1) for p in subject.layer(i).parameters())
     flops = 2 * layer_params + 2 * sae.cfg.d_in * sae.cfg.d_sae
     rate = tokens / seconds
+    our_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    delphi = None
+    if not args.no_peers:  # delphi's latent cache on the same windows, model and SAE
+        packing = Packing.for_tokenizer(subject.tokenizer, atlas.meta["context"])
+        windows = itertools.islice(pack(corpus, subject.tokenizer, packing), atlas.meta["windows"])
+        np.savez(work / "windows.npz", ids=np.stack([w.ids for w in windows]))
+        model_dir = str(subject.model.name_or_path)
+        delphi = run_peer(
+            "delphi", "delphi_cache.py", model_dir, str(dictionary), str(work / "windows.npz"), str(layer), log=log
+        )
 
     features = atlas.live_features(min_fires=5)[: args.label]
     scorer = EmbeddingScorer()
@@ -128,6 +143,10 @@ def main() -> None:
             "features_per_min": round(per_min, 1),
             "card_ms_1m": round(statistics.median(times), 3),
             "card_ms_1m_p99": round(sorted(times)[197], 3),
+            "speedup_vs_delphi_cache": round(rate / delphi["tokens_per_s"], 3) if delphi else None,
+            "delphi_cache_tokens_per_s": round(delphi["tokens_per_s"], 1) if delphi else None,
+            "peak_rss_mb": round(our_rss),
+            "delphi_peak_rss_mb": round(delphi["peak_rss_mb"]) if delphi else None,
             "atlas_tokens": tokens,
             "atlas_build_s": round(seconds, 1),
             "features": sae.cfg.d_sae,

@@ -19,7 +19,22 @@ PEERS: dict[str, list[str]] = {
     "transformer_lens": ["transformer-lens==4.*"],
     "sae_lens": ["sae-lens==6.*"],
     "sparsify": ["eai-sparsify==1.*"],
+    # delphi's own pins pull vLLM (a CUDA torch); its latent cache needs none of that
+    "delphi": [
+        "transformers>=4.56",
+        "safetensors",
+        "jaxtyping",
+        "simple-parsing",
+        "orjson",
+        "blobfile",
+        "asyncer",
+        "faiss-cpu",
+        "sentence-transformers",
+        "tqdm",
+        "beartype",
+    ],
 }
+NO_DEPS: dict[str, list[str]] = {"delphi": ["eai-delphi==0.1.3"]}
 
 
 def gemm_gflops(sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 5) -> float:
@@ -46,6 +61,8 @@ def peer_python(peer: str, log=print) -> Path:
         pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
         subprocess.run([*pip, "torch==2.13.0"], check=True)
         subprocess.run([*pip, *PEERS[peer]], check=True)
+        if peer in NO_DEPS:
+            subprocess.run([*pip, "--no-deps", *NO_DEPS[peer]], check=True)
         marker.touch()
     return python
 

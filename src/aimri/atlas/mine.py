@@ -78,7 +78,6 @@ def _merge_top(vals: Tensor, refs: Tensor, new_vals: Tensor, new_refs: Tensor) -
     return best, all_refs.gather(1, where)
 
 
-@torch.no_grad()
 def add_cofiring(cofire: Tensor, on: Tensor, idx: Tensor, dense: bool | None = None) -> None:
     """cofire[F*F] += how many tokens fire each pair, from per-token kept codes `idx` [T, k] firing where
     `on`. Sparse codes add their pairs; dense firing (neurons) takes one GEMM instead of a pair list
@@ -95,6 +94,7 @@ def add_cofiring(cofire: Tensor, on: Tensor, idx: Tensor, dense: bool | None = N
         cofire += (hits.T @ hits).round().int().view(-1)
 
 
+@torch.no_grad()
 def mine(
     dictionary: Dictionary,
     subject: Subject,
