@@ -3,10 +3,16 @@ closed form, an ablated feature re-encodes to zero, and padded batches are edite
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import aimri
+from aimri.atlas.db import Atlas
 from aimri.dictionaries.base import DictionaryConfig, build
 from aimri.errors import AimriError, SiteError
 from aimri.steering.generate import compare, generate
@@ -25,7 +31,9 @@ def tied_sae(d: int, width: int, site: str, seed: int = 0, architecture: str = "
     projections, so an ablated feature re-encodes to exactly zero."""
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(d, width, generator=g))
-    sae = build(DictionaryConfig(architecture=architecture, d_in=d, d_sae=width, site=site, apply_b_dec_to_input=False, k=k))
+    sae = build(
+        DictionaryConfig(architecture=architecture, d_in=d, d_sae=width, site=site, apply_b_dec_to_input=False, k=k)
+    )
     with torch.no_grad():
         sae.W_dec.copy_(q.T)
         sae.W_enc.copy_(q)
@@ -130,7 +138,9 @@ def test_bad_interventions_say_what_is_wrong(subject: aimri.Subject) -> None:
     with pytest.raises(SteeringError, match="cannot edit resid.1"):
         to_edits(subject, [DirectionEdit("resid.1", torch.ones(5))])
     with pytest.raises(SteeringError, match="NaN/inf activations at resid.1"):
-        generate(subject, PROMPTS, [DirectionEdit("resid.1", torch.full((32,), 1e20), 1e20)], max_new_tokens=2, chat=False)
+        generate(
+            subject, PROMPTS, [DirectionEdit("resid.1", torch.full((32,), 1e20), 1e20)], max_new_tokens=2, chat=False
+        )
     with pytest.raises(AimriError, match="exceeds .* context"):
         generate(subject, ["keeper " * 200], max_new_tokens=4, chat=False)
     with pytest.raises(SteeringError, match="NaN/inf"):
@@ -144,3 +154,49 @@ def test_compare_pairs_plain_and_steered(subject: aimri.Subject) -> None:
     assert any(p.completion_ids != s.completion_ids for p, s in pairs)
     sampled = compare(subject, PROMPTS, [], max_new_tokens=6, chat=False, temperature=1.0, seed=5)
     assert all(p.completion_ids == s.completion_ids for p, s in sampled)  # same seed, no edit: same draw
+
+
+def _mri(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "aimri.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_steer_side_by_side_and_sweep(tiny_lm_dir: str, tmp_path: Path) -> None:
+    from tests.conftest import FIXTURE_TEXT
+
+    from aimri.atlas.build import build_atlas
+    from aimri.data.corpus import Corpus
+    from aimri.dictionaries.formats import save_dictionary
+
+    subject = aimri.load(tiny_lm_dir)
+    sae = tied_sae(32, 16, "resid.1")
+    save_dictionary(sae, tmp_path / "sae")
+    spec = f"resid.1/{tmp_path / 'sae'}#3"
+    done = _mri("steer", tiny_lm_dir, *PROMPTS, "--feature", f"{spec}=+6", "--raw", "--max-new-tokens", "5", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert [r["prompt"] for r in rows] == PROMPTS and all({"unsteered", "steered"} <= set(r) for r in rows)
+    no_atlas = _mri("steer", tiny_lm_dir, "Hi", "--feature", f"{spec}=x8", "--raw")
+    assert no_atlas.returncode == 2 and "mri atlas" in no_atlas.stderr
+    assert (
+        "outside the dictionary"
+        in _mri("steer", tiny_lm_dir, "Hi", "--feature", spec.replace("#3", "#99") + "=1").stderr
+    )
+    assert (
+        "trained on resid.1"
+        in _mri("steer", tiny_lm_dir, "Hi", "--feature", spec.replace("resid.1/", "resid.2/") + "=1").stderr
+    )
+    assert "nothing to steer" in _mri("steer", tiny_lm_dir, "Hi").stderr
+
+    build_atlas(sae, subject, Corpus.from_texts([FIXTURE_TEXT] * 12), tmp_path / "sae" / "atlas.sqlite", tokens=3_000,
+                context=16, top_n=5, reservoir=8, negatives=3, progress=False)  # fmt: skip
+    live = Atlas(tmp_path / "sae" / "atlas.sqlite").live_features()[0]
+    swept = _mri("steer", tiny_lm_dir, *PROMPTS, "--feature", f"resid.1/{tmp_path / 'sae'}#{live}=x1", "--raw",
+                 "--sweep", "1,4", "--concept", "lighthouses", "--max-new-tokens", "6", "--out", str(tmp_path / "sw"),
+                 "--quiet")  # fmt: skip
+    assert swept.returncode == 0, swept.stderr
+    result = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    methods = [p["method"] for p in result["points"]]
+    assert methods.count("feature clamp") == 2 and methods.count("diff-of-means") == 5 and "prompting" in methods
+    assert all(p["perplexity"] > 1 and 0 <= p["presence"] <= 1 for p in result["points"])
+    assert result["points"][0]["method"] == "unsteered" and set(result["best"]) <= set(methods)
+    assert (tmp_path / "sw" / "curve.svg").read_text().startswith("<svg")

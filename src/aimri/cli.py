@@ -399,6 +399,106 @@ def label(
 
 
 @app.command()
+def steer(
+    model: Annotated[str, typer.Argument(help="embedded name, .gguf file, HF directory or hub id")],
+    prompt: Annotated[list[str] | None, typer.Argument(help="prompt(s)")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="a file of prompts, one per line")] = None,
+    feature: Annotated[
+        list[str], typer.Option(help="SITE/DICT#ID=VALUE; VALUE x8 (× max act), 12.5 (clamp), +4 (add), off")
+    ] = [],  # noqa: B006
+    direction: Annotated[
+        list[str], typer.Option(help="SITE=FILE@STRENGTH or SITE=FILE@ablate (.npy/.safetensors)")
+    ] = [],  # noqa: B006
+    where: Annotated[str, typer.Option(help="positions to edit: all, prompt or generated")] = "all",
+    atlas: Annotated[Path | None, typer.Option(help="the feature's atlas (default: DICT/atlas.sqlite)")] = None,
+    max_new_tokens: Annotated[int, typer.Option()] = 40,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; else sampled with --seed")] = 0.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    chat: Annotated[bool | None, typer.Option("--chat/--raw", help="use the chat template (default: if any)")] = None,
+    sweep: Annotated[
+        str | None, typer.Option(help="strengths (× max act) to sweep for the one --feature, e.g. 1,2,4,8,16")
+    ] = None,
+    concept: Annotated[str | None, typer.Option(help="the concept in words (default: the atlas label)")] = None,
+    out: Annotated[Path | None, typer.Option(help="with --sweep: folder for sweep.json and curve.svg")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    quiet: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Steered and unsteered completions side by side; with --sweep, the presence / fluency curve."""
+    import aimri
+    from aimri.steering.generate import compare
+    from aimri.steering.specs import parse_direction, parse_feature
+
+    texts = list(prompt or [])
+    if prompts is not None:
+        if not prompts.is_file():
+            raise AimriError(f"--prompts {prompts} does not exist")
+        texts += [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise AimriError("give a prompt, or --prompts FILE")
+    if not feature and not direction:
+        raise AimriError("nothing to steer: give --feature SITE/DICT#ID=VALUE or --direction SITE=FILE@STRENGTH")
+    if where not in ("all", "prompt", "generated"):
+        raise AimriError(f"--where {where!r}: use all, prompt or generated")
+    subject = aimri.load(model)
+    cache: dict = {}
+    choices = [parse_feature(f, where, atlas, cache) for f in feature]  # type: ignore[arg-type]
+    edits = [c.edit for c in choices] + [parse_direction(d, where) for d in direction]  # type: ignore[arg-type]
+    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "chat": chat}
+    if sweep is not None:
+        _steer_sweep(subject, texts, choices, sweep, concept, out, options, as_json, quiet)
+        return
+    pairs = compare(subject, texts, edits, **options)  # type: ignore[arg-type]
+    if as_json:
+        print(json.dumps([{"prompt": a.prompt, "unsteered": a.text, "steered": b.text} for a, b in pairs]))
+        return
+    table = Table(title="steered: " + ", ".join(e.describe() for e in edits), show_lines=True)
+    for column in ("prompt", "unsteered", "steered"):
+        table.add_column(column, ratio=1 if column == "prompt" else 2)
+    for a, b in pairs:
+        table.add_row(a.prompt, a.text, b.text)
+    Console(soft_wrap=False).print(table)
+
+
+def _steer_sweep(subject, texts, choices, spec, concept, out, options, as_json, quiet) -> None:  # type: ignore[no-untyped-def]
+    from aimri.atlas.db import Atlas
+    from aimri.paths import atomic_write_text
+    from aimri.steering.tradeoff import diff_of_means, sweep
+
+    if len(choices) != 1:
+        raise AimriError("--sweep steers one --feature at a time")
+    choice = choices[0]
+    if choice.max_act is None or choice.atlas is None:
+        raise AimriError("--sweep needs the feature's atlas (max activation and examples): run `mri atlas DICT`")
+    try:
+        strengths = [float(s.removeprefix("x")) for s in spec.split(",")]
+    except ValueError:
+        raise AimriError(f"--sweep {spec!r}: give strengths like 1,2,4,8,16") from None
+    concept = concept or choice.label
+    if not concept:
+        raise AimriError("--sweep needs the concept in words for the prompting baseline: --concept, or label the atlas")
+    examples = Atlas(choice.atlas).examples(choice.edit.feature, "top")
+    dom_texts = ["".join(e["tokens"]) for e in examples]
+    dom = diff_of_means(subject, choice.edit.dictionary, choice.edit.feature, dom_texts)
+    result = sweep(subject, texts, choice.edit.dictionary, choice.edit.feature, choice.max_act, concept, strengths,
+                   dom=dom, progress=not quiet, **options)  # fmt: skip
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "sweep.json", json.dumps(result.to_dict(), indent=1))
+        atomic_write_text(out / "curve.svg", result.plot())
+        console.print(f"[green]wrote[/] {out / 'sweep.json'} and {out / 'curve.svg'}")
+    if not as_json:
+        table = Table(title=f"feature {result.feature} ({concept}): presence vs perplexity")
+        for column in ("method", "strength", "presence", "fired", "perplexity", "sample"):
+            table.add_column(column)
+        for p in result.points:
+            best = " *" if result.best.get(p.method) is p else ""
+            table.add_row(p.method + best, f"{p.strength:g}", f"{p.presence:.3f}", f"{p.fired:.2f}",
+                          f"{p.perplexity:.1f}", (p.samples[0] if p.samples else "")[:80])  # fmt: skip
+        Console(soft_wrap=False).print(table)
+    print(json.dumps({k: v for k, v in result.to_dict().items() if k != "points"}))
+
+
+@app.command()
 def compare(
     atlases: Annotated[list[Path], typer.Argument(help="atlas files labelled with the same explainer and scorer")],
     explainer: Annotated[str, typer.Option()] = "statistical",
