@@ -77,6 +77,7 @@ def test_planted_token_detector_is_found(planted) -> None:
     assert 0 < len(samples) <= 8 and sorted(s["quantile"] for s in samples) == [s["quantile"] for s in samples]
     dead = atlas.card(3)
     assert dead["fires"] == 0 and dead["top_examples"] == [] and dead["quantiles"] is None
+    assert atlas.search([word.upper()])[0] == (0, 1.0)  # found by the token it peaks on
 
 
 def test_logit_effects_and_neighbours_are_exact(planted) -> None:

@@ -200,3 +200,29 @@ def test_cli_steer_side_by_side_and_sweep(tiny_lm_dir: str, tmp_path: Path) -> N
     assert all(p["perplexity"] > 1 and 0 <= p["presence"] <= 1 for p in result["points"])
     assert result["points"][0]["method"] == "unsteered" and set(result["best"]) <= set(methods)
     assert (tmp_path / "sw" / "curve.svg").read_text().startswith("<svg")
+
+
+def test_direction_specs_and_files(subject: aimri.Subject, tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from aimri.steering.specs import parse_direction, parse_feature
+
+    v = torch.randn(32)
+    np.save(tmp_path / "v.npy", v.numpy())
+    save_file({"direction": v, "other": 2 * v}, str(tmp_path / "v.safetensors"))
+    add = parse_direction(f"resid.1={tmp_path / 'v.npy'}@2.5")
+    assert add.mode == "add" and add.strength == 2.5 and torch.equal(add.vector, v)
+    assert parse_direction(f"resid.1={tmp_path / 'v.safetensors'}@ablate").mode == "ablate"
+    (tmp_path / "bad.npy").write_bytes(b"not a numpy file")
+    with pytest.raises(AimriError, match="not a readable vector"):
+        parse_direction(f"resid.1={tmp_path / 'bad.npy'}@1")
+    with pytest.raises(AimriError, match="does not exist"):
+        parse_direction("resid.1=/nowhere.npy@1")
+    with pytest.raises(SteeringError, match="must be a number"):
+        parse_direction(f"resid.1={tmp_path / 'v.npy'}@lots")
+    with pytest.raises(SteeringError, match="SITE/DICTIONARY#ID=VALUE"):
+        parse_feature("resid.1/sae=3")
+    edit = parse_direction(f"resid.1={tmp_path / 'v.npy'}@ablate", where="generated")
+    out = generate(subject, PROMPTS, [edit], max_new_tokens=3, chat=False)
+    assert len(out) == 2

@@ -306,6 +306,24 @@ def feature(
         render_card(card, Console(soft_wrap=True, highlight=False))
 
 
+@app.command()
+def search(
+    atlas_path: Annotated[Path, typer.Argument(metavar="ATLAS", help="atlas file made by `mri atlas`")],
+    words: Annotated[list[str], typer.Argument(help="tokens the feature should peak on, e.g. paris france french")],
+    limit: Annotated[int, typer.Option()] = 10,
+) -> None:
+    """Find features whose top examples peak on the given words (to steer or inspect them)."""
+    from aimri.atlas.db import Atlas
+
+    atlas = Atlas(atlas_path)
+    found = atlas.search(words, limit)
+    if not found:
+        raise AimriError(f"no feature of {atlas_path} peaks on {', '.join(words)} in its top examples")
+    for feature, share in found:
+        labels = atlas.card(feature, n_top=0)["labels"]
+        print(f"{feature}\t{share:.2f}\t{labels[-1]['label'] if labels else ''}")
+
+
 def _feature_list(spec: str, atlas) -> list[int]:  # type: ignore[no-untyped-def]
     """'0-99,150' -> ids; 'live:N' -> the first N features that fired."""
     if spec.startswith("live:"):

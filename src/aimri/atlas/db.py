@@ -152,6 +152,22 @@ class Atlas:
         )
         self.db.commit()
 
+    def search(self, words: list[str], limit: int = 10) -> list[tuple[int, float]]:
+        """Features whose top examples peak on one of `words` (case and spaces ignored), as
+        (feature, fraction of its top examples that do), best first: "find me a Paris feature"."""
+        wanted = {w.strip().lower() for w in words if w.strip()}
+        hits: dict[int, list[int]] = {}
+        rows = self.db.execute(
+            "SELECT e.feature, e.acts, w.tokens FROM examples e JOIN windows w ON w.id = e.window WHERE e.kind = 'top'"
+        )
+        for feature, acts, tokens in rows:
+            peak = int(np.frombuffer(acts, dtype=np.float16).argmax())
+            tally = hits.setdefault(feature, [0, 0])
+            tally[0] += json.loads(tokens)[peak].strip().lower() in wanted
+            tally[1] += 1
+        ranked = sorted(((f, h / n) for f, (h, n) in hits.items() if h), key=lambda t: (-t[1], t[0]))
+        return ranked[:limit]
+
     def live_features(self, min_fires: int = 1) -> list[int]:
         return [f for (f,) in self.db.execute("SELECT id FROM features WHERE fires >= ? ORDER BY id", (min_fires,))]
 
