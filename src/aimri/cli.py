@@ -506,12 +506,13 @@ def _steer_sweep(subject, texts, choices, spec, concept, out, options, as_json, 
         console.print(f"[green]wrote[/] {out / 'sweep.json'} and {out / 'curve.svg'}")
     if not as_json:
         table = Table(title=f"feature {result.feature} ({concept}): presence vs perplexity")
-        for column in ("method", "strength", "presence", "fired", "perplexity", "sample"):
+        for column in ("method", "strength", "presence", "fired", "perplexity"):
             table.add_column(column)
+        table.add_column("first completion", no_wrap=True, overflow="ellipsis", max_width=60)
         for p in result.points:
             best = " *" if result.best.get(p.method) is p else ""
             table.add_row(p.method + best, f"{p.strength:g}", f"{p.presence:.3f}", f"{p.fired:.2f}",
-                          f"{p.perplexity:.1f}", (p.samples[0] if p.samples else "")[:80])  # fmt: skip
+                          f"{p.perplexity:.1f}", (p.samples[0] if p.samples else "").replace("\n", " ")[:80])  # fmt: skip
         Console(soft_wrap=False).print(table)
     print(json.dumps({k: v for k, v in result.to_dict().items() if k != "points"}))
 
@@ -531,11 +532,12 @@ def compare(
     if as_json:
         print(json.dumps(rows))
         return
-    console.print(f"{'atlas':<40} {'n':>5} {scorer:>10} {'control':>8} {'gap':>7} {'95% CI of gap':>17}")
+    head = f"{'atlas':<36} {'scored/labelled':>15} {'density':>8} {scorer:>10} {'control':>8} {'gap':>7}"
+    console.print(f"{head} {'95% CI of gap':>17}")
     for r in rows:
         console.print(
-            f"{r['atlas']:<40} {r['n']:>5} {r['score']:>10.3f} {r['control']:>8.3f} {r['gap']:>7.3f} "
-            f"  [{r['gap_ci'][0]:.3f}, {r['gap_ci'][1]:.3f}]"
+            f"{r['atlas']:<36} {str(r['n']) + '/' + str(r['labelled']):>15} {r['median_density']:>8.4f} "
+            f"{r['score']:>10.3f} {r['control']:>8.3f} {r['gap']:>7.3f}   [{r['gap_ci'][0]:.3f}, {r['gap_ci'][1]:.3f}]"
         )
 
 
