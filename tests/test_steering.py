@@ -226,3 +226,21 @@ def test_direction_specs_and_files(subject: aimri.Subject, tmp_path: Path) -> No
     edit = parse_direction(f"resid.1={tmp_path / 'v.npy'}@ablate", where="generated")
     out = generate(subject, PROMPTS, [edit], max_new_tokens=3, chat=False)
     assert len(out) == 2
+
+
+def test_judge_counts_on_topic_answers() -> None:
+    from aimri.steering.tradeoff import judge_on_topic
+
+    class Judge:
+        """A ChatBackend answering from the text itself: yes when the concept's word is in it."""
+
+        name = "rule"
+
+        def complete_many(self, prompts, max_tokens=64, parse=None):  # type: ignore[no-untyped-def]
+            out = []
+            for messages in prompts:
+                reply = "Yes." if "Paris" in messages[0]["content"].split("\n\n", 1)[1] else "no"
+                out.append(parse(reply) if parse else reply)
+            return out
+
+    assert judge_on_topic(Judge(), "Paris", ["I love Paris.", "Bread.", "Paris again", "Nothing"]) == 0.5
