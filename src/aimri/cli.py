@@ -438,6 +438,10 @@ def steer(
     ] = None,
     concept: Annotated[str | None, typer.Option(help="the concept in words (default: the atlas label)")] = None,
     out: Annotated[Path | None, typer.Option(help="with --sweep: folder for sweep.json and curve.svg")] = None,
+    judge_endpoint: Annotated[
+        str | None, typer.Option(help="with --sweep: an OpenAI-compatible endpoint whose model judges on-topic")
+    ] = None,
+    judge_model: Annotated[str | None, typer.Option(help="the model name the judge endpoint serves")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     quiet: Annotated[bool, typer.Option()] = False,
 ) -> None:
@@ -463,7 +467,16 @@ def steer(
     edits = [c.edit for c in choices] + [parse_direction(d, where) for d in direction]  # type: ignore[arg-type]
     options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "chat": chat}
     if sweep is not None:
-        _steer_sweep(subject, texts, choices, sweep, concept, out, options, as_json, quiet)
+        judge = None
+        if judge_endpoint:
+            import os
+
+            from aimri.autointerp.llm import ChatClient
+
+            if not judge_model:
+                raise AimriError("--judge-endpoint needs --judge-model (the model name the server serves)")
+            judge = ChatClient(judge_endpoint, judge_model, api_key=os.environ.get("OPENAI_API_KEY"))
+        _steer_sweep(subject, texts, choices, sweep, concept, out, {**options, "judge": judge}, as_json, quiet)
         return
     pairs = compare(subject, texts, edits, **options)  # type: ignore[arg-type]
     if as_json:
@@ -497,8 +510,9 @@ def _steer_sweep(subject, texts, choices, spec, concept, out, options, as_json, 
     examples = Atlas(choice.atlas).examples(choice.edit.feature, "top")
     dom_texts = ["".join(e["tokens"]) for e in examples]
     dom = diff_of_means(subject, choice.edit.dictionary, choice.edit.feature, dom_texts)
+    judge = options.pop("judge", None)
     result = sweep(subject, texts, choice.edit.dictionary, choice.edit.feature, choice.max_act, concept, strengths,
-                   dom=dom, progress=not quiet, **options)  # fmt: skip
+                   dom=dom, judge=judge, progress=not quiet, **options)  # fmt: skip
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "sweep.json", json.dumps(result.to_dict(), indent=1))
@@ -506,13 +520,15 @@ def _steer_sweep(subject, texts, choices, spec, concept, out, options, as_json, 
         console.print(f"[green]wrote[/] {out / 'sweep.json'} and {out / 'curve.svg'}")
     if not as_json:
         table = Table(title=f"feature {result.feature} ({concept}): presence vs perplexity")
-        for column in ("method", "strength", "presence", "fired", "perplexity"):
+        for column in ("method", "strength", "presence", "fired", "perplexity", "judged on-topic"):
             table.add_column(column)
         table.add_column("first completion", no_wrap=True, overflow="ellipsis", max_width=60)
         for p in result.points:
             best = " *" if result.best.get(p.method) is p else ""
+            judged = "" if p.judged is None else f"{p.judged:.2f}"
+            first = (p.samples[0] if p.samples else "").replace("\n", " ")[:80]
             table.add_row(p.method + best, f"{p.strength:g}", f"{p.presence:.3f}", f"{p.fired:.2f}",
-                          f"{p.perplexity:.1f}", (p.samples[0] if p.samples else "").replace("\n", " ")[:80])  # fmt: skip
+                          f"{p.perplexity:.1f}", judged, first)  # fmt: skip
         Console(soft_wrap=False).print(table)
     print(json.dumps({k: v for k, v in result.to_dict().items() if k != "points"}))
 
