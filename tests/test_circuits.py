@@ -1,0 +1,107 @@
+"""The local replacement model on tiny random models: logits exactly the model's, error nodes exactly zero
+when the transcoders are the MLPs themselves, frozen attention and norms in the backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from tests.conftest import tiny_subject
+
+from aimri import Subject
+from aimri.circuits.replacement import ReplacementModel
+from aimri.dictionaries.base import DictionaryConfig, build
+from aimri.errors import AimriError
+
+
+def random_transcoders(subject: Subject, width: int = 48, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    return {
+        layer: build(
+            DictionaryConfig(
+                "relu",
+                subject.d_model,
+                width,
+                d_out=subject.d_model,
+                site=f"mlp.in.{layer}",
+                site_out=f"mlp.out.{layer}",
+            )
+        )
+        for layer in range(subject.n_layers)
+    }
+
+
+def exact_gpt2() -> tuple[Subject, dict]:
+    """A GPT-2 with ReLU MLPs: each MLP *is* a ReLU transcoder (c_fc = encoder, c_proj = decoder)."""
+    torch.manual_seed(0)
+    config = tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=3, n_head=4, n_positions=128, activation_function="relu")
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    subject = Subject(model, None, name="tiny-gpt2-relu", revision="relu")
+    transcoders = {}
+    for layer, block in enumerate(model.transformer.h):
+        tc = build(DictionaryConfig("relu", 32, 128, d_out=32, site=f"mlp.in.{layer}", site_out=f"mlp.out.{layer}"))
+        with torch.no_grad():
+            tc.W_enc.copy_(block.mlp.c_fc.weight)
+            tc.b_enc.copy_(block.mlp.c_fc.bias)
+            tc.W_dec.copy_(block.mlp.c_proj.weight)
+            tc.b_dec.copy_(block.mlp.c_proj.bias)
+        transcoders[layer] = tc
+    return subject, transcoders
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2", "qwen3", "gpt_neox"])
+def test_replacement_reproduces_the_logits_exactly(arch: str) -> None:
+    subject = tiny_subject(arch)
+    ids = torch.randint(1, 96, (12,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = subject.model(input_ids=ids[None]).logits[0]
+    replaced = ReplacementModel(subject, random_transcoders(subject)).run(ids)
+    assert torch.allclose(replaced.logits, plain, atol=1e-5, rtol=0)
+    assert set(replaced.codes) == set(range(subject.n_layers))
+    assert all(
+        float(e.detach().abs().max()) > 1e-3 for e in replaced.errors.values()
+    )  # random transcoders: real errors
+    replaced.logits[-1, 5].backward()
+    assert replaced.codes[0].grad is not None and replaced.embeddings.grad is not None
+
+
+def test_exact_transcoders_leave_zero_error_nodes() -> None:
+    subject, transcoders = exact_gpt2()
+    ids = torch.randint(1, 96, (10,), generator=torch.Generator().manual_seed(2))
+    replaced = ReplacementModel(subject, transcoders).run(ids)
+    assert max(float(e.detach().abs().max()) for e in replaced.errors.values()) < 1e-5
+
+
+def test_frozen_pattern_and_norms_make_the_pass_linear() -> None:
+    """Frozen patterns and norm denominators make the logits a linear map of the leaves (a bias-free Llama,
+    transcoders with b_dec = 0): by Euler's identity a logit equals the sum of gradient x value over the
+    embeddings, every feature activation and every error node, i.e. the direct effects add up to it."""
+    subject = tiny_subject("llama")
+    transcoders = random_transcoders(subject)
+    for tc in transcoders.values():
+        torch.nn.init.zeros_(tc.b_dec)
+    ids = torch.randint(1, 96, (9,), generator=torch.Generator().manual_seed(3))
+    replaced = ReplacementModel(subject, transcoders).run(ids)
+    leaves = [replaced.embeddings, *replaced.codes.values(), *replaced.errors.values()]
+    target = replaced.logits[-1, 7]
+    grads = torch.autograd.grad(target, leaves)
+    total = sum(float((g * leaf).sum()) for g, leaf in zip(grads, leaves, strict=True))
+    assert total == pytest.approx(float(target), rel=1e-4, abs=1e-5)
+    assert abs(float(target)) > 1e-3  # a logit far from zero, so the identity is not trivially 0 = 0
+
+
+def test_incomplete_or_foreign_transcoders_are_named() -> None:
+    subject = tiny_subject("llama")
+    transcoders = random_transcoders(subject)
+    del transcoders[1]
+    with pytest.raises(AimriError, match=r"layers \[1\] have none"):
+        ReplacementModel(subject, transcoders)
+    foreign = random_transcoders(subject)
+    foreign[0] = build(DictionaryConfig("relu", 64, 16, d_out=64, site="mlp.in.0", site_out="mlp.out.0"))
+    with pytest.raises(AimriError, match="another model"):
+        ReplacementModel(subject, foreign)
+    with pytest.raises(AimriError, match="empty"):
+        ReplacementModel(subject, random_transcoders(subject)).run(torch.tensor([], dtype=torch.long))
