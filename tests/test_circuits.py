@@ -105,3 +105,34 @@ def test_incomplete_or_foreign_transcoders_are_named() -> None:
         ReplacementModel(subject, foreign)
     with pytest.raises(AimriError, match="empty"):
         ReplacementModel(subject, random_transcoders(subject)).run(torch.tensor([], dtype=torch.long))
+
+
+def test_graph_rows_add_up_to_their_targets() -> None:
+    """Bias-free Llama, transcoders with b_dec = 0: every logit node's incoming edges sum to its demeaned
+    logit and every feature's to its pre-activation minus b_enc (the graph is complete, and exact)."""
+    from aimri.circuits.attribution import attribute
+
+    subject = tiny_subject("llama")
+    transcoders = random_transcoders(subject, width=24)
+    for tc in transcoders.values():
+        torch.nn.init.zeros_(tc.b_dec)
+    model = ReplacementModel(subject, transcoders)
+    ids = torch.randint(1, 96, (6,), generator=torch.Generator().manual_seed(4)).tolist()
+    graph = attribute(model, ids, max_feature_nodes=10_000, batch_size=16, progress=False)
+    assert bool(graph.expanded[: graph.n_features].all()) and graph.n_features > 20
+    with torch.no_grad():
+        logits = subject.model(input_ids=torch.tensor([ids])).logits[0, -1]
+    for j, token in enumerate(graph.logit_tokens):
+        _, w = graph.row(graph.logit_start + j)
+        assert float(w.sum()) == pytest.approx(float(logits[token] - logits.mean()), rel=1e-4, abs=1e-4)
+    acts = subject.run(torch.tensor([ids]), read=[f"mlp.in.{layer}" for layer in range(subject.n_layers)])
+    for node in torch.randperm(graph.n_features, generator=torch.Generator().manual_seed(0))[:15].tolist():
+        layer, pos, idx = graph.features[node].tolist()
+        pre = (acts[f"mlp.in.{layer}"][0, pos] @ transcoders[layer].W_enc[:, idx]).detach()
+        sources, w = graph.row(node)
+        assert float(w.sum()) == pytest.approx(float(pre), rel=1e-4, abs=1e-4)
+        assert all(graph.kind(s) != "logit" for s in sources.tolist())
+    # causality: no edge from a later position, and none from a feature at the same or a later layer
+    for t, s in zip(graph.edge_targets.tolist(), graph.edge_sources.tolist(), strict=True):
+        if t < graph.n_features and s < graph.n_features:
+            assert graph.features[s, 0] < graph.features[t, 0] and graph.features[s, 1] <= graph.features[t, 1]

@@ -162,9 +162,9 @@ class ReplacementModel:
     @staticmethod
     def _embed_leaf(state: dict[str, Any]):  # type: ignore[no-untyped-def]
         def hook(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
-            leaf = out[0].detach().clone().requires_grad_(True)  # one prompt: [seq, d]
+            leaf = (out if state["batched"] else out[0]).detach().clone().requires_grad_(True)
             state["embeddings"] = leaf
-            return leaf[None]
+            return leaf if state["batched"] else leaf[None]
 
         return hook
 
@@ -181,24 +181,29 @@ class ReplacementModel:
         def hook(mod: nn.Module, args: tuple, out: Any) -> Any:
             true = out[0] if isinstance(out, tuple) else out
             x = state["inputs"][layer]
+            batched = state["batched"]
             with torch.no_grad():
-                codes = tc.encode(x[0].detach().float())
-            leaf = codes.requires_grad_(True)  # [seq, d_sae]
-            recon = (leaf @ tc.W_dec.detach() + tc.b_dec.detach())[None]
+                codes = tc.encode((x if batched else x[0]).detach().float())
+            leaf = codes.requires_grad_(True)  # [seq, d_sae], or [batch, seq, d_sae]
+            recon = leaf @ tc.W_dec.detach() + tc.b_dec.detach()
+            recon = recon if batched else recon[None]
             if tc.W_skip is not None:
                 recon = recon + x.float() @ tc.W_skip.detach()
             recon = recon.to(true.dtype)
-            error = (true - recon)[0].detach().requires_grad_(True)  # the error node, a leaf too
+            error = (true - recon).detach()
+            error = (error if batched else error[0]).requires_grad_(True)  # the error node, a leaf too
             state.setdefault("codes", {})[layer] = leaf
             state.setdefault("errors", {})[layer] = error
-            lin = recon + error[None]
+            lin = recon + (error if batched else error[None])
             new = true.detach() + (lin - lin.detach())
             return (new, *out[1:]) if isinstance(out, tuple) else new
 
         return hook
 
-    def run(self, input_ids: Tensor) -> Replaced:
-        """One prompt ([seq] or [1, seq]); returns logits [seq, vocab] equal to the model's, and the nodes."""
+    def run(self, input_ids: Tensor, copies: int = 0) -> Replaced:
+        """One prompt ([seq] or [1, seq]); returns logits [seq, vocab] equal to the model's, and the nodes.
+        With `copies` = B > 0 the prompt runs B times side by side and every tensor keeps a batch dimension:
+        B independent backward passes in one (row b's gradient answers row b's target)."""
         ids = input_ids.reshape(1, -1)
         if ids.shape[1] == 0:
             raise AimriError("the prompt is empty")
@@ -206,11 +211,11 @@ class ReplacementModel:
             raise AimriError(
                 f"a prompt of {ids.shape[1]} tokens exceeds {self.subject.name}'s context of {self.subject.context_length}"
             )
-        state: dict[str, Any] = {}
+        state: dict[str, Any] = {"batched": copies > 0}
         with torch.enable_grad(), self._frozen(state):
-            out = self.subject.model(input_ids=ids.to(self.subject.device), use_cache=False)
+            out = self.subject.model(input_ids=ids.expand(max(1, copies), -1).to(self.subject.device), use_cache=False)
+        inputs = state["inputs"] if copies else {k: v[0] for k, v in state["inputs"].items()}
         return Replaced(
-            logits=out.logits[0], codes=state["codes"], errors=state["errors"],
-            embeddings=state["embeddings"],
-            mlp_inputs={k: v[0] for k, v in state["inputs"].items()},
+            logits=out.logits if copies else out.logits[0], codes=state["codes"], errors=state["errors"],
+            embeddings=state["embeddings"], mlp_inputs=inputs,
         )  # fmt: skip

@@ -1,0 +1,222 @@
+"""Attribution graphs: the direct linear effect of every node on every other, in the local replacement model.
+
+Nodes, in this order: active transcoder features (layer, position, index), error nodes (one per layer and
+position), token embeddings (one per position), and the top output logits (up to 0.95 cumulative
+probability, at most 10; each measured against the mean logit, i.e. through the demeaned unembedding).
+An edge s -> t is value(s) x d input(t) / d value(s): for a feature the input is its pre-activation, for a
+logit its demeaned logit. Rows (a target's incoming edges) come from batched backward passes, B targets per
+pass over B copies of the prompt; logits first, then features in order of their current influence on the
+logits, up to `max_feature_nodes` expanded. Edges are kept sparse (COO), never an n x n matrix.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from aimri.circuits.replacement import ReplacementModel
+from aimri.errors import AimriError
+from aimri.progress import progress_bar
+
+
+@dataclass
+class Graph:
+    """An attribution graph. Node ids index, in order: features, errors, embeddings, logits."""
+
+    prompt: str
+    tokens: list[int]
+    token_strings: list[str]
+    features: Tensor  # [n_features, 3] (layer, position, index)
+    activations: Tensor  # [n_features]
+    n_layers: int
+    logit_tokens: list[int]
+    logit_probs: list[float]
+    edge_targets: Tensor  # [n_edges] node ids (COO)
+    edge_sources: Tensor  # [n_edges]
+    edge_weights: Tensor  # [n_edges]
+    expanded: Tensor  # bool [n_nodes]: whose incoming edges were computed
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def error_start(self) -> int:
+        return self.n_features
+
+    @property
+    def embed_start(self) -> int:
+        return self.n_features + self.n_layers * self.n_pos
+
+    @property
+    def logit_start(self) -> int:
+        return self.embed_start + self.n_pos
+
+    @property
+    def n_nodes(self) -> int:
+        return self.logit_start + len(self.logit_tokens)
+
+    def kind(self, node: int) -> str:
+        if node < self.error_start:
+            return "feature"
+        if node < self.embed_start:
+            return "error"
+        return "embedding" if node < self.logit_start else "logit"
+
+    def row(self, node: int) -> tuple[Tensor, Tensor]:
+        """A node's incoming edges: (source ids, weights)."""
+        at = self.edge_targets == node
+        return self.edge_sources[at], self.edge_weights[at]
+
+
+def influence(graph: Graph, targets: Tensor, sources: Tensor, weights: Tensor, logit_weights: Tensor) -> Tensor:
+    """Each node's total influence on the logits: the logit probabilities propagated back through the
+    graph with every target's incoming |weights| normalised to sum 1 (the graph is a DAG, so this ends)."""
+    n = graph.n_nodes
+    magnitude = weights.abs()
+    row_sum = torch.zeros(n).index_add_(0, targets, magnitude)
+    norm = magnitude / row_sum[targets].clamp_min(1e-30)
+    current = torch.zeros(n)
+    current[graph.logit_start :] = logit_weights
+    total = torch.zeros(n)
+    for _ in range(4 * graph.n_layers + 8):
+        nxt = torch.zeros(n).index_add_(0, sources, current[targets] * norm)
+        if float(nxt.abs().sum()) < 1e-12:
+            break
+        total += nxt
+        current = nxt
+    return total
+
+
+def _top_logits(logits: Tensor, cumulative: float = 0.95, most: int = 10) -> tuple[list[int], list[float]]:
+    probs = logits.float().softmax(-1)
+    values, ids = probs.sort(descending=True)
+    keep = int((values.cumsum(0) < cumulative).sum()) + 1
+    keep = max(1, min(most, keep))
+    return ids[:keep].tolist(), values[:keep].tolist()
+
+
+def attribute(
+    model: ReplacementModel,
+    prompt: str | list[int],
+    max_feature_nodes: int = 4096,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> Graph:
+    """The attribution graph of `prompt` under `model`'s transcoders."""
+    subject = model.subject
+    tok = subject.tokenizer
+    if isinstance(prompt, str) and tok is None:
+        raise AimriError("this subject has no tokenizer: give the prompt as token ids")
+    ids = list(prompt) if isinstance(prompt, list) else list(tok(prompt)["input_ids"])
+
+    def text(i: list[int]) -> str:
+        return tok.decode(i) if tok is not None else " ".join(map(str, i))
+
+    if not ids:
+        raise AimriError("the prompt is empty")
+    start = time.perf_counter()
+    ids_t = torch.tensor(ids)
+    with torch.no_grad():
+        base = model.run(ids_t)
+    n_pos, L = len(ids), subject.n_layers
+    logit_tokens, logit_probs = _top_logits(base.logits[-1])
+    feats = []
+    for layer in range(L):
+        codes = base.codes[layer].detach()
+        pos, idx = (codes != 0).nonzero(as_tuple=True)
+        feats.append(torch.stack([torch.full_like(pos, layer), pos, idx], 1))
+    features = torch.cat(feats) if feats else torch.zeros(0, 3, dtype=torch.long)
+    activations = (
+        torch.stack([base.codes[int(f[0])][int(f[1]), int(f[2])].detach() for f in features])
+        if len(features)
+        else torch.zeros(0)
+    )
+    graph = Graph(
+        prompt=prompt if isinstance(prompt, str) else text(ids), tokens=ids,
+        token_strings=[text([i]) for i in ids], features=features, activations=activations.float(), n_layers=L,
+        logit_tokens=logit_tokens, logit_probs=logit_probs, edge_targets=torch.zeros(0, dtype=torch.long),
+        edge_sources=torch.zeros(0, dtype=torch.long), edge_weights=torch.zeros(0), expanded=torch.zeros(0, dtype=torch.bool),
+    )  # fmt: skip
+    n = graph.n_nodes
+    expanded = torch.zeros(n, dtype=torch.bool)
+    # per layer: where each active feature sits in the node list, for gathering rows
+    layer_nodes = {layer: (features[:, 0] == layer).nonzero().flatten() for layer in range(L)}
+    errors = {layer: base.errors[layer].detach() for layer in range(L)}
+    embeds = base.embeddings.detach()
+    W_enc = {layer: model.transcoders[layer].W_enc.detach() for layer in range(L)}
+    rows_t: list[Tensor] = []
+    rows_s: list[Tensor] = []
+    rows_w: list[Tensor] = []
+
+    def expand(targets: list[int]) -> None:
+        B = len(targets)
+        run = model.run(ids_t, copies=B)
+        quantities = []
+        for b, t in enumerate(targets):
+            if t >= graph.logit_start:
+                row = run.logits[b, -1]
+                quantities.append(row[logit_tokens[t - graph.logit_start]] - row.mean())
+            else:
+                layer, pos, idx = (int(v) for v in features[t])
+                quantities.append(run.mlp_inputs[layer][b, pos].float() @ W_enc[layer][:, idx])
+        leaves = [run.embeddings, *(run.codes[layer] for layer in range(L)), *(run.errors[layer] for layer in range(L))]
+        grads = torch.autograd.grad(torch.stack(quantities).sum(), leaves, allow_unused=True)
+        g_emb, g_codes, g_err = grads[0], grads[1 : 1 + L], grads[1 + L :]
+        for b, t in enumerate(targets):
+            parts_s, parts_w = [], []
+            if g_emb is not None:
+                parts_s.append(graph.embed_start + torch.arange(n_pos))
+                parts_w.append((g_emb[b].float() * embeds.float()).sum(-1))
+            for layer in range(L):
+                g = g_codes[layer]
+                nodes = layer_nodes[layer]
+                if g is not None and len(nodes):
+                    f = features[nodes]
+                    parts_s.append(nodes)
+                    parts_w.append(g[b][f[:, 1], f[:, 2]].float() * graph.activations[nodes])
+                ge = g_err[layer]
+                if ge is not None:
+                    parts_s.append(graph.error_start + layer * n_pos + torch.arange(n_pos))
+                    parts_w.append((ge[b].float() * errors[layer].float()).sum(-1))
+            s = torch.cat(parts_s)
+            w = torch.cat(parts_w).detach()
+            keep = w != 0
+            rows_t.append(torch.full((int(keep.sum()),), t, dtype=torch.long))
+            rows_s.append(s[keep])
+            rows_w.append(w[keep])
+            expanded[t] = True
+
+    logit_nodes = list(range(graph.logit_start, n))
+    budget = min(max_feature_nodes, graph.n_features)
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task("attribution", total=len(logit_nodes) + budget, rate="")
+        for i in range(0, len(logit_nodes), batch_size):
+            expand(logit_nodes[i : i + batch_size])
+            bar.update(task, advance=len(logit_nodes[i : i + batch_size]))
+        done = 0
+        while done < budget:
+            t, s, w = torch.cat(rows_t), torch.cat(rows_s), torch.cat(rows_w)
+            scores = influence(graph, t, s, w, torch.tensor(logit_probs))
+            scores[graph.n_features :] = -1
+            scores[expanded] = -1
+            order = scores.argsort(descending=True)[: min(batch_size, budget - done)]
+            order = order[scores[order] >= 0]
+            if not len(order):
+                break
+            expand(order.tolist())
+            done += len(order)
+            bar.update(task, advance=len(order), rate=f"{done:,} features expanded")
+    graph.edge_targets, graph.edge_sources, graph.edge_weights = torch.cat(rows_t), torch.cat(rows_s), torch.cat(rows_w)
+    graph.expanded = expanded
+    graph.meta = {"seconds": time.perf_counter() - start, "features_expanded": int(expanded[: graph.n_features].sum())}
+    return graph
