@@ -136,3 +136,57 @@ def test_graph_rows_add_up_to_their_targets() -> None:
     for t, s in zip(graph.edge_targets.tolist(), graph.edge_sources.tolist(), strict=True):
         if t < graph.n_features and s < graph.n_features:
             assert graph.features[s, 0] < graph.features[t, 0] and graph.features[s, 1] <= graph.features[t, 1]
+
+
+def test_pruning_and_scores() -> None:
+    from aimri.circuits.attribution import attribute
+    from aimri.circuits.prune import prune, supernodes
+
+    subject, transcoders = exact_gpt2()
+    ids = torch.randint(1, 96, (6,), generator=torch.Generator().manual_seed(5)).tolist()
+    exact = attribute(ReplacementModel(subject, transcoders), ids, max_feature_nodes=10_000, progress=False)
+    full = prune(exact, 1.0, 1.0)
+    assert full.replacement_full == pytest.approx(1.0) and full.completeness_full == pytest.approx(1.0)  # no error mass
+
+    llama = tiny_subject("llama")
+    graph = attribute(ReplacementModel(llama, random_transcoders(llama, width=24)), ids, max_feature_nodes=10_000, progress=False)
+    pruned = prune(graph, 0.8, 0.98)
+    assert 0 < pruned.replacement_full < 1 and 0 < pruned.completeness_full < 1
+    assert pruned.replacement <= pruned.replacement_full + 1e-6 and pruned.completeness <= pruned.completeness_full + 1e-6
+    kept_features = int(pruned.node_mask[: graph.n_features].sum())
+    assert 0 < kept_features < graph.n_features and bool(pruned.node_mask[graph.embed_start :].all())
+    loose = prune(graph, 0.5, 0.5)
+    assert int(loose.node_mask.sum()) <= int(pruned.node_mask.sum()) and int(loose.edge_mask.sum()) <= int(pruned.edge_mask.sum())
+    for bad in (0.0, 1.5):
+        with pytest.raises(AimriError, match=r"\(0, 1\]"):
+            prune(graph, bad, 0.9)
+    decoders = {layer: tc.W_dec.detach() for layer, tc in random_transcoders(llama, width=24).items()}
+    kept = pruned.node_mask.nonzero().flatten().tolist()
+    labels = {i: "same" for i in kept[:2] if i < graph.n_features}
+    groups = supernodes(graph, pruned.node_mask, decoders, labels, cosine=0.99)
+    assert len(labels) < 2 or any(set(labels) <= set(g) for g in groups)
+
+
+def test_graph_interventions_scale_and_set_features() -> None:
+    from aimri.circuits.intervene import intervene, parse_change
+
+    subject, transcoders = exact_gpt2()
+    ids = torch.randint(1, 96, (6,), generator=torch.Generator().manual_seed(6)).tolist()
+    assert parse_change("2/17@3,5=x-2") == parse_change("2/17@3,5=x-2.0")
+    change = parse_change("2/17@5=x1")
+    assert (change.layer, change.index, change.positions, change.mode, change.value) == (2, 17, [5], "scale", 1.0)
+    same = intervene(subject, transcoders, ids, [change])
+    assert same["before"] == same["after"]  # x1 is no change
+    acts = subject.run(torch.tensor([ids]), read=["mlp.in.2"])["mlp.in.2"][0, -1]
+    busiest = int(transcoders[2].encode(acts).argmax())
+    moved = intervene(subject, transcoders, ids, [parse_change(f"2/{busiest}@5=x-20")])
+    assert moved["before"] != moved["after"]
+    # "set" at the last position equals a direct edit of the MLP output by (value - a) * W_dec
+    a = float(transcoders[2].encode(acts)[busiest].detach())
+    out = intervene(subject, transcoders, ids, [parse_change(f"2/{busiest}@5=0")], k=3)
+    edit = {"mlp.out.2": lambda x: x - torch.where(torch.arange(6)[None, :, None] == 5, a * transcoders[2].W_dec[busiest], 0)}
+    probs = subject.run(torch.tensor([ids]), edit=edit, stop=False)["logits"][0, -1].softmax(-1)
+    assert [p for _, p in out["after"]] == pytest.approx(probs.topk(3).values.tolist(), rel=1e-4)
+    for bad in ("2/17", "2/9999=1", "2/1@99=1", "9/1=1"):
+        with pytest.raises(AimriError):
+            intervene(subject, transcoders, ids, [parse_change(bad)])

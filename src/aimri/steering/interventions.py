@@ -31,18 +31,18 @@ class SteeringError(AimriError):
 
 @dataclass
 class FeatureEdit:
-    """Set feature `feature` of `dictionary` to `value` ("clamp"; 0 = ablate) or add `value` times its
-    decoder direction ("add"). Clamps are absolute; use `feature_max` for multiples of the maximum."""
+    """Set feature `feature` of `dictionary` to `value` ("clamp"; 0 = ablate), multiply its current
+    activation by `value` ("scale"), or add `value` times its decoder direction ("add")."""
 
     dictionary: Dictionary
     feature: int
     value: float
-    mode: Literal["clamp", "add"] = "clamp"
+    mode: Literal["clamp", "add", "scale"] = "clamp"
     where: Where = "all"
 
     def describe(self) -> str:
         what = f"{self.dictionary.cfg.site}#{self.feature}"
-        return f"{what}={'+' if self.mode == 'add' else ''}{self.value:g}"
+        return f"{what}={ {'add': '+', 'scale': 'x', 'clamp': ''}[self.mode] }{self.value:g}"
 
 
 @dataclass
@@ -165,7 +165,12 @@ def _feature_edits(dictionary: Dictionary, group: list[FeatureEdit], prompt_len:
 
         def edit(x: Tensor, j: int = j, iv: FeatureEdit = iv, direction: Tensor = direction) -> Tensor:
             current = state["codes"][..., j]
-            delta = iv.value - current if iv.mode == "clamp" else torch.full_like(current, iv.value)
+            if iv.mode == "clamp":
+                delta = iv.value - current
+            elif iv.mode == "scale":
+                delta = (iv.value - 1.0) * current
+            else:
+                delta = torch.full_like(current, iv.value)
             return _check_finite(x + (delta[..., None] * direction).to(x), iv.describe(), site_out)
 
         edits.append(Edit(site_out, edit, _positions(iv.where, prompt_len)))
