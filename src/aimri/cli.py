@@ -534,6 +534,88 @@ def _steer_sweep(subject, texts, choices, spec, concept, out, options, as_json, 
 
 
 @app.command()
+def trace(
+    model: Annotated[str, typer.Argument(help="embedded name, .gguf file, HF directory or hub id")],
+    prompt: Annotated[str, typer.Argument(help="the prompt whose next-token prediction is traced")],
+    transcoders: Annotated[
+        Path | None, typer.Option(help="folder of layer-L transcoders (default: runs/MODEL/transcoders)")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="graph JSON (circuit-tracer / Neuronpedia format)")] = Path("graph.json"),
+    html: Annotated[Path | None, typer.Option(help="static rendering (default: OUT with .html)")] = None,
+    node_threshold: Annotated[float, typer.Option(help="influence share kept by node pruning, in (0, 1]")] = 0.8,
+    edge_threshold: Annotated[float, typer.Option(help="score share kept by edge pruning, in (0, 1]")] = 0.98,
+    max_feature_nodes: Annotated[int, typer.Option(help="features whose incoming edges are computed")] = 1024,
+    batch_size: Annotated[int, typer.Option(help="targets per backward pass")] = 32,
+    intervene: Annotated[
+        list[str], typer.Option(help="LAYER/FEATURE[@POS,..]=VALUE or =xFACTOR; prints the new top logits")
+    ] = [],  # noqa: B006
+    quiet: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Attribution graph of a prompt through per-layer transcoders: pruned, scored, exported, rendered."""
+    import aimri
+    from aimri.circuits.attribution import attribute
+    from aimri.circuits.export import graph_json, render_html
+    from aimri.circuits.intervene import intervene as run_intervention
+    from aimri.circuits.intervene import parse_change
+    from aimri.circuits.prune import prune, supernodes
+    from aimri.circuits.replacement import ReplacementModel, load_transcoders
+    from aimri.paths import atomic_write_text
+
+    for name, value in (("--node-threshold", node_threshold), ("--edge-threshold", edge_threshold)):
+        if not 0 < value <= 1:
+            raise AimriError(f"{name} must be in (0, 1], got {value}")
+    if not prompt.strip():
+        raise AimriError("the prompt is empty")
+    changes = [parse_change(c) for c in intervene]
+    subject = aimri.load(model)
+    folder = transcoders or Path("runs") / Path(model).name.removesuffix(".gguf") / "transcoders"
+    tcs = load_transcoders(folder, subject)
+    replacement = ReplacementModel(subject, tcs)
+    graph = attribute(
+        replacement, prompt, max_feature_nodes=max_feature_nodes, batch_size=batch_size, progress=not quiet
+    )
+    pruned = prune(graph, node_threshold, edge_threshold)
+    clerps = _atlas_clerps(graph, pruned, folder)
+    groups = supernodes(graph, pruned.node_mask, {k: tc.W_dec.detach() for k, tc in tcs.items()}, clerps)
+    data = graph_json(graph, pruned, out.stem, Path(model).name, clerps, groups, node_threshold)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(data))
+    page = html or out.with_suffix(".html")
+    atomic_write_text(page, render_html(data))
+    console.print(f"[green]wrote[/] {out} and {page}: {len(data['nodes'])} nodes, {len(data['links'])} links")
+    summary = {
+        "prompt_tokens": graph.n_pos, "features": graph.n_features, "features_expanded": graph.meta["features_expanded"],
+        "edges": len(graph.edge_weights), "kept_nodes": len(data["nodes"]), "kept_links": len(data["links"]),
+        "replacement": pruned.replacement, "completeness": pruned.completeness,
+        "replacement_full": pruned.replacement_full, "completeness_full": pruned.completeness_full,
+        "seconds": round(graph.meta["seconds"], 1),
+        "top_logits": list(zip(graph.logit_token_strings, graph.logit_probs, strict=True)),
+    }  # fmt: skip
+    if changes:
+        summary["intervention"] = run_intervention(subject, tcs, graph.tokens, changes)
+    print(json.dumps(summary))
+
+
+def _atlas_clerps(graph, pruned, folder: Path) -> dict[int, str]:  # type: ignore[no-untyped-def]
+    """Labels of kept feature nodes from each layer's atlas (FOLDER/layer-L/atlas.sqlite), where one exists."""
+    from aimri.atlas.db import Atlas
+
+    atlases: dict[int, Atlas | None] = {}
+    clerps: dict[int, str] = {}
+    for node in pruned.node_mask[: graph.n_features].nonzero().flatten().tolist():
+        layer, _, index = (int(v) for v in graph.features[node])
+        if layer not in atlases:
+            path = folder / f"layer-{layer}" / "atlas.sqlite"
+            atlases[layer] = Atlas(path) if path.is_file() else None
+        atlas = atlases[layer]
+        if atlas is not None:
+            labels = atlas.card(index, n_top=0)["labels"]
+            if labels:
+                clerps[node] = labels[-1]["label"]
+    return clerps
+
+
+@app.command()
 def compare(
     atlases: Annotated[list[Path], typer.Argument(help="atlas files labelled with the same explainer and scorer")],
     explainer: Annotated[str, typer.Option()] = "statistical",

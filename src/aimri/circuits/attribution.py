@@ -39,6 +39,7 @@ class Graph:
     edge_sources: Tensor  # [n_edges]
     edge_weights: Tensor  # [n_edges]
     expanded: Tensor  # bool [n_nodes]: whose incoming edges were computed
+    logit_token_strings: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -146,6 +147,7 @@ def attribute(
         token_strings=[text([i]) for i in ids], features=features, activations=activations.float(), n_layers=L,
         logit_tokens=logit_tokens, logit_probs=logit_probs, edge_targets=torch.zeros(0, dtype=torch.long),
         edge_sources=torch.zeros(0, dtype=torch.long), edge_weights=torch.zeros(0), expanded=torch.zeros(0, dtype=torch.bool),
+        logit_token_strings=[text([t]) for t in logit_tokens],
     )  # fmt: skip
     n = graph.n_nodes
     expanded = torch.zeros(n, dtype=torch.bool)

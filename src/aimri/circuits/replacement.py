@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -112,6 +113,28 @@ def _frozen_norm(name: str, module: nn.Module):  # type: ignore[no-untyped-def]
         )
 
     return hook
+
+
+def load_transcoders(folder: Path, subject: Subject) -> dict[int, Dictionary]:
+    """Transcoders saved by `mri train-transcoders` (FOLDER/layer-L), checked against the subject."""
+    from aimri.dictionaries import load_dictionary
+
+    if not folder.is_dir():
+        raise AimriError(f"{folder} is not a folder of transcoders; make one with `mri train-transcoders`")
+    found: dict[int, Dictionary] = {}
+    for sub in sorted(folder.glob("layer-*")):
+        if (sub / "cfg.json").exists():
+            tc = load_dictionary(sub)
+            layer = int(sub.name.removeprefix("layer-"))
+            revision = tc.cfg.model_revision
+            if revision and subject.revision != "unknown" and revision != subject.revision:
+                raise AimriError(
+                    f"{sub} was trained on another model (revision {revision[:12]}, not {subject.revision[:12]})"
+                )
+            found[layer] = tc
+    if not found:
+        raise AimriError(f"{folder} holds no transcoders (expected layer-0 ... layer-{subject.n_layers - 1})")
+    return found
 
 
 class ReplacementModel:
