@@ -149,14 +149,20 @@ def test_pruning_and_scores() -> None:
     assert full.replacement_full == pytest.approx(1.0) and full.completeness_full == pytest.approx(1.0)  # no error mass
 
     llama = tiny_subject("llama")
-    graph = attribute(ReplacementModel(llama, random_transcoders(llama, width=24)), ids, max_feature_nodes=10_000, progress=False)
+    graph = attribute(
+        ReplacementModel(llama, random_transcoders(llama, width=24)), ids, max_feature_nodes=10_000, progress=False
+    )
     pruned = prune(graph, 0.8, 0.98)
     assert 0 < pruned.replacement_full < 1 and 0 < pruned.completeness_full < 1
-    assert pruned.replacement <= pruned.replacement_full + 1e-6 and pruned.completeness <= pruned.completeness_full + 1e-6
+    assert (
+        pruned.replacement <= pruned.replacement_full + 1e-6 and pruned.completeness <= pruned.completeness_full + 1e-6
+    )
     kept_features = int(pruned.node_mask[: graph.n_features].sum())
     assert 0 < kept_features < graph.n_features and bool(pruned.node_mask[graph.embed_start :].all())
     loose = prune(graph, 0.5, 0.5)
-    assert int(loose.node_mask.sum()) <= int(pruned.node_mask.sum()) and int(loose.edge_mask.sum()) <= int(pruned.edge_mask.sum())
+    assert int(loose.node_mask.sum()) <= int(pruned.node_mask.sum()) and int(loose.edge_mask.sum()) <= int(
+        pruned.edge_mask.sum()
+    )
     for bad in (0.0, 1.5):
         with pytest.raises(AimriError, match=r"\(0, 1\]"):
             prune(graph, bad, 0.9)
@@ -184,9 +190,65 @@ def test_graph_interventions_scale_and_set_features() -> None:
     # "set" at the last position equals a direct edit of the MLP output by (value - a) * W_dec
     a = float(transcoders[2].encode(acts)[busiest].detach())
     out = intervene(subject, transcoders, ids, [parse_change(f"2/{busiest}@5=0")], k=3)
-    edit = {"mlp.out.2": lambda x: x - torch.where(torch.arange(6)[None, :, None] == 5, a * transcoders[2].W_dec[busiest], 0)}
+    edit = {
+        "mlp.out.2": lambda x: (
+            x - torch.where(torch.arange(6)[None, :, None] == 5, a * transcoders[2].W_dec[busiest], 0)
+        )
+    }
     probs = subject.run(torch.tensor([ids]), edit=edit, stop=False)["logits"][0, -1].softmax(-1)
     assert [p for _, p in out["after"]] == pytest.approx(probs.topk(3).values.tolist(), rel=1e-4)
     for bad in ("2/17", "2/9999=1", "2/1@99=1", "9/1=1"):
         with pytest.raises(AimriError):
             intervene(subject, transcoders, ids, [parse_change(bad)])
+
+
+def test_cli_trace_writes_graph_json_and_html(tiny_lm_dir: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import subprocess
+    import sys
+
+    import aimri
+    from aimri.dictionaries.formats import save_dictionary
+
+    subject = aimri.load(tiny_lm_dir)
+    for layer, tc in random_transcoders(subject, width=24).items():
+        save_dictionary(tc, tmp_path / "tcs" / f"layer-{layer}")
+    cli = [sys.executable, "-m", "aimri.cli", "trace", tiny_lm_dir, "The lighthouse keeper climbed the",
+           "--transcoders", str(tmp_path / "tcs"), "--out", str(tmp_path / "g" / "graph.json"), "--quiet"]  # fmt: skip
+    done = subprocess.run([*cli, "--intervene", "1/3=x-2"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["features_expanded"] > 0 and 0 < summary["replacement_full"] <= 1
+    assert {"before", "after"} <= set(summary["intervention"])
+    data = json.loads((tmp_path / "g" / "graph.json").read_text())
+    assert {"metadata", "qParams", "nodes", "links"} <= set(data)
+    kinds = {n["feature_type"] for n in data["nodes"]}
+    assert {"embedding", "logit"} <= kinds and data["metadata"]["prompt_tokens"][0] == "The"
+    ids = {n["node_id"] for n in data["nodes"]}
+    assert all(link["source"] in ids and link["target"] in ids for link in data["links"])
+    assert (tmp_path / "g" / "graph.html").read_text().startswith("<!doctype html>")
+    (tmp_path / "tcs" / "layer-1" / "cfg.json").unlink()
+    incomplete = subprocess.run(cli, capture_output=True, text=True)
+    assert incomplete.returncode == 2 and "layers [1]" in incomplete.stderr
+    bad = subprocess.run([*cli[:-1], "--node-threshold", "1.5"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "(0, 1]" in bad.stderr
+
+
+@pytest.mark.integration
+def test_replacement_on_the_default_model_is_exact_and_attributes() -> None:
+    """SmolLM2 with a (random, untrained) transcoder at all 30 layers: the replacement's logits are the
+    model's, and the graph's logit rows are built from every kind of node."""
+    import aimri
+    from aimri.circuits.attribution import attribute
+
+    subject = aimri.load()
+    model = ReplacementModel(subject, random_transcoders(subject, width=64))
+    ids = subject.tokenizer("The capital of the state containing Dallas is")["input_ids"]
+    with torch.no_grad():
+        plain = subject.model(input_ids=torch.tensor([ids])).logits[0]
+    assert torch.allclose(model.run(torch.tensor(ids)).logits, plain, atol=1e-4, rtol=0)
+    assert subject.tokenizer.decode([int(plain[-1].argmax())]) == " Texas"
+    graph = attribute(model, ids, max_feature_nodes=16, batch_size=16, progress=False)
+    sources, _ = graph.row(graph.logit_start)
+    kinds = {graph.kind(s) for s in sources.tolist()}
+    assert kinds == {"feature", "error", "embedding"} and graph.meta["features_expanded"] == 16
