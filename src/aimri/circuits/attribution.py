@@ -112,8 +112,12 @@ def attribute(
     max_feature_nodes: int = 4096,
     batch_size: int = 32,
     progress: bool = True,
+    memory_budget: float = 2e9,
+    edge_floor: float = 1e-6,
 ) -> Graph:
-    """The attribution graph of `prompt` under `model`'s transcoders."""
+    """The attribution graph of `prompt` under `model`'s transcoders. Copies per backward pass are capped
+    so their activations fit `memory_budget` bytes; in each row, edges under `edge_floor` x the row's
+    total |weight| are dropped (their share is recorded in meta["dropped_weight"])."""
     subject = model.subject
     tok = subject.tokenizer
     if isinstance(prompt, str) and tok is None:
@@ -130,6 +134,10 @@ def attribute(
     with torch.no_grad():
         base = model.run(ids_t)
     n_pos, L = len(ids), subject.n_layers
+    width = sum(tc.cfg.d_sae for tc in model.transcoders.values()) / max(1, L)
+    per_copy = 4.0 * n_pos * L * (3 * width + 12 * subject.d_model)  # codes + grads + the model's activations
+    batch_size = max(1, min(batch_size, int(memory_budget // per_copy)))
+    dropped = [0.0, 0.0]
     logit_tokens, logit_probs = _top_logits(base.logits[-1])
     feats = []
     for layer in range(L):
@@ -192,9 +200,12 @@ def attribute(
                     parts_w.append((ge[b].float() * errors[layer].float()).sum(-1))
             s = torch.cat(parts_s)
             w = torch.cat(parts_w).detach()
-            keep = w != 0
-            rows_t.append(torch.full((int(keep.sum()),), t, dtype=torch.long))
-            rows_s.append(s[keep])
+            magnitude = w.abs()
+            keep = magnitude > edge_floor * float(magnitude.sum())
+            dropped[0] += float(magnitude[~keep].sum())
+            dropped[1] += float(magnitude.sum())
+            rows_t.append(torch.full((int(keep.sum()),), t, dtype=torch.int32))
+            rows_s.append(s[keep].int())
             rows_w.append(w[keep])
             expanded[t] = True
 
@@ -207,7 +218,7 @@ def attribute(
             bar.update(task, advance=len(logit_nodes[i : i + batch_size]))
         done = 0
         while done < budget:
-            t, s, w = torch.cat(rows_t), torch.cat(rows_s), torch.cat(rows_w)
+            t, s, w = torch.cat(rows_t).long(), torch.cat(rows_s).long(), torch.cat(rows_w)
             scores = influence(graph, t, s, w, torch.tensor(logit_probs))
             scores[graph.n_features :] = -1
             scores[expanded] = -1
@@ -218,7 +229,11 @@ def attribute(
             expand(order.tolist())
             done += len(order)
             bar.update(task, advance=len(order), rate=f"{done:,} features expanded")
-    graph.edge_targets, graph.edge_sources, graph.edge_weights = torch.cat(rows_t), torch.cat(rows_s), torch.cat(rows_w)
+    graph.edge_targets, graph.edge_sources = torch.cat(rows_t).long(), torch.cat(rows_s).long()
+    graph.edge_weights = torch.cat(rows_w)
     graph.expanded = expanded
-    graph.meta = {"seconds": time.perf_counter() - start, "features_expanded": int(expanded[: graph.n_features].sum())}
+    graph.meta = {
+        "seconds": time.perf_counter() - start, "features_expanded": int(expanded[: graph.n_features].sum()),
+        "copies_per_pass": batch_size, "dropped_weight": dropped[0] / max(dropped[1], 1e-30),
+    }  # fmt: skip
     return graph

@@ -1,0 +1,95 @@
+"""Attribution-graph cost against prompt length on the default model.
+
+    python bench/trace.py --json [--transcoders DIR] [--lengths 32,64,128,256,512,1024] [--max-feature-nodes 64]
+
+Each length runs in a fresh process (so its peak RSS is its own): the seconds for `attribute` (logit rows
+plus `max-feature-nodes` feature rows by influence), the process's peak memory, node and edge counts, and
+the memory a dense n x n fp32 adjacency over the same nodes would take (circuit-tracer's layout), for
+comparison. Transcoders default to runs/smollm2-135m-instruct/transcoders (`mri train-transcoders`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import emit, gemm_gflops
+
+
+def one(transcoders: Path, length: int, max_feature_nodes: int) -> dict:
+    import aimri
+    from aimri.circuits.attribution import attribute
+    from aimri.circuits.replacement import ReplacementModel, load_transcoders
+    from aimri.data.corpus import Corpus
+    from aimri.data.default_corpus import default_corpus_path
+
+    subject = aimri.load()
+    model = ReplacementModel(subject, load_transcoders(transcoders, subject))
+    corpus = Corpus.from_paths([default_corpus_path()])
+    ids: list[int] = []
+    for doc in corpus.documents():
+        ids += subject.tokenizer(doc.text)["input_ids"]
+        if len(ids) >= length:
+            break
+    start = time.perf_counter()
+    graph = attribute(model, ids[:length], max_feature_nodes=max_feature_nodes, progress=False)
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "nodes": graph.n_nodes, "edges": len(graph.edge_weights), "copies_per_pass": graph.meta["copies_per_pass"],
+        "dense_adjacency_mb": graph.n_nodes**2 * 4 / 2**20,
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--transcoders", type=Path, default=Path("runs/smollm2-135m-instruct/transcoders"))
+    parser.add_argument("--lengths", default="32,64,128,256,512,1024")
+    parser.add_argument("--max-feature-nodes", type=int, default=64)
+    parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(one(args.transcoders, args.child, args.max_feature_nodes)))
+        return
+    if not (args.transcoders / "layer-0" / "cfg.json").exists():
+        sys.exit(f"no transcoders at {args.transcoders}: run `mri train-transcoders` first (or pass --transcoders)")
+    log = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    gflops = gemm_gflops()
+    by_len: dict[str, dict] = {}
+    for length in [int(x) for x in args.lengths.split(",")]:
+        cmd = [sys.executable, __file__, "--child", str(length), "--transcoders", str(args.transcoders),
+               "--max-feature-nodes", str(args.max_feature_nodes)]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            log(f"{length} tokens failed: {done.stderr.strip()[-400:]}")
+            break
+        by_len[str(length)] = json.loads(done.stdout.strip().splitlines()[-1])
+        log(f"{length} tokens: {by_len[str(length)]}")
+    emit(
+        {
+            "seconds_by_len": {k: round(v["seconds"], 1) for k, v in by_len.items()},
+            "peak_mb_by_len": {k: round(v["peak_mb"]) for k, v in by_len.items()},
+            "dense_adjacency_mb_by_len": {k: round(v["dense_adjacency_mb"]) for k, v in by_len.items()},
+            "nodes_by_len": {k: v["nodes"] for k, v in by_len.items()},
+            "edges_by_len": {k: v["edges"] for k, v in by_len.items()},
+            "max_len_ok": max((int(k) for k in by_len), default=0),
+            "max_feature_nodes": args.max_feature_nodes,
+            "speedup_vs_circuit_tracer": None,  # not measured yet: see the circuits issue note
+            "gemm_gflops": round(gflops, 1),
+            "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        },
+        args.json,
+    )
+
+
+if __name__ == "__main__":
+    main()
