@@ -20,6 +20,7 @@ PEERS: dict[str, list[str]] = {
     "sae_lens": ["sae-lens==6.*"],
     "sparsify": ["eai-sparsify==1.*"],
     # delphi's own pins pull vLLM (a CUDA torch); its latent cache needs none of that
+    "circuit_tracer": ["circuit-tracer==0.5.*", "nnsight==0.6.*"],  # 0.5 imports paths nnsight 0.7 moved
     "delphi": [
         "transformers>=4.56",
         "safetensors",

@@ -252,3 +252,53 @@ def test_replacement_on_the_default_model_is_exact_and_attributes() -> None:
     sources, _ = graph.row(graph.logit_start)
     kinds = {graph.kind(s) for s in sources.tolist()}
     assert kinds == {"feature", "error", "embedding"} and graph.meta["features_expanded"] == 16
+
+
+@pytest.mark.integration
+def test_edges_agree_with_circuit_tracer(tiny_lm_dir: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The same tiny Llama, TopK transcoders and prompt through circuit-tracer's nnsight backend (its own
+    venv, bench/.venvs/circuit_tracer): the top logit's incoming edges from the features it selected and from
+    the token embeddings equal ours."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import aimri
+    from aimri.circuits.attribution import attribute
+    from aimri.dictionaries.formats import save_dictionary
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    from common import peer_python
+
+    subject = aimri.load(tiny_lm_dir)
+    torch.manual_seed(7)
+    transcoders = {}
+    for layer in range(subject.n_layers):
+        tc = build(DictionaryConfig("topk", 32, 24, d_out=32, k=4, site=f"mlp.in.{layer}", site_out=f"mlp.out.{layer}"))
+        with torch.no_grad():
+            tc.b_enc.fill_(2.0)  # top-k pre-activations positive: its TopK keeps sign, ours clips at 0
+        save_dictionary(tc, tmp_path / "tcs" / f"layer-{layer}")
+        transcoders[layer] = tc
+    ids = [subject.tokenizer.bos_token_id, *subject.tokenizer(" The lighthouse keeper climbed the")["input_ids"]]
+    (tmp_path / "ids.json").write_text(json.dumps(ids))
+    python = peer_python("circuit_tracer", log=lambda m: None)
+    done = subprocess.run(
+        [str(python), str(root / "bench" / "peers" / "circuit_tracer_trace.py"), tiny_lm_dir, str(tmp_path / "tcs"),
+         str(tmp_path / "ids.json"), "16", str(tmp_path / "ct.json")],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = json.loads((tmp_path / "ct.json").read_text())
+    assert theirs["tokens"] == ids
+    graph = attribute(ReplacementModel(subject, transcoders), ids, max_feature_nodes=16, progress=False)
+    sources, weights = graph.row(graph.logit_start)
+    ours = dict(zip(sources.tolist(), weights.tolist(), strict=True))
+    index = {"_".join(map(str, f)): i for i, f in enumerate(graph.features.tolist())}
+    pairs = [(ours.get(index[k], 0.0), w) for k, w in theirs["feature_edges"].items() if k in index]
+    pairs += [(ours.get(graph.embed_start + p, 0.0), w) for p, w in enumerate(theirs["embed_edges"])]
+    assert len(pairs) > 10
+    scale = max(abs(b) for _, b in pairs)
+    assert max(abs(a - b) for a, b in pairs) < 1e-3 * scale
