@@ -72,7 +72,9 @@ def compare_with_circuit_tracer(transcoders: Path, length: int, max_feature_node
              str(max_feature_nodes), str(work / "ct.json"), log=log)  # fmt: skip
     theirs = json.loads((work / "ct.json").read_text())
     if theirs["tokens"] != ids:
-        raise RuntimeError(f"circuit-tracer attributed other tokens ({theirs['tokens'][:4]}...) than ours ({ids[:4]}...)")
+        raise RuntimeError(
+            f"circuit-tracer attributed other tokens ({theirs['tokens'][:4]}...) than ours ({ids[:4]}...)"
+        )
     model = ReplacementModel(subject, load_transcoders(transcoders, subject))
     start = time.perf_counter()
     graph = attribute(model, ids, max_feature_nodes=max_feature_nodes, progress=False)
