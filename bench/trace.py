@@ -4,8 +4,11 @@
 
 Each length runs in a fresh process (so its peak RSS is its own): the seconds for `attribute` (logit rows
 plus `max-feature-nodes` feature rows by influence), the process's peak memory, node and edge counts, and
-the memory a dense n x n fp32 adjacency over the same nodes would take (circuit-tracer's layout), for
-comparison. Transcoders default to runs/smollm2-135m-instruct/transcoders (`mri train-transcoders`).
+the memory circuit-tracer's dense fp32 adjacency would take for the same graph (it covers the selected
+features, error nodes, tokens and logits; our sparse edges also keep every active feature as a source).
+`--peer-length N` also runs circuit-tracer itself (nnsight backend, its own venv) on an N-token prompt:
+seconds, peak memory and agreement of the top logit's edges. Transcoders default to
+runs/smollm2-135m-instruct/transcoders (`mri train-transcoders`).
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ def one(transcoders: Path, length: int, max_feature_nodes: int) -> dict:
     return {
         "seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "nodes": graph.n_nodes, "edges": len(graph.edge_weights), "copies_per_pass": graph.meta["copies_per_pass"],
-        "dense_adjacency_mb": graph.n_nodes**2 * 4 / 2**20,
+        # circuit-tracer's layout: a dense fp32 matrix over selected features, error nodes, tokens and logits
+        "dense_adjacency_mb": (graph.meta["features_expanded"] + (graph.n_layers + 1) * graph.n_pos
+                               + len(graph.logit_tokens)) ** 2 * 4 / 2**20,
     }  # fmt: skip
 
 
