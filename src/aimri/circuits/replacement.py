@@ -205,8 +205,9 @@ class ReplacementModel:
             true = out[0] if isinstance(out, tuple) else out
             x = state["inputs"][layer]
             batched = state["batched"]
-            with torch.no_grad():
-                codes = tc.encode((x if batched else x[0]).detach().float())
+            with torch.no_grad():  # every copy holds the same prompt: encode one, copy the codes
+                codes = tc.encode(x[0].detach().float())
+                codes = codes.expand(x.shape[0], *codes.shape).clone() if batched else codes
             leaf = codes.requires_grad_(True)  # [seq, d_sae], or [batch, seq, d_sae]
             recon = leaf @ tc.W_dec.detach() + tc.b_dec.detach()
             recon = recon if batched else recon[None]
