@@ -12,6 +12,7 @@ logits, up to `max_feature_nodes` expanded. Edges are kept sparse (COO), never a
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,13 +80,18 @@ class Graph:
         return self.edge_sources[at], self.edge_weights[at]
 
 
+def normalised(targets: Tensor, weights: Tensor, n: int) -> Tensor:
+    """|weight| of each edge as a share of its target's total incoming |weight|."""
+    magnitude = weights.abs()
+    row_sum = torch.zeros(n).index_add_(0, targets, magnitude)
+    return magnitude / row_sum[targets].clamp_min(1e-30)
+
+
 def influence(graph: Graph, targets: Tensor, sources: Tensor, weights: Tensor, logit_weights: Tensor) -> Tensor:
     """Each node's total influence on the logits: the logit probabilities propagated back through the
     graph with every target's incoming |weights| normalised to sum 1 (the graph is a DAG, so this ends)."""
     n = graph.n_nodes
-    magnitude = weights.abs()
-    row_sum = torch.zeros(n).index_add_(0, targets, magnitude)
-    norm = magnitude / row_sum[targets].clamp_min(1e-30)
+    norm = normalised(targets, weights, n)
     current = torch.zeros(n)
     current[graph.logit_start :] = logit_weights
     total = torch.zeros(n)
@@ -139,17 +145,13 @@ def attribute(
     batch_size = max(1, min(batch_size, int(memory_budget // per_copy)))
     dropped = [0.0, 0.0]
     logit_tokens, logit_probs = _top_logits(base.logits[-1])
-    feats = []
+    feats, acts = [], []
     for layer in range(L):
         codes = base.codes[layer].detach()
         pos, idx = (codes != 0).nonzero(as_tuple=True)
         feats.append(torch.stack([torch.full_like(pos, layer), pos, idx], 1))
-    features = torch.cat(feats) if feats else torch.zeros(0, 3, dtype=torch.long)
-    activations = (
-        torch.stack([base.codes[int(f[0])][int(f[1]), int(f[2])].detach() for f in features])
-        if len(features)
-        else torch.zeros(0)
-    )
+        acts.append(codes[pos, idx])
+    features, activations = torch.cat(feats), torch.cat(acts)
     graph = Graph(
         prompt=prompt if isinstance(prompt, str) else text(ids), tokens=ids,
         token_strings=[text([i]) for i in ids], features=features, activations=activations.float(), n_layers=L,
@@ -159,10 +161,14 @@ def attribute(
     )  # fmt: skip
     n = graph.n_nodes
     expanded = torch.zeros(n, dtype=torch.bool)
-    # per layer: where each active feature sits in the node list, for gathering rows
+    # the sources every row shares, in one order: embeddings, then per layer its active features and errors
     layer_nodes = {layer: (features[:, 0] == layer).nonzero().flatten() for layer in range(L)}
-    errors = {layer: base.errors[layer].detach() for layer in range(L)}
-    embeds = base.embeddings.detach()
+    positions = torch.arange(n_pos)
+    sources = torch.cat([graph.embed_start + positions] + [
+        torch.cat([layer_nodes[layer], graph.error_start + layer * n_pos + positions]) for layer in range(L)
+    ])  # fmt: skip
+    errors = {layer: base.errors[layer].detach().float() for layer in range(L)}
+    embeds = base.embeddings.detach().float()
     W_enc = {layer: model.transcoders[layer].W_enc.detach() for layer in range(L)}
     rows_t: list[Tensor] = []
     rows_s: list[Tensor] = []
@@ -181,32 +187,25 @@ def attribute(
                 quantities.append(run.mlp_inputs[layer][b, pos].float() @ W_enc[layer][:, idx])
         leaves = [run.embeddings, *(run.codes[layer] for layer in range(L)), *(run.errors[layer] for layer in range(L))]
         grads = torch.autograd.grad(torch.stack(quantities).sum(), leaves, allow_unused=True)
-        g_emb, g_codes, g_err = grads[0], grads[1 : 1 + L], grads[1 + L :]
+
+        def direct(grad: Tensor | None, width: int, value: Callable[[Tensor], Tensor]) -> Tensor:
+            return torch.zeros(B, width) if grad is None else value(grad.detach().float())
+
+        parts = [direct(grads[0], n_pos, lambda g: (g * embeds).sum(-1))]  # [B, n_pos] each, in `sources` order
+        for layer in range(L):
+            f = features[layer_nodes[layer]]
+            a = graph.activations[layer_nodes[layer]]
+            parts.append(direct(grads[1 + layer], len(f), lambda g, f=f, a=a: g[:, f[:, 1], f[:, 2]] * a))
+            parts.append(direct(grads[1 + L + layer], n_pos, lambda g, e=errors[layer]: (g * e).sum(-1)))
+        weights = torch.cat(parts, 1)
+        magnitude = weights.abs()
+        keep = magnitude > edge_floor * magnitude.sum(1, keepdim=True)
+        dropped[0] += float(magnitude[~keep].sum())
+        dropped[1] += float(magnitude.sum())
         for b, t in enumerate(targets):
-            parts_s, parts_w = [], []
-            if g_emb is not None:
-                parts_s.append(graph.embed_start + torch.arange(n_pos))
-                parts_w.append((g_emb[b].float() * embeds.float()).sum(-1))
-            for layer in range(L):
-                g = g_codes[layer]
-                nodes = layer_nodes[layer]
-                if g is not None and len(nodes):
-                    f = features[nodes]
-                    parts_s.append(nodes)
-                    parts_w.append(g[b][f[:, 1], f[:, 2]].float() * graph.activations[nodes])
-                ge = g_err[layer]
-                if ge is not None:
-                    parts_s.append(graph.error_start + layer * n_pos + torch.arange(n_pos))
-                    parts_w.append((ge[b].float() * errors[layer].float()).sum(-1))
-            s = torch.cat(parts_s)
-            w = torch.cat(parts_w).detach()
-            magnitude = w.abs()
-            keep = magnitude > edge_floor * float(magnitude.sum())
-            dropped[0] += float(magnitude[~keep].sum())
-            dropped[1] += float(magnitude.sum())
-            rows_t.append(torch.full((int(keep.sum()),), t, dtype=torch.int32))
-            rows_s.append(s[keep].int())
-            rows_w.append(w[keep])
+            rows_t.append(torch.full((int(keep[b].sum()),), t, dtype=torch.int32))
+            rows_s.append(sources[keep[b]].int())
+            rows_w.append(weights[b, keep[b]])
             expanded[t] = True
 
     logit_nodes = list(range(graph.logit_start, n))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from aimri.circuits.attribution import Graph, influence
+from aimri.circuits.attribution import Graph, influence, normalised
 from aimri.errors import AimriError
 
 
@@ -39,9 +39,7 @@ def _logit_weights(graph: Graph) -> Tensor:
 
 
 def _normalised(graph: Graph) -> Tensor:
-    magnitude = graph.edge_weights.abs()
-    row_sum = torch.zeros(graph.n_nodes).index_add_(0, graph.edge_targets, magnitude)
-    return magnitude / row_sum[graph.edge_targets].clamp_min(1e-30)
+    return normalised(graph.edge_targets, graph.edge_weights, graph.n_nodes)
 
 
 def scores(graph: Graph, node_mask: Tensor | None = None, edge_mask: Tensor | None = None) -> tuple[float, float]:

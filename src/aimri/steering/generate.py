@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from aimri.autointerp.llm import chat_ids
 from aimri.errors import AimriError
 from aimri.steering.interventions import Intervention, SteeringError, to_edits
 from aimri.subject.core import Subject
@@ -33,8 +34,7 @@ def prompt_ids(subject: Subject, prompt: str, chat: bool | None = None, system: 
         chat = bool(getattr(tok, "chat_template", None))
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return chat_ids(tok, messages)
     text = f"{system}\n\n{prompt}" if system else prompt
     return list(tok(text)["input_ids"])
 

@@ -20,10 +20,10 @@ from torch import Tensor
 from aimri.dictionaries.base import Dictionary
 from aimri.errors import AimriError
 from aimri.steering.interventions import DirectionEdit, FeatureEdit, SteeringError, Where
+from aimri.subject.sites import KINDS
 
-_FEATURE = re.compile(
-    r"^(?:(?P<site>(?:resid|attn\.out|mlp\.in|mlp\.neurons|mlp\.out)\.-?\d+)/)?(?P<dict>.+)#(?P<id>-?\d+)=(?P<value>\S+)$"
-)
+_KIND = "|".join(re.escape(kind) for kind in KINDS)
+_FEATURE = re.compile(rf"^(?:(?P<site>(?:{_KIND})\.-?\d+)/)?(?P<dict>.+)#(?P<id>-?\d+)=(?P<value>\S+)$")
 
 
 @dataclass
