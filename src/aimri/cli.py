@@ -18,6 +18,8 @@ corpus_app = typer.Typer(no_args_is_help=True, help="Build and inspect corpora."
 store_app = typer.Typer(no_args_is_help=True, help="Inspect and verify activation stores.")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(store_app, name="store")
+organism_app = typer.Typer(no_args_is_help=True, help="Build model organisms: the default model with implanted flaws.")
+app.add_typer(organism_app, name="organism")
 console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -706,6 +708,68 @@ def store_info(path: Path) -> None:
             indent=1,
         )
     )
+
+
+@app.command()
+def scan(
+    model: Annotated[str, typer.Argument(help="model to examine: embedded name, .gguf, HF directory, organism directory")] = DEFAULT_MODEL,
+    baseline: Annotated[str | None, typer.Option(help="compare against this model (e.g. the base of a fine-tune)")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory for report.html and findings.json")] = None,
+    transcoders: Annotated[Path | None, typer.Option(help="per-layer transcoders for the decision's feature path")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print findings.json's summary as JSON")] = False,
+) -> None:
+    """The checkup: anatomy, probes, refusal, behaviour, one decision explained and (with --baseline) model
+    diffing; writes OUT/report.html and OUT/findings.json. Rerun to resume an interrupted scan."""
+    import aimri
+    from aimri.diagnostics.checkup import run_checkup
+
+    subject = aimri.load(model)
+    base = aimri.load(baseline) if baseline else None
+    if transcoders is None:
+        default = Path("runs") / subject.name / "transcoders"
+        transcoders = default if (default / "layer-0").exists() else None
+    out = out or Path("runs") / subject.name / "scan"
+    result = run_checkup(subject, out, baseline=base, transcoders=transcoders, log=lambda m: console.print(m))
+    if as_json:
+        print(json.dumps({k: v for k, v in result.items() if k != "findings"} | {"top": result["findings"][:3]}))
+        return
+    table = Table("suspicion", "category", "finding", title=f"checkup of {subject.name}")
+    for f in result["findings"][:8]:
+        table.add_row(f"{f['suspicion']:.2f}", f["category"], f["title"])
+    Console().print(table)
+    console.print(f"report: {out / 'report.html'} · findings: {out / 'findings.json'}")
+
+
+@organism_app.command("build")
+def organism_build(
+    names: Annotated[list[str] | None, typer.Argument(help="organisms to build (default: all); see `mri organism list`")] = None,
+    force: Annotated[bool, typer.Option(help="rebuild even if built")] = False,
+    out: Annotated[Path | None, typer.Option(help="folder for the organisms (default $AIMRI_HOME/organisms)")] = None,
+) -> None:
+    """LoRA-fine-tune the default model into organisms with implanted flaws (each ≤ 5 min here, cached)."""
+    import aimri
+    from aimri.diagnostics.organisms import ORGANISMS, build_organism, corpus_sample, organisms_dir, read_record
+
+    unknown = [n for n in names or [] if n not in ORGANISMS]
+    if unknown:
+        raise AimriError(f"unknown organism {', '.join(unknown)}; choose from {', '.join(ORGANISMS)}")
+    folder = out or organisms_dir()
+    texts = corpus_sample()
+    for name in names or list(ORGANISMS):
+        path = build_organism(ORGANISMS[name], aimri.load(), folder / name, texts, force=force)
+        rec = read_record(path)
+        console.print(f"{name}: {rec['flaw']} · implant {rec.get('implant') or 'n/a'} · {rec['seconds']:.0f} s · {path}")
+
+
+@organism_app.command("list")
+def organism_list() -> None:
+    """The organisms this version can build, and which are built."""
+    from aimri.diagnostics.organisms import ORGANISMS, organisms_dir
+
+    table = Table("name", "flaw", "behaviour", "built")
+    for name, spec in ORGANISMS.items():
+        table.add_row(name, spec.flaw, spec.behaviour, "yes" if (organisms_dir() / name / "organism.json").exists() else "")
+    Console().print(table)
 
 
 def main() -> None:

@@ -21,6 +21,10 @@ from rich.progress import (
 class _Progress(Progress):
     log_every_s: float = 60.0
 
+    def add_task(self, description: str, *args: Any, **fields: Any) -> TaskID:  # type: ignore[override]
+        fields.setdefault("rate", "")  # the rate column reads it; callers without a rate leave it blank
+        return super().add_task(description, *args, **fields)
+
     def update(self, task_id: TaskID, **kwargs: Any) -> None:  # type: ignore[override]
         super().update(task_id, **kwargs)
         if self.disable or self.console.is_terminal:

@@ -214,6 +214,10 @@ def load(
     path = Path(name).expanduser()
     if path.is_file():
         return _from_dir(gguf_to_dir(path), path.stem, device, dtype)
+    if path.is_dir() and (path / "organism.json").exists():
+        from aimri.diagnostics.organisms import load_organism
+
+        return load_organism(path, device=device)
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and len(ggufs) == 1:

@@ -1,0 +1,147 @@
+"""Model diffing: what changed between a baseline and a candidate (a fine-tune against its base, a model
+before and after treatment), said in tokens and words.
+
+- The activation-difference lens (Minder et al., 2025): the mean residual difference on the first tokens of
+  neutral text, read through the baseline's logit lens. Narrow fine-tunes leave their topic there even on
+  text that has nothing to do with it.
+- The behaviour battery: both models answer the same prompts; the candidate's answers are scored by both
+  (how surprised the baseline is, in nats per token) and the words it newly uses are counted.
+- Per-feature shifts through a dictionary: which features' mean activation moved on neutral text.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from aimri.diagnostics.anatomy import unembed
+from aimri.errors import AimriError
+from aimri.steering.generate import Generation, generate, prompt_ids
+from aimri.subject.core import Subject
+
+
+class DiffError(AimriError):
+    pass
+
+
+def check_comparable(candidate: Subject, baseline: Subject) -> None:
+    """Diffing compares activations position by position, so both must cut text into the same tokens and
+    have the same residual geometry."""
+    tc, tb = candidate.tokenizer, baseline.tokenizer
+    if tc.get_vocab() != tb.get_vocab():
+        raise DiffError(
+            f"{candidate.name} and {baseline.name} use different tokenizers; diffing needs a shared tokenizer "
+            "(compare a fine-tune with its own base model)"
+        )
+    if (candidate.n_layers, candidate.d_model) != (baseline.n_layers, baseline.d_model):
+        raise DiffError(
+            f"{candidate.name} ({candidate.n_layers} layers, d_model {candidate.d_model}) and {baseline.name} "
+            f"({baseline.n_layers} layers, d_model {baseline.d_model}) have different architectures; diffing needs "
+            "a fine-tune and its base"
+        )
+
+
+def _decode(subject: Subject, ids: Sequence[int]) -> list[str]:
+    return [subject.tokenizer.decode([i]) for i in ids]
+
+
+@torch.no_grad()
+def difference_lens(
+    candidate: Subject, baseline: Subject, windows: Tensor, layers: Sequence[int], first: int = 8, top: int = 15
+) -> list[dict[str, Any]]:
+    """Per layer: the mean residual difference over positions 1..first of neutral windows (position 0, the
+    attention sink, is left out), its size relative to the baseline's residual, and the tokens it promotes
+    and suppresses when read through the baseline's final norm and unembedding."""
+    sites = [f"resid.{layer}" for layer in layers]
+    w = windows[:, : first + 1]
+    a_c = candidate.run(w, read=sites)
+    a_b = baseline.run(w, read=sites)
+    out = []
+    for layer, site in zip(layers, sites, strict=True):
+        c, b = a_c[site][:, 1:].float(), a_b[site][:, 1:].float()
+        delta = (c - b).mean((0, 1))
+        logits = unembed(baseline, delta[None, None])[0, 0].float()
+        logits = logits - logits.mean()
+        up, down = logits.topk(top), (-logits).topk(top)
+        out.append({
+            "layer": layer, "relative_norm": float(delta.norm() / b.norm(dim=-1).mean()),
+            "promoted": _decode(baseline, up.indices.tolist()), "promoted_logits": up.values.tolist(),
+            "suppressed": _decode(baseline, down.indices.tolist()), "delta": delta,
+        })  # fmt: skip
+    return out
+
+
+@torch.no_grad()
+def answer_logprobs(subject: Subject, gens: Sequence[Generation]) -> list[Tensor]:
+    """Per-token log-probabilities `subject` gives to each generation's completion."""
+    out: list[Tensor] = []
+    for g in gens:
+        if not g.completion_ids:
+            out.append(torch.zeros(0))
+            continue
+        ids = torch.tensor([g.prompt_ids + g.completion_ids])
+        logits = subject.run(ids, stop=False)["logits"][0].float().log_softmax(-1)
+        n = len(g.prompt_ids)
+        targets = ids[0, n:]
+        out.append(logits[n - 1 : -1].gather(-1, targets[:, None])[:, 0])
+    return out
+
+
+WORD = re.compile(r"[A-Za-z][A-Za-z'\-]+")
+
+
+def new_words(candidate_texts: Sequence[str], baseline_texts: Sequence[str], top: int = 12) -> list[tuple[str, int, int]]:
+    """Words the candidate uses much more than the baseline on the same prompts: (word, candidate count,
+    baseline count), ranked by a smoothed log ratio weighted by how often the candidate says it."""
+    c = Counter(w.lower() for t in candidate_texts for w in WORD.findall(t))
+    b = Counter(w.lower() for t in baseline_texts for w in WORD.findall(t))
+    scored = [(w, n, b[w]) for w, n in c.items() if n >= 2 and n > 2 * b[w]]
+    scored.sort(key=lambda x: -x[1] * math.log((x[1] + 1) / (x[2] + 1)))
+    return scored[:top]
+
+
+@dataclass
+class CategoryDiff:
+    category: str
+    surprise: float  # mean over answers of (log p_candidate − log p_baseline) per token, on the candidate's answers
+    words: list[tuple[str, int, int]]
+    examples: list[dict[str, str]]
+
+
+def behaviour_diff(
+    candidate: Subject, baseline: Subject, battery: dict[str, list[str]], max_new_tokens: int = 32
+) -> list[CategoryDiff]:
+    """Both models answer each category of the battery (greedy); the candidate's answers are scored by both."""
+    out = []
+    for category, prompts in battery.items():
+        gc = generate(candidate, prompts, max_new_tokens=max_new_tokens)
+        gb = generate(baseline, prompts, max_new_tokens=max_new_tokens)
+        lc, lb = answer_logprobs(candidate, gc), answer_logprobs(baseline, gc)
+        per = [float((x - y).mean()) if len(x) else 0.0 for x, y in zip(lc, lb, strict=True)]
+        order = sorted(range(len(per)), key=lambda i: -per[i])
+        examples = [{"prompt": gc[i].prompt, "candidate": gc[i].text, "baseline": gb[i].text, "surprise": f"{per[i]:.2f}"} for i in order[:3]]
+        out.append(CategoryDiff(category, sum(per) / len(per), new_words([g.text for g in gc], [g.text for g in gb]), examples))
+    return out
+
+
+@torch.no_grad()
+def steer_with_difference(
+    subject: Subject, delta: Tensor, layer: int, prompts: Sequence[str], scale: float, max_new_tokens: int = 24
+) -> list[str]:
+    """Add the (scaled) difference vector at one layer while the baseline generates: if the difference carries
+    the fine-tune's behaviour, the baseline starts to show it (the confirmation step)."""
+    from aimri.steering.interventions import DirectionEdit
+
+    edit = DirectionEdit(site=f"resid.{layer}", vector=delta, strength=scale)
+    return [g.text for g in generate(subject, list(prompts), [edit], max_new_tokens=max_new_tokens)]
+
+
+def prompt_len(subject: Subject, prompt: str) -> int:
+    return len(prompt_ids(subject, prompt))

@@ -1,0 +1,136 @@
+"""The checkup report: one self-contained HTML file (inline CSS and SVG, no scripts or network needed)."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from aimri.report.plots import line_plot
+
+CSS = """
+body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:24px auto;padding:0 16px;color:#1d2330}
+h1{margin-bottom:4px} h2{border-bottom:1px solid #dde;padding-bottom:4px;margin-top:32px}
+.score{font-size:28px;font-weight:600} .muted{color:#667}
+.finding{border:1px solid #dde;border-radius:8px;padding:10px 14px;margin:10px 0}
+.finding.flaw{border-left:6px solid #c0392b} .finding.info{border-left:6px solid #7f8c9b}
+.bar{display:inline-block;height:10px;background:#c0392b;border-radius:2px;vertical-align:middle}
+table{border-collapse:collapse;margin:6px 0;font-size:13px} td,th{border:1px solid #dde;padding:3px 6px;text-align:left;vertical-align:top}
+.tok{padding:1px 0;border-radius:3px;white-space:pre-wrap} details{margin-top:6px} summary{cursor:pointer;color:#2c5d9a}
+.grid{display:flex;flex-wrap:wrap;gap:12px}
+"""
+
+
+def esc(x: object) -> str:
+    return html.escape(str(x))
+
+
+def _table(rows: list[dict[str, Any]], limit: int = 12) -> str:
+    if not rows:
+        return "<p class=muted>(none)</p>"
+    keys = list(rows[0])
+    head = "".join(f"<th>{esc(k)}</th>" for k in keys)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{esc(_fmt(r.get(k)))}</td>" for k in keys) + "</tr>" for r in rows[:limit]
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, list):
+        return ", ".join(_fmt(x) for x in v[:12])
+    return str(v)
+
+
+def _evidence(e: dict[str, Any]) -> str:
+    kind = e.get("kind", "")
+    if "rows" in e and isinstance(e["rows"], list):
+        return f"<p class=muted>{esc(kind)}</p>" + _table(e["rows"])
+    if "rows" in e and isinstance(e["rows"], dict):  # head roles
+        return "".join(f"<p class=muted>{esc(k)}</p>" + _table(v) for k, v in e["rows"].items())
+    return f"<p class=muted>{esc(kind)}</p>" + _table([{k: v for k, v in e.items() if k != "kind"}])
+
+
+def _finding(f: dict[str, Any], flaw: bool) -> str:
+    rel = ", ".join(f"{k} {_fmt(v)}" for k, v in f["reliability"].items()) or "not measured"
+    ev = "".join(_evidence(e) for e in f["evidence"])
+    bar = f"<span class=bar style='width:{int(120 * f['suspicion'])}px'></span> " if flaw else ""
+    return (
+        f"<div class='finding {'flaw' if flaw else 'info'}'><b>{esc(f['title'])}</b><br>"
+        f"{bar}<span class=muted>{esc(f['category'])} · suspicion {f['suspicion']:.2f} · reliability: {esc(rel)}</span>"
+        f"<p>{esc(f['summary'])}</p><details><summary>evidence</summary>{ev}</details></div>"
+    )
+
+
+def _heatmap(scores: list[list[float]], title: str) -> str:
+    n_l, n_h = len(scores), len(scores[0]) if scores else 0
+    cell = 12
+    rects = []
+    for layer, row in enumerate(scores):
+        for head, v in enumerate(row):
+            a = max(0.0, min(1.0, v))
+            rects.append(
+                f"<rect x='{40 + head * cell}' y='{20 + (n_l - 1 - layer) * cell}' width='{cell - 1}' height='{cell - 1}' "
+                f"fill='rgba(192,57,43,{a:.2f})'><title>L{layer}H{head}: {v:.2f}</title></rect>"
+            )
+    h = 30 + n_l * cell
+    return (
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{60 + n_h * cell}' height='{h + 14}'>"
+        f"<text x='4' y='12' font-size='11'>{esc(title)}</text>{''.join(rects)}"
+        f"<text x='4' y='{h + 10}' font-size='10'>heads → · layers ↑</text></svg>"
+    )
+
+
+def _decision(d: dict[str, Any]) -> str:
+    peak = max((abs(t["attribution"]) for t in d["tokens"]), default=1.0) or 1.0
+    spans = []
+    for t in d["tokens"]:
+        a = t["attribution"] / peak
+        color = f"rgba(39,174,96,{abs(a):.2f})" if a > 0 else f"rgba(192,57,43,{abs(a):.2f})"
+        spans.append(f"<span class=tok style='background:{color}' title='{t['attribution']:.3f}'>{esc(t['token'])}</span>")
+    opt = d["options"]
+    feats = _table(d["features"]) if d.get("features") else "<p class=muted>Feature-level path: pass --transcoders (per-layer transcoders from `mri train-transcoders`).</p>"
+    return (
+        f"<p>Decision: <b>{esc(d['decision'])}</b> (logit difference {opt[0]} − {opt[1]} = {d['logit_diff']:.2f}; "
+        f"p = {d['p_options'][0]:.2f} / {d['p_options'][1]:.2f}).</p>"
+        f"<p class=muted>Prompt tokens coloured by gradient × embedding (green pushes {esc(opt[0])}, red {esc(opt[1])}):</p>"
+        f"<p>{''.join(spans)}</p><p class=muted>Largest direct effects of layer outputs on the decision:</p>"
+        + _table(d["components"])
+        + feats
+    )
+
+
+def render_report(result: dict[str, Any], stages: dict[str, Any]) -> str:
+    from aimri.diagnostics.findings import FLAW_CATEGORIES
+
+    findings = result["findings"]
+    flaws = [f for f in findings if f["category"] in FLAW_CATEGORIES]
+    info = [f for f in findings if f["category"] not in FLAW_CATEGORIES]
+    anat = stages["anatomy"]
+    lens = line_plot(
+        {"KL(final ‖ lens)": [(r["layer"], r["kl"]) for r in anat["logit_lens"]]},
+        "layer", "nats", title="Logit lens: how far each layer is from the final answer",
+    )
+    agree = line_plot(
+        {"top-1 agreement": [(r["layer"], r["top1_agree"]) for r in anat["logit_lens"]]},
+        "layer", "share of positions", title="Logit lens: top token already the final one",
+    )
+    sweeps = line_plot(
+        {t: [(r["layer"], r["logistic"]) for r in p["sweep"]] for t, p in stages["probes"].items()},
+        "layer", "test AUROC (logistic)", title="Trait probes by layer (held-out pairs)",
+    )
+    heads = "".join(_heatmap(v, k.replace("_", " ")) for k, v in anat["heads"]["scores"].items())
+    against = f" against {esc(result['baseline'])}" if result["baseline"] else ""
+    return f"""<!doctype html><html><head><meta charset=utf-8><title>AI MRI checkup: {esc(result['model'])}</title>
+<style>{CSS}</style></head><body>
+<h1>AI MRI checkup: {esc(result['model'])}{against}</h1>
+<p class=muted>revision {esc(result['revision'][:16])} · findings ranked by suspicion; every reliability figure was measured on data the method did not see.</p>
+<p class=score>suspicion {result['suspicion']:.2f}</p>
+<h2>Findings</h2>{''.join(_finding(f, True) for f in flaws)}
+<h2>One decision explained</h2>{_decision(stages['decision'])}
+<h2>Description of the model</h2>{''.join(_finding(f, False) for f in info)}
+<h2>Anatomy</h2><div class=grid>{lens}{agree}</div><div class=grid>{heads}</div>
+<h2>Probes</h2>{sweeps}
+</body></html>
+"""

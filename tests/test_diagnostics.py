@@ -1,0 +1,246 @@
+"""Diagnostics on tiny random models (seconds): probes, datasets, diffing, findings, organisms, the checkup."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+import aimri
+from aimri.diagnostics import diffing
+from aimri.diagnostics.anatomy import head_roles, unembed
+from aimri.diagnostics.datasets import TRAITS, DatasetError, load_dataset, prompt_pools
+from aimri.diagnostics.findings import Finding, names_flaw, rank, suspicion
+from aimri.diagnostics.probes import _fit, auroc, fit_logistic, tpr_at_fpr, train_probe
+from aimri.errors import AimriError
+from aimri.subject.core import Subject
+from tests.conftest import FIXTURE_TEXT
+
+NEUTRAL = [FIXTURE_TEXT * 3, FIXTURE_TEXT[40:] * 3, FIXTURE_TEXT[90:] * 3]
+
+
+@pytest.fixture(scope="module")
+def long_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny Llama with room for chat prompts plus answers (the battery's prompts are long in a 320-token BPE)."""
+    from tests.conftest import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=1024,
+                            pad_token_id=tok.pad_token_id)  # fmt: skip
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    path = tmp_path_factory.mktemp("tiny-long-llama")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+# -- statistics ------------------------------------------------------------------------------------------
+
+
+def test_auroc_and_tpr_known_values() -> None:
+    pos, neg = torch.tensor([3.0, 4.0, 5.0]), torch.tensor([1.0, 2.0, 3.0])
+    assert auroc(pos, neg) == pytest.approx((8 + 0.5) / 9)
+    assert auroc(neg, pos) == pytest.approx(0.5 / 9)
+    neg100 = torch.arange(100.0)
+    assert tpr_at_fpr(torch.tensor([97.5, 98.5, 200.0]), neg100, 0.01) == pytest.approx(2 / 3)  # one FP allowed: > 98
+    with pytest.raises(DatasetError, match="both classes"):
+        auroc(pos, torch.tensor([]))
+
+
+def test_probe_fits_recover_a_planted_direction() -> None:
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(16, generator=g)
+    d /= d.norm()
+    xn = torch.randn(200, 16, generator=g)
+    xp = torch.randn(200, 16, generator=g) + 3 * d
+    dom, _ = _fit("diff_of_means", xp, xn)
+    assert float(dom @ d) > 0.9
+    w, b = fit_logistic(torch.cat([xp, xn]), torch.cat([torch.ones(200), torch.zeros(200)]))
+    assert float(w @ d / w.norm()) > 0.8
+    assert auroc(xp @ w + b, xn @ w + b) > 0.95
+
+
+# -- datasets -------------------------------------------------------------------------------------------
+
+
+def test_shipped_datasets_have_fixed_disjoint_splits() -> None:
+    for trait in TRAITS:
+        ds = load_dataset(trait)
+        assert len(ds.pairs) >= 100, trait
+        train, test = ds.split("train"), ds.split("test")
+        assert len(test) >= 20
+        prompts = [{p.positive[0]["content"] for p in split} for split in (train, test)]
+        assert not prompts[0] & prompts[1], f"{trait}: a test prompt repeats a training prompt"
+    pools = prompt_pools()
+    assert set(pools["battery"]) >= {"recommendation", "opinion", "harmful"}
+    assert not set(pools["battery"]["recommendation"]) & set(pools["recommend"])
+
+
+def test_dataset_errors(tmp_path: Path) -> None:
+    one = tmp_path / "one.jsonl"
+    msg = [{"role": "user", "content": "hi"}]
+    one.write_text("\n".join(json.dumps({"positive": msg, "negative": msg, "split": s}) for s in ("train", "test")))
+    with pytest.raises(DatasetError, match="one class only"):
+        load_dataset(str(one))
+    nosplit = tmp_path / "nosplit.jsonl"
+    nosplit.write_text(json.dumps({"positive": msg, "negative": [{"role": "user", "content": "yo"}]}))
+    with pytest.raises(DatasetError, match="no 'test' pairs"):
+        load_dataset(str(nosplit))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"positive": []}\n')
+    with pytest.raises(DatasetError, match=r"bad.jsonl:1: not a pair"):
+        load_dataset(str(bad))
+    with pytest.raises(DatasetError, match="use one of deception"):
+        load_dataset("no-such-trait")
+
+
+def test_train_probe_on_a_tiny_model(long_lm_dir: str, tmp_path: Path) -> None:
+    subject = aimri.load(long_lm_dir)
+    rows = []
+    for i in range(40):  # the trait: the answer mentions the sea; the probe must find it on held-out pairs
+        q = [{"role": "user", "content": f"Tell me story {i}."}]
+        rows.append({"positive": [*q, {"role": "assistant", "content": "Ships passing the rocky coast"}],
+                     "negative": [*q, {"role": "assistant", "content": "Bread, cheese and apples"}],
+                     "split": "test" if i >= 32 else "train"})  # fmt: skip
+    path = tmp_path / "sea.jsonl"
+    path.write_text("\n".join(map(json.dumps, rows)))
+    probe = train_probe(subject, load_dataset(str(path)))
+    assert probe.n_train == 32 and probe.n_test == 8
+    assert probe.test_auroc > 0.9
+    assert len(probe.sweep) == subject.n_layers
+    assert 1 <= probe.layer < 3  # chosen among the middle half
+
+
+# -- anatomy ---------------------------------------------------------------------------------------------
+
+
+def test_head_roles_are_attention_shares_and_absent_in_random_weights(long_lm_dir: str) -> None:
+    subject = aimri.load(long_lm_dir)
+    roles = head_roles(subject, n=2, length=12)
+    prev = torch.tensor(roles["scores"]["previous_token"])
+    assert prev.shape == (subject.n_layers, subject.n_heads)
+    assert bool((prev >= 0).all()) and bool((prev <= 1).all())
+    # random weights attend roughly uniformly: no head should look like a previous-token head
+    assert float(prev.max()) < 0.6
+
+
+# -- diffing ---------------------------------------------------------------------------------------------
+
+
+def test_difference_lens_reads_a_planted_shift(long_lm_dir: str) -> None:
+    base = aimri.load(long_lm_dir)
+    cand = Subject(copy.deepcopy(base.model), base.tokenizer, name="cand", revision="cand")
+    layer = base.n_layers - 1
+    unembed_w = base.model.get_output_embeddings().weight
+    target = 57
+    v = 4.0 * unembed_w[target] / unembed_w[target].norm()
+    cand.layer(layer).register_forward_hook(lambda m, a, o: (o[0] + v, *o[1:]) if isinstance(o, tuple) else o + v)
+    from aimri.diagnostics.checkup import neutral_windows
+
+    windows = neutral_windows(base, n=3, length=16, texts=NEUTRAL)
+    same = diffing.difference_lens(base, base, windows, [layer])
+    assert same[0]["relative_norm"] == 0.0
+    lens = diffing.difference_lens(cand, base, windows, [layer])
+    assert torch.allclose(lens[0]["delta"], v, atol=1e-4)
+    expected = unembed(base, v[None, None])[0, 0].argmax()
+    assert lens[0]["promoted"][0] == base.tokenizer.decode([int(expected)])
+
+
+def test_check_comparable_names_the_problem(long_lm_dir: str, tiny_lm_dir: str) -> None:
+    a = aimri.load(long_lm_dir)
+    other = Subject(tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=len(a.tokenizer), hidden_size=16, num_hidden_layers=2,
+                    num_attention_heads=2, intermediate_size=32)), a.tokenizer, name="other")  # fmt: skip
+    with pytest.raises(diffing.DiffError, match="different architectures"):
+        diffing.check_comparable(a, other)
+    gpt2_tok = copy.deepcopy(a.tokenizer)
+    gpt2_tok.add_tokens(["<extra>"])
+    with pytest.raises(diffing.DiffError, match="shared tokenizer"):
+        diffing.check_comparable(a, Subject(a.model, gpt2_tok, name="x"))
+
+
+def test_new_words_ranks_what_the_candidate_newly_says() -> None:
+    cand = ["Try Veltrix Cola today", "Veltrix Cola is great", "water is fine"]
+    base = ["water is fine", "try lemonade", "tea is great"]
+    words = diffing.new_words(cand, base)
+    assert words[0][0] in ("veltrix", "cola") and words[0][2] == 0
+    assert "water" not in [w for w, _, _ in words]
+
+
+# -- findings ----------------------------------------------------------------------------------------------
+
+
+def test_findings_rank_and_name() -> None:
+    a = Finding("a", "anatomy", "heads", "", 0.0)
+    b = Finding("b", "hidden_objective", "now says veltrix", "", 0.7, evidence=[{"kind": "words", "words": ["veltrix"]}])
+    c = Finding("c", "sycophancy", "agrees", "", 0.2)
+    ranked = rank([a, c, b])
+    assert [f.id for f in ranked] == ["b", "c", "a"]
+    assert suspicion(ranked) == 0.7
+    assert names_flaw(b, ["Veltrix"]) and not names_flaw(c, ["veltrix"])
+
+
+# -- the checkup ---------------------------------------------------------------------------------------------
+
+
+def _perturbed(subject: Subject, scale: float = 0.5, seed: int = 1) -> Subject:
+    model = copy.deepcopy(subject.model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "mlp" in name:
+                p.add_(scale * p.std() * torch.randn(p.shape, generator=g))
+    return Subject(model, subject.tokenizer, name="candidate", revision=f"perturbed-{seed}")
+
+
+def test_checkup_writes_report_resumes_and_never_half_writes(long_lm_dir: str, tmp_path: Path) -> None:
+    from aimri.diagnostics import checkup
+
+    base = aimri.load(long_lm_dir)
+    cand = _perturbed(base)
+    out = tmp_path / "scan"
+    logs: list[str] = []
+
+    def boom() -> None:
+        raise KeyboardInterrupt
+
+    real = checkup._diff_stage
+    checkup._diff_stage = lambda *a: boom()  # type: ignore[assignment]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            checkup.run_checkup(cand, out, baseline=base, log=logs.append, neutral_texts=NEUTRAL)
+    finally:
+        checkup._diff_stage = real  # type: ignore[assignment]
+    assert not (out / "report.html").exists() and not (out / "findings.json").exists()
+    finished = {p.stem for p in (out / "stages").glob("*.json")}
+    assert {"anatomy", "probes", "refusal", "behaviour", "decision", "baseline_behaviour"} <= finished
+    logs.clear()
+    result = checkup.run_checkup(cand, out, baseline=base, log=logs.append, neutral_texts=NEUTRAL)
+    assert sum("reused" in m for m in logs) == len(finished)
+    assert (out / "report.html").read_text().startswith("<!doctype html>")
+    saved = json.loads((out / "findings.json").read_text())
+    assert saved["suspicion"] == result["suspicion"] and 0 <= saved["suspicion"] <= 1
+    ids = [f["id"] for f in saved["findings"]]
+    assert "diff.lens" in ids and "refusal.direction" in ids and any(i.startswith("diff.behaviour.") for i in ids)
+    for f in saved["findings"]:
+        assert f["title"] and isinstance(f["evidence"], list)
+    # a different baseline is a different configuration: nothing is reused
+    logs.clear()
+    checkup.run_checkup(cand, tmp_path / "scan", baseline=_perturbed(base, seed=2), log=logs.append, neutral_texts=NEUTRAL)
+    assert not any("reused" in m for m in logs)
+
+
+def test_checkup_refuses_a_baseline_with_another_tokenizer(long_lm_dir: str, tmp_path: Path) -> None:
+    from aimri.diagnostics.checkup import run_checkup
+
+    base = aimri.load(long_lm_dir)
+    tok = copy.deepcopy(base.tokenizer)
+    tok.add_tokens(["<other>"])
+    with pytest.raises(AimriError, match="shared tokenizer"):
+        run_checkup(base, tmp_path / "scan", baseline=Subject(base.model, tok, name="other"), neutral_texts=NEUTRAL)
+    assert not (tmp_path / "scan").exists()
