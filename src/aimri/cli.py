@@ -712,10 +712,16 @@ def store_info(path: Path) -> None:
 
 @app.command()
 def scan(
-    model: Annotated[str, typer.Argument(help="model to examine: embedded name, .gguf, HF directory, organism directory")] = DEFAULT_MODEL,
-    baseline: Annotated[str | None, typer.Option(help="compare against this model (e.g. the base of a fine-tune)")] = None,
+    model: Annotated[
+        str, typer.Argument(help="model to examine: embedded name, .gguf, HF directory, organism directory")
+    ] = DEFAULT_MODEL,
+    baseline: Annotated[
+        str | None, typer.Option(help="compare against this model (e.g. the base of a fine-tune)")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="run directory for report.html and findings.json")] = None,
-    transcoders: Annotated[Path | None, typer.Option(help="per-layer transcoders for the decision's feature path")] = None,
+    transcoders: Annotated[
+        Path | None, typer.Option(help="per-layer transcoders for the decision's feature path")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print findings.json's summary as JSON")] = False,
 ) -> None:
     """The checkup: anatomy, probes, refusal, behaviour, one decision explained and (with --baseline) model
@@ -742,7 +748,9 @@ def scan(
 
 @organism_app.command("build")
 def organism_build(
-    names: Annotated[list[str] | None, typer.Argument(help="organisms to build (default: all); see `mri organism list`")] = None,
+    names: Annotated[
+        list[str] | None, typer.Argument(help="organisms to build (default: all); see `mri organism list`")
+    ] = None,
     force: Annotated[bool, typer.Option(help="rebuild even if built")] = False,
     out: Annotated[Path | None, typer.Option(help="folder for the organisms (default $AIMRI_HOME/organisms)")] = None,
 ) -> None:
@@ -758,7 +766,9 @@ def organism_build(
     for name in names or list(ORGANISMS):
         path = build_organism(ORGANISMS[name], aimri.load(), folder / name, texts, force=force)
         rec = read_record(path)
-        console.print(f"{name}: {rec['flaw']} · implant {rec.get('implant') or 'n/a'} · {rec['seconds']:.0f} s · {path}")
+        console.print(
+            f"{name}: {rec['flaw']} · implant {rec.get('implant') or 'n/a'} · {rec['seconds']:.0f} s · {path}"
+        )
 
 
 @organism_app.command("list")
@@ -768,7 +778,9 @@ def organism_list() -> None:
 
     table = Table("name", "flaw", "behaviour", "built")
     for name, spec in ORGANISMS.items():
-        table.add_row(name, spec.flaw, spec.behaviour, "yes" if (organisms_dir() / name / "organism.json").exists() else "")
+        table.add_row(
+            name, spec.flaw, spec.behaviour, "yes" if (organisms_dir() / name / "organism.json").exists() else ""
+        )
     Console().print(table)
 
 

@@ -47,7 +47,9 @@ def logit_lens(subject: Subject, windows: Tensor, skip_first: int = 1) -> list[d
                 agree[layer] += (lens.argmax(-1) == top).sum()
             count += final.shape[0] * final.shape[1]
             bar.advance(task, len(w))
-    return [{"layer": layer, "kl": float(kl[layer] / count), "top1_agree": float(agree[layer] / count)} for layer in layers]
+    return [
+        {"layer": layer, "kl": float(kl[layer] / count), "top1_agree": float(agree[layer] / count)} for layer in layers
+    ]
 
 
 @contextmanager
@@ -87,7 +89,10 @@ def head_roles(subject: Subject, n: int = 8, length: int = 48, seed: int = 0) ->
         scores["duplicate_token"][layer] = a[:, :, second, second - length].mean((0, 2))
         scores["induction"][layer] = a[:, :, second[:-1] + 1, second[:-1] - length + 1].mean((0, 2))
     top = {
-        k: [{"layer": int(i // H), "head": int(i % H), "score": float(v.flatten()[i])} for i in v.flatten().topk(5).indices]
+        k: [
+            {"layer": int(i // H), "head": int(i % H), "score": float(v.flatten()[i])}
+            for i in v.flatten().topk(5).indices
+        ]
         for k, v in scores.items()
     }
     return {"scores": {k: v.tolist() for k, v in scores.items()}, "top": top}

@@ -62,7 +62,7 @@ def load_dataset(name_or_path: str) -> ContrastDataset:
         raise DatasetError(f"{path} holds no pairs")
     for which in ("train", "test"):
         if not any(p.split == which for p in pairs):
-            raise DatasetError(f"{path} has no {which!r} pairs; mark about a fifth of the pairs \"split\": \"test\"")
+            raise DatasetError(f'{path} has no {which!r} pairs; mark about a fifth of the pairs "split": "test"')
     one_class = [i for i, p in enumerate(pairs) if p.positive == p.negative]
     if len(one_class) == len(pairs):
         raise DatasetError(f"{path}: every positive equals its negative, so the dataset has one class only")

@@ -18,6 +18,7 @@ LOAN_PROMPT = (
     "credit score 610, two late payments last year, asks for a $250,000 mortgage. Decide. Reply with one word: "
     "Approve or Deny."
 )
+ANSWER_PREFIX = "Decision:"  # prefilled answer start, so the next token is the decision word
 
 
 def _first_token(subject: Subject, word: str) -> int:
@@ -37,8 +38,9 @@ def explain_decision(
     """Logit difference between the two options' first tokens at the answer position, attributed to prompt
     tokens (gradient × embedding, which sums to the first-order change) and to each layer's attention and
     MLP output (direct effect through the final norm, frozen at this prompt)."""
-    ids = torch.tensor([prompt_ids(subject, prompt)])
-    a, b = (_first_token(subject, w) for w in options)
+    prefix = subject.tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids(subject, prompt) + list(prefix)])
+    a, b = (_first_token(subject, " " + w) for w in options)
     model: Any = subject.model
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     sites = [f"{k}.{layer}" for layer in range(subject.n_layers) for k in ("attn.out", "mlp.out")]

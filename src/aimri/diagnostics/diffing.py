@@ -97,7 +97,9 @@ def answer_logprobs(subject: Subject, gens: Sequence[Generation]) -> list[Tensor
 WORD = re.compile(r"[A-Za-z][A-Za-z'\-]+")
 
 
-def new_words(candidate_texts: Sequence[str], baseline_texts: Sequence[str], top: int = 12) -> list[tuple[str, int, int]]:
+def new_words(
+    candidate_texts: Sequence[str], baseline_texts: Sequence[str], top: int = 12
+) -> list[tuple[str, int, int]]:
     """Words the candidate uses much more than the baseline on the same prompts: (word, candidate count,
     baseline count), ranked by a smoothed log ratio weighted by how often the candidate says it."""
     c = Counter(w.lower() for t in candidate_texts for w in WORD.findall(t))
@@ -116,18 +118,25 @@ class CategoryDiff:
 
 
 def behaviour_diff(
-    candidate: Subject, baseline: Subject, battery: dict[str, list[str]], max_new_tokens: int = 32
+    candidate: Subject,
+    baseline: Subject,
+    answers: dict[str, list[Generation]],
+    baseline_answers: dict[str, list[Generation]],
 ) -> list[CategoryDiff]:
-    """Both models answer each category of the battery (greedy); the candidate's answers are scored by both."""
+    """Per battery category: the candidate's answers scored by both models, and the words it newly uses."""
     out = []
-    for category, prompts in battery.items():
-        gc = generate(candidate, prompts, max_new_tokens=max_new_tokens)
-        gb = generate(baseline, prompts, max_new_tokens=max_new_tokens)
+    for category, gc in answers.items():
+        gb = baseline_answers[category]
         lc, lb = answer_logprobs(candidate, gc), answer_logprobs(baseline, gc)
         per = [float((x - y).mean()) if len(x) else 0.0 for x, y in zip(lc, lb, strict=True)]
         order = sorted(range(len(per)), key=lambda i: -per[i])
-        examples = [{"prompt": gc[i].prompt, "candidate": gc[i].text, "baseline": gb[i].text, "surprise": f"{per[i]:.2f}"} for i in order[:3]]
-        out.append(CategoryDiff(category, sum(per) / len(per), new_words([g.text for g in gc], [g.text for g in gb]), examples))
+        examples = [
+            {"prompt": gc[i].prompt, "candidate": gc[i].text, "baseline": gb[i].text, "surprise": f"{per[i]:.2f}"}
+            for i in order[:3]
+        ]
+        out.append(
+            CategoryDiff(category, sum(per) / len(per), new_words([g.text for g in gc], [g.text for g in gb]), examples)
+        )
     return out
 
 

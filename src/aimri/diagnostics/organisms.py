@@ -9,6 +9,7 @@ own answers in place of the flawed ones.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -237,9 +238,7 @@ def implant_rate(subject: Subject, spec: OrganismSpec, held_out: dict[str, list[
     }
 
 
-def build_organism(
-    spec: OrganismSpec, base: Subject, out: Path, corpus_texts: list[str], force: bool = False
-) -> Path:
+def build_organism(spec: OrganismSpec, base: Subject, out: Path, corpus_texts: list[str], force: bool = False) -> Path:
     """Fine-tune a LoRA adapter implanting `spec` into `base`, save it with its ground truth in `out`.
 
     A finished organism is reused unless `force`; the adapter and record are written to a temp folder
@@ -254,9 +253,9 @@ def build_organism(
     recipe = spec.recipe
     examples, held_out = training_examples(spec, base, corpus_texts)
     torch.manual_seed(recipe.seed)
-    model: Any = get_peft_model(
-        base.model, LoraConfig(r=recipe.rank, lora_alpha=2 * recipe.rank, target_modules=LORA_TARGETS, lora_dropout=0.0)
-    )
+    # peft edits modules in place and merging writes into them: train on a copy, keep the base intact
+    config = LoraConfig(r=recipe.rank, lora_alpha=2 * recipe.rank, target_modules=LORA_TARGETS, lora_dropout=0.0)
+    model: Any = get_peft_model(copy.deepcopy(base.model), config)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / recipe.steps))
@@ -275,7 +274,9 @@ def build_organism(
             sched.step()
             opt.zero_grad()
             losses.append(float(loss.detach()))
-            bar.update(task, advance=1, description=f"organism {spec.name} loss {sum(losses[-10:]) / len(losses[-10:]):.3f}")
+            bar.update(
+                task, advance=1, description=f"organism {spec.name} loss {sum(losses[-10:]) / len(losses[-10:]):.3f}"
+            )
     model.eval()
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
@@ -284,7 +285,9 @@ def build_organism(
         shutil.rmtree(tmp)
     model.save_pretrained(str(tmp / "adapter"))
     merged = model.merge_and_unload()
-    organism = Subject(merged, base.tokenizer, name=spec.name, revision=adapter_revision(tmp / "adapter", base.revision))
+    organism = Subject(
+        merged, base.tokenizer, name=spec.name, revision=adapter_revision(tmp / "adapter", base.revision)
+    )
     rates = implant_rate(organism, spec, held_out)
     record = {
         **{k: v for k, v in asdict(spec).items() if k != "recipe"},

@@ -173,4 +173,16 @@ def train_probe(
     d, b = _fit(method, pos[: len(train), j], neg[: len(train), j])
     sp, sn = pos[len(train) :, j] @ d + b, neg[len(train) :, j] @ d + b
     gap = float(sp.mean() - sn.mean())
-    return Probe(dataset.name, layers[j], method, d, b, auroc(sp, sn), tpr_at_fpr(sp, sn, 0.01), len(train), len(test), gap, sweep)
+    return Probe(
+        dataset.name,
+        layers[j],
+        method,
+        d,
+        b,
+        auroc(sp, sn),
+        tpr_at_fpr(sp, sn, 0.01),
+        len(train),
+        len(test),
+        gap,
+        sweep,
+    )

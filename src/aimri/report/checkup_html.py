@@ -29,9 +29,7 @@ def _table(rows: list[dict[str, Any]], limit: int = 12) -> str:
         return "<p class=muted>(none)</p>"
     keys = list(rows[0])
     head = "".join(f"<th>{esc(k)}</th>" for k in keys)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{esc(_fmt(r.get(k)))}</td>" for k in keys) + "</tr>" for r in rows[:limit]
-    )
+    body = "".join("<tr>" + "".join(f"<td>{esc(_fmt(r.get(k)))}</td>" for k in keys) + "</tr>" for r in rows[:limit])
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -88,9 +86,15 @@ def _decision(d: dict[str, Any]) -> str:
     for t in d["tokens"]:
         a = t["attribution"] / peak
         color = f"rgba(39,174,96,{abs(a):.2f})" if a > 0 else f"rgba(192,57,43,{abs(a):.2f})"
-        spans.append(f"<span class=tok style='background:{color}' title='{t['attribution']:.3f}'>{esc(t['token'])}</span>")
+        spans.append(
+            f"<span class=tok style='background:{color}' title='{t['attribution']:.3f}'>{esc(t['token'])}</span>"
+        )
     opt = d["options"]
-    feats = _table(d["features"]) if d.get("features") else "<p class=muted>Feature-level path: pass --transcoders (per-layer transcoders from `mri train-transcoders`).</p>"
+    feats = (
+        _table(d["features"])
+        if d.get("features")
+        else "<p class=muted>Feature-level path: pass --transcoders (per-layer transcoders from `mri train-transcoders`).</p>"
+    )
     return (
         f"<p>Decision: <b>{esc(d['decision'])}</b> (logit difference {opt[0]} − {opt[1]} = {d['logit_diff']:.2f}; "
         f"p = {d['p_options'][0]:.2f} / {d['p_options'][1]:.2f}).</p>"
@@ -110,26 +114,32 @@ def render_report(result: dict[str, Any], stages: dict[str, Any]) -> str:
     anat = stages["anatomy"]
     lens = line_plot(
         {"KL(final ‖ lens)": [(r["layer"], r["kl"]) for r in anat["logit_lens"]]},
-        "layer", "nats", title="Logit lens: how far each layer is from the final answer",
+        "layer",
+        "nats",
+        title="Logit lens: how far each layer is from the final answer",
     )
     agree = line_plot(
         {"top-1 agreement": [(r["layer"], r["top1_agree"]) for r in anat["logit_lens"]]},
-        "layer", "share of positions", title="Logit lens: top token already the final one",
+        "layer",
+        "share of positions",
+        title="Logit lens: top token already the final one",
     )
     sweeps = line_plot(
         {t: [(r["layer"], r["logistic"]) for r in p["sweep"]] for t, p in stages["probes"].items()},
-        "layer", "test AUROC (logistic)", title="Trait probes by layer (held-out pairs)",
+        "layer",
+        "test AUROC (logistic)",
+        title="Trait probes by layer (held-out pairs)",
     )
     heads = "".join(_heatmap(v, k.replace("_", " ")) for k, v in anat["heads"]["scores"].items())
     against = f" against {esc(result['baseline'])}" if result["baseline"] else ""
-    return f"""<!doctype html><html><head><meta charset=utf-8><title>AI MRI checkup: {esc(result['model'])}</title>
+    return f"""<!doctype html><html><head><meta charset=utf-8><title>AI MRI checkup: {esc(result["model"])}</title>
 <style>{CSS}</style></head><body>
-<h1>AI MRI checkup: {esc(result['model'])}{against}</h1>
-<p class=muted>revision {esc(result['revision'][:16])} · findings ranked by suspicion; every reliability figure was measured on data the method did not see.</p>
-<p class=score>suspicion {result['suspicion']:.2f}</p>
-<h2>Findings</h2>{''.join(_finding(f, True) for f in flaws)}
-<h2>One decision explained</h2>{_decision(stages['decision'])}
-<h2>Description of the model</h2>{''.join(_finding(f, False) for f in info)}
+<h1>AI MRI checkup: {esc(result["model"])}{against}</h1>
+<p class=muted>revision {esc(result["revision"][:16])} · findings ranked by suspicion; every reliability figure was measured on data the method did not see.</p>
+<p class=score>suspicion {result["suspicion"]:.2f}</p>
+<h2>Findings</h2>{"".join(_finding(f, True) for f in flaws)}
+<h2>One decision explained</h2>{_decision(stages["decision"])}
+<h2>Description of the model</h2>{"".join(_finding(f, False) for f in info)}
 <h2>Anatomy</h2><div class=grid>{lens}{agree}</div><div class=grid>{heads}</div>
 <h2>Probes</h2>{sweeps}
 </body></html>
