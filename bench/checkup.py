@@ -24,11 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit
-
 from aimri.diagnostics.findings import Finding, names_flaw
 from aimri.diagnostics.organisms import ORGANISMS, organisms_dir, read_record
 from aimri.diagnostics.probes import auroc, tpr_at_fpr
+from common import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 MRI = str(Path(sys.executable).with_name("mri"))

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 import transformers as tf
+from tests.conftest import FIXTURE_TEXT
 
 import aimri
 from aimri.diagnostics import diffing
@@ -19,7 +20,6 @@ from aimri.diagnostics.findings import Finding, names_flaw, rank, suspicion
 from aimri.diagnostics.probes import _fit, auroc, fit_logistic, tpr_at_fpr, train_probe
 from aimri.errors import AimriError
 from aimri.subject.core import Subject
-from tests.conftest import FIXTURE_TEXT
 
 NEUTRAL = [FIXTURE_TEXT * 3, FIXTURE_TEXT[40:] * 3, FIXTURE_TEXT[90:] * 3]
 
