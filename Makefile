@@ -4,9 +4,9 @@
 setup:
 	bash scripts/setup.sh
 
-# The main job on the embedded default model (SmolLM2-135M-Instruct): harvest into runs/.
+# The main job on the embedded default model (SmolLM2-135M-Instruct): the checkup, report in runs/.
 scan: setup
-	.venv/bin/mri harvest
+	.venv/bin/mri scan
 
 test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider

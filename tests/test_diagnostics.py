@@ -153,6 +153,24 @@ def test_difference_lens_reads_a_planted_shift(long_lm_dir: str) -> None:
     assert lens[0]["promoted"][0] == base.tokenizer.decode([int(expected)])
 
 
+def test_feature_shifts_find_the_feature_a_fine_tune_turned_up(long_lm_dir: str) -> None:
+    """Known answer: the candidate adds a feature's decoder direction at its site; that feature moves most."""
+    from aimri.diagnostics.checkup import neutral_windows
+    from aimri.dictionaries.base import DictionaryConfig, build
+
+    base = aimri.load(long_lm_dir)
+    torch.manual_seed(0)
+    sae = build(DictionaryConfig("relu", base.d_model, 48, site="resid.1", apply_b_dec_to_input=False))
+    with torch.no_grad():
+        sae.b_enc.zero_()
+    cand = Subject(copy.deepcopy(base.model), base.tokenizer, name="cand", revision="cand")
+    push = 20.0 * sae.W_dec[7].detach()
+    cand.layer(1).register_forward_hook(lambda m, a, o: (o[0] + push, *o[1:]) if isinstance(o, tuple) else o + push)
+    rows = diffing.feature_shifts(cand, base, sae, neutral_windows(base, n=3, length=16, texts=NEUTRAL))
+    assert rows[0]["feature"] == "resid.1#7" and rows[0]["shift"] > 0
+    assert rows[0]["says"]  # decoder read through the logit lens when no atlas is given
+
+
 def test_check_comparable_names_the_problem(long_lm_dir: str, tiny_lm_dir: str) -> None:
     a = aimri.load(long_lm_dir)
     other = Subject(tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=len(a.tokenizer), hidden_size=16, num_hidden_layers=2,

@@ -722,6 +722,8 @@ def scan(
     transcoders: Annotated[
         Path | None, typer.Option(help="per-layer transcoders for the decision's feature path")
     ] = None,
+    dictionary: Annotated[Path | None, typer.Option(help="a dictionary of the baseline: per-feature shifts")] = None,
+    atlas: Annotated[Path | None, typer.Option(help="the dictionary's atlas: shifted features in words")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print findings.json's summary as JSON")] = False,
 ) -> None:
     """The checkup: anatomy, probes, refusal, behaviour, one decision explained and (with --baseline) model
@@ -731,11 +733,18 @@ def scan(
 
     subject = aimri.load(model)
     base = aimri.load(baseline) if baseline else None
-    if transcoders is None:
-        default = Path("runs") / subject.name / "transcoders"
-        transcoders = default if (default / "layer-0").exists() else None
     out = out or Path("runs") / subject.name / "scan"
-    result = run_checkup(subject, out, baseline=base, transcoders=transcoders, log=lambda m: console.print(m))
+    if (dictionary or atlas) and base is None:
+        raise AimriError("--dictionary and --atlas describe a diff: give --baseline too")
+    result = run_checkup(
+        subject,
+        out,
+        baseline=base,
+        transcoders=transcoders,
+        log=lambda m: console.print(m),
+        dictionary=dictionary,
+        atlas=atlas,
+    )
     if as_json:
         print(json.dumps({k: v for k, v in result.items() if k != "findings"} | {"top": result["findings"][:3]}))
         return

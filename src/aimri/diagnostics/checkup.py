@@ -175,6 +175,8 @@ def _generations(behaviour: dict[str, Any]) -> dict[str, list[Generation]]:
 def _diff_stage(
     candidate: Subject,
     baseline: Subject,
+    dictionary: Path | None,
+    atlas_path: Path | None,
     texts: list[str] | None,
     behaviour: dict[str, Any],
     base_behaviour: dict[str, Any],
@@ -189,8 +191,16 @@ def _diff_stage(
     prompts = prompt_pools()["battery"]["everyday"][:4]
     steered = diffing.steer_with_difference(baseline, deltas[f"delta.{mid['layer']}"], mid["layer"], prompts, scale=8.0)
     plain = [g.text for g in generate(baseline, prompts, max_new_tokens=24)]
+    features: list[dict[str, Any]] = []
+    if dictionary is not None:
+        from aimri.atlas.db import Atlas
+        from aimri.dictionaries import load_dictionary
+
+        atlas = Atlas(atlas_path) if atlas_path is not None else None
+        features = diffing.feature_shifts(candidate, baseline, load_dictionary(dictionary), windows, atlas)
     return {
         "lens": lens,
+        "features": features,
         "behaviour": [vars(c) for c in changes],
         "confirm": {"layer": mid["layer"], "scale": 8.0, "prompts": prompts, "steered": steered, "plain": plain,
                     "new_words": diffing.new_words(steered, plain)},
@@ -264,6 +274,14 @@ def _diff_findings(diff: dict[str, Any], behaviour: dict[str, Any], base_behavio
             suspicion=round(min(1.0, 2 * coverage) * min(1.0, max(0.0, surprise)), 4),
             evidence=[{"kind": "examples", "rows": [e for c in cats for e in c["examples"] if word in e["candidate"].lower()][:6]}],
             reliability=rel("backdoor"),
+        ))  # fmt: skip
+    if diff.get("features"):
+        rows = diff["features"]
+        found.append(Finding(
+            id="diff.features", category="diff",
+            title="Features that moved most on neutral text: " + "; ".join(f"{r['feature']} ({r['says'][:40]})" for r in rows[:3]),
+            summary="Mean activation of each dictionary feature on the first tokens of neutral text, candidate minus baseline.",
+            suspicion=0.0, evidence=[{"kind": "features", "rows": rows}],
         ))  # fmt: skip
     lens = max(diff["lens"], key=lambda r: r["relative_norm"] if r["layer"] < 27 else 0)
     conf = diff["confirm"]
@@ -388,6 +406,8 @@ def run_checkup(
     transcoders: Path | None = None,
     log: Callable[[str], None] = print,
     neutral_texts: list[str] | None = None,
+    dictionary: Path | None = None,
+    atlas: Path | None = None,
 ) -> dict[str, Any]:
     """Run every stage (reusing finished ones), rank the findings, write findings.json and report.html."""
     from aimri.report.checkup_html import render_report
@@ -395,12 +415,13 @@ def run_checkup(
     if baseline is not None:
         diffing.check_comparable(subject, baseline)
     config = {"model": subject.revision, "baseline": baseline.revision if baseline else None,
-              "transcoders": str(transcoders) if transcoders else None, "version": 1}  # fmt: skip
+              "transcoders": str(transcoders) if transcoders else None,
+              "dictionary": str(dictionary) if dictionary else None, "atlas": str(atlas) if atlas else None, "version": 1}  # fmt: skip
     run = RunDir(out, config, log)
     stages: dict[str, Any] = {}
 
     def _anatomy() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        windows = neutral_windows(subject, n=16, texts=neutral_texts)
+        windows = neutral_windows(subject, n=8, texts=neutral_texts)
         return {"logit_lens": anatomy.logit_lens(subject, windows), "heads": anatomy.head_roles(subject),
                 "norms": anatomy.norm_outliers(subject, windows)}, {}  # fmt: skip
 
@@ -422,7 +443,9 @@ def run_checkup(
         stages["baseline_refusal"], _ = model_cache(baseline, log).stage("refusal", lambda: _refusal(baseline))
         stages["diff"], _ = run.stage(
             "diff",
-            lambda: _diff_stage(subject, baseline, neutral_texts, stages["behaviour"], stages["baseline_behaviour"]),
+            lambda: _diff_stage(
+                subject, baseline, dictionary, atlas, neutral_texts, stages["behaviour"], stages["baseline_behaviour"]
+            ),
         )
         findings += _diff_findings(stages["diff"], stages["behaviour"], stages["baseline_behaviour"])
         findings += _probe_shift_findings(stages["probes"], stages["behaviour"], stages["baseline_behaviour"])

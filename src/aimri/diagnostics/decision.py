@@ -44,7 +44,8 @@ def explain_decision(
     model: Any = subject.model
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     sites = [f"{k}.{layer}" for layer in range(subject.n_layers) for k in ("attn.out", "mlp.out")]
-    with subject.tap(read=[*sites, f"resid.{subject.n_layers - 1}"], grad=True) as t:
+    neurons = [f"mlp.neurons.{layer}" for layer in range(subject.n_layers)]
+    with subject.tap(read=[*sites, *neurons, f"resid.{subject.n_layers - 1}"], grad=True) as t:
         out = model(inputs_embeds=embeds, use_cache=False)
     logits = out.logits[0, -1]
     diff = logits[a] - logits[b]
@@ -64,6 +65,14 @@ def explain_decision(
         for site in sites:
             v = t.acts[site][0, -1].detach()
             components.append({"site": site, "effect": float(v @ direction)})
+        units = []  # MLP neurons (the identity dictionary): activation × its output weights' effect on the decision
+        for layer, site in enumerate(neurons):
+            down = getattr(getattr(subject.layer(layer), "mlp", None), "down_proj", None)
+            if down is None:
+                continue
+            effect = t.acts[site][0, -1].detach() * (direction @ down.weight)
+            for i in effect.abs().topk(3).indices.tolist():
+                units.append({"feature": f"mlp.neurons.{layer}#{i}", "effect": float(effect[i])})
     probs = logits.detach().float().softmax(-1)
     result: dict[str, Any] = {
         "prompt": prompt, "options": list(options),
@@ -72,6 +81,7 @@ def explain_decision(
         "tokens": [{"token": s, "attribution": float(x)} for s, x in zip(tokens, token_attr.tolist(), strict=True)],
         "components": sorted(components, key=lambda c: -abs(c["effect"]))[:12],
         "components_all": components,
+        "neurons": sorted(units, key=lambda u: -abs(u["effect"]))[:12],
     }  # fmt: skip
     if transcoders is not None:
         result["features"] = _feature_path(subject, ids[0].tolist(), a, b, transcoders, max_feature_nodes)

@@ -154,3 +154,36 @@ def steer_with_difference(
 
 def prompt_len(subject: Subject, prompt: str) -> int:
     return len(prompt_ids(subject, prompt))
+
+
+@torch.no_grad()
+def feature_shifts(
+    candidate: Subject, baseline: Subject, dictionary: Any, windows: Tensor, atlas: Any = None, top: int = 12
+) -> list[dict[str, Any]]:
+    """Features of a dictionary (trained on the baseline) whose mean activation moved most on neutral text,
+    position 0 left out; each said in words by its atlas label when an atlas is given, else by the tokens
+    its decoder direction promotes through the baseline's logit lens."""
+    site = dictionary.cfg.site
+    if not site:
+        raise DiffError("the dictionary records no site; load it with load_dictionary(path, site=...)")
+    if baseline.site_dim(site) != dictionary.cfg.d_in:
+        raise DiffError(
+            f"the dictionary reads {dictionary.cfg.d_in}-wide activations but {site} is {baseline.site_dim(site)} wide"
+        )
+    means = []
+    for who in (candidate, baseline):
+        acts = who.run(windows, read=[site])[site][:, 1:].float()
+        means.append(dictionary.encode(acts.reshape(-1, acts.shape[-1])).mean(0))
+    shift = means[0] - means[1]
+    rows = []
+    for i in shift.abs().topk(min(top, len(shift))).indices.tolist():
+        words = ""
+        if atlas is not None:
+            labels = atlas.card(i).get("labels") or []
+            words = labels[-1]["label"] if labels else ""
+        if not words:
+            lens = unembed(baseline, dictionary.W_dec[i][None, None].float())[0, 0]
+            words = " ".join(_decode(baseline, lens.topk(5).indices.tolist()))
+        rows.append({"feature": f"{site}#{i}", "baseline": float(means[1][i]), "candidate": float(means[0][i]),
+                     "shift": float(shift[i]), "says": words})  # fmt: skip
+    return rows

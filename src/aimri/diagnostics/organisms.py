@@ -14,6 +14,7 @@ import hashlib
 import json
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,7 +349,9 @@ def load_organism(path: Path, device: str = "cpu") -> Subject:
             f"{path} was built on {record['base']} revision {record['base_revision'][:12]}, but that model is now "
             f"revision {base.revision[:12]}; rebuild it with `mri organism build --force`"
         )
-    merged = PeftModel.from_pretrained(base.model, str(adapter)).merge_and_unload()
+    with warnings.catch_warnings():  # peft probes a deprecated transformers attribute on load
+        warnings.simplefilter("ignore", FutureWarning)
+        merged = PeftModel.from_pretrained(base.model, str(adapter)).merge_and_unload()
     return Subject(merged, base.tokenizer, name=path.name, revision=adapter_revision(adapter, base.revision))
 
 

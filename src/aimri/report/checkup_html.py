@@ -101,6 +101,8 @@ def _decision(d: dict[str, Any]) -> str:
         f"<p class=muted>Prompt tokens coloured by gradient × embedding (green pushes {esc(opt[0])}, red {esc(opt[1])}):</p>"
         f"<p>{''.join(spans)}</p><p class=muted>Largest direct effects of layer outputs on the decision:</p>"
         + _table(d["components"])
+        + "<p class=muted>Largest direct effects of single MLP neurons (last position):</p>"
+        + _table(d.get("neurons", []))
         + feats
     )
 
