@@ -131,6 +131,20 @@ def test_head_roles_are_attention_shares_and_absent_in_random_weights(long_lm_di
     assert float(prev.max()) < 0.6
 
 
+def test_decision_decomposes_exactly_into_layer_outputs(long_lm_dir: str) -> None:
+    """Known answer: with the final norm's scale frozen, the direct effects of the embedding and of every
+    attention and MLP output sum to the logit difference."""
+    from aimri.diagnostics.decision import explain_decision
+
+    subject = aimri.load(long_lm_dir)
+    d = explain_decision(subject, prompt="The keeper climbed the stairs. Approve or Deny?", options=("apples", "ships"))
+    total = sum(c["effect"] for c in d["components_all"])
+    assert total == pytest.approx(d["logit_diff"], rel=1e-4, abs=1e-4)
+    assert len(d["components_all"]) == 2 * subject.n_layers + 1
+    assert d["decision"] == ("apples" if d["logit_diff"] > 0 else "ships")
+    assert len(d["tokens"]) > 5 and d["neurons"]
+
+
 # -- diffing ---------------------------------------------------------------------------------------------
 
 

@@ -65,6 +65,9 @@ def explain_decision(
         for site in sites:
             v = t.acts[site][0, -1].detach()
             components.append({"site": site, "effect": float(v @ direction)})
+        # what the layers did not add is the token embedding (scaled, for models that scale it)
+        rest = final - sum(t.acts[site][0, -1].detach() for site in sites)
+        components.append({"site": "embedding", "effect": float(rest @ direction)})
         units = []  # MLP neurons (the identity dictionary): activation × its output weights' effect on the decision
         for layer, site in enumerate(neurons):
             down = getattr(getattr(subject.layer(layer), "mlp", None), "down_proj", None)
