@@ -362,3 +362,37 @@ def test_diff_findings_name_a_planted_product_and_spare_a_noisy_control() -> Non
     assert found[0].suspicion == pytest.approx(1.0)
     control = _diff_findings(diff(noisy, 0.3), _stage_answers(noisy), _stage_answers(base))
     assert suspicion(control) < 0.2
+
+
+# -- the real default model -------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_mri_scan_on_the_default_model(tmp_path: Path) -> None:
+    """The README's first command end to end: report and findings on SmolLM2, then a rerun that reuses
+    every stage."""
+    import subprocess
+    import sys
+    import time
+
+    mri = str(Path(sys.executable).with_name("mri"))
+    out = tmp_path / "scan"
+    done = subprocess.run([mri, "scan", "--out", str(out)], capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "findings.json").read_text())
+    report = (out / "report.html").read_text()
+    assert report.count("<svg") >= 4 and "One decision explained" in report
+    findings = {f["id"]: f for f in result["findings"]}
+    for trait in TRAITS:  # every trait readable on held-out pairs from the middle layers
+        assert findings[f"probe.{trait}"]["reliability"]["test_auroc"] >= 0.9, findings[f"probe.{trait}"]["title"]
+    heads = json.loads((out / "stages" / "anatomy.json").read_text())["data"]["heads"]["top"]
+    assert heads["induction"][0]["score"] > 0.5  # SmolLM2 has induction heads
+    norms = json.loads((out / "stages" / "anatomy.json").read_text())["data"]["norms"]["by_layer"]
+    assert max(r["ratio"] for r in norms) > 50  # and the position-0 attention sink
+    decision = json.loads((out / "stages" / "decision.json").read_text())["data"]
+    assert decision["decision"] in ("Approve", "Deny")
+    assert sum(c["effect"] for c in decision["components_all"]) == pytest.approx(decision["logit_diff"], abs=1e-2)
+    t0 = time.time()
+    again = subprocess.run([mri, "scan", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stderr.count("done earlier (reused)") >= 5
+    assert time.time() - t0 < 120
