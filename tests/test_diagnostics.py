@@ -185,6 +185,33 @@ def test_feature_shifts_find_the_feature_a_fine_tune_turned_up(long_lm_dir: str)
     assert rows[0]["says"]  # decoder read through the logit lens when no atlas is given
 
 
+def test_crosscoder_latents_are_the_candidate_only_ones(long_lm_dir: str) -> None:
+    from aimri.diagnostics.checkup import neutral_windows
+    from aimri.dictionaries.base import DictionaryConfig, build
+
+    base = aimri.load(long_lm_dir)
+    torch.manual_seed(0)
+    cc = build(DictionaryConfig("crosscoder", 2 * base.d_model, 16, k=4, site="resid.1", extra={"sources": 2}))
+    with torch.no_grad():
+        dec = cc.W_dec.view(16, 2, -1)
+        dec[3, 0] = 0.0  # latent 3: candidate only
+        dec[5, 1] = 0.0  # latent 5: baseline only
+        cc.b_enc.fill_(1.0)  # every latent active, so the ranking has something to rank
+        if getattr(cc, "threshold", None) is not None:
+            cc.threshold.fill_(0.0)
+    rows = diffing.crosscoder_latents(base, base, cc, neutral_windows(base, n=3, length=16, texts=NEUTRAL))
+    names = [r["latent"] for r in rows]
+    assert "resid.1#3" in names and "resid.1#5" not in names
+    assert all(r["relative_norm"] > 0.9 for r in rows)
+    with pytest.raises(diffing.DiffError, match="two models"):
+        diffing.crosscoder_latents(
+            base,
+            base,
+            build(DictionaryConfig("topk", base.d_model, 8, k=2, site="resid.1")),
+            torch.zeros(1, 4, dtype=torch.long),
+        )
+
+
 def test_check_comparable_names_the_problem(long_lm_dir: str, tiny_lm_dir: str) -> None:
     a = aimri.load(long_lm_dir)
     other = Subject(tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=len(a.tokenizer), hidden_size=16, num_hidden_layers=2,

@@ -724,6 +724,9 @@ def scan(
     ] = None,
     dictionary: Annotated[Path | None, typer.Option(help="a dictionary of the baseline: per-feature shifts")] = None,
     atlas: Annotated[Path | None, typer.Option(help="the dictionary's atlas: shifted features in words")] = None,
+    crosscoder: Annotated[
+        Path | None, typer.Option(help="crosscoder of (baseline, model) from `mri train-crosscoder BASE MODEL`")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print findings.json's summary as JSON")] = False,
 ) -> None:
     """The checkup: anatomy, probes, refusal, behaviour, one decision explained and (with --baseline) model
@@ -734,8 +737,8 @@ def scan(
     subject = aimri.load(model)
     base = aimri.load(baseline) if baseline else None
     out = out or Path("runs") / subject.name / "scan"
-    if (dictionary or atlas) and base is None:
-        raise AimriError("--dictionary and --atlas describe a diff: give --baseline too")
+    if (dictionary or atlas or crosscoder) and base is None:
+        raise AimriError("--dictionary, --atlas and --crosscoder describe a diff: give --baseline too")
     result = run_checkup(
         subject,
         out,
@@ -744,6 +747,7 @@ def scan(
         log=lambda m: console.print(m),
         dictionary=dictionary,
         atlas=atlas,
+        crosscoder=crosscoder,
     )
     if as_json:
         print(json.dumps({k: v for k, v in result.items() if k != "findings"} | {"top": result["findings"][:3]}))

@@ -177,6 +177,7 @@ def _diff_stage(
     baseline: Subject,
     dictionary: Path | None,
     atlas_path: Path | None,
+    crosscoder: Path | None,
     texts: list[str] | None,
     behaviour: dict[str, Any],
     base_behaviour: dict[str, Any],
@@ -198,9 +199,15 @@ def _diff_stage(
 
         atlas = Atlas(atlas_path) if atlas_path is not None else None
         features = diffing.feature_shifts(candidate, baseline, load_dictionary(dictionary), windows, atlas)
+    latents: list[dict[str, Any]] = []
+    if crosscoder is not None:
+        from aimri.dictionaries import load_dictionary
+
+        latents = diffing.crosscoder_latents(candidate, baseline, load_dictionary(crosscoder), windows)
     return {
         "lens": lens,
         "features": features,
+        "crosscoder": latents,
         "behaviour": [vars(c) for c in changes],
         "confirm": {"layer": mid["layer"], "scale": 8.0, "prompts": prompts, "steered": steered, "plain": plain,
                     "new_words": diffing.new_words(steered, plain)},
@@ -283,6 +290,14 @@ def _diff_findings(diff: dict[str, Any], behaviour: dict[str, Any], base_behavio
             id="diff.features", category="diff",
             title="Features that moved most on neutral text: " + "; ".join(f"{r['feature']} ({r['says'][:40]})" for r in rows[:3]),
             summary="Mean activation of each dictionary feature on the first tokens of neutral text, candidate minus baseline.",
+            suspicion=0.0, evidence=[{"kind": "features", "rows": rows}],
+        ))  # fmt: skip
+    if diff.get("crosscoder"):
+        rows = diff["crosscoder"]
+        found.append(Finding(
+            id="diff.crosscoder", category="diff",
+            title="Crosscoder latents only the candidate has: " + "; ".join(f"{r['latent']} ({r['says'][:40]})" for r in rows[:3]),
+            summary="Latents whose decoder norm lives almost only in the candidate, by mean activation on neutral text.",
             suspicion=0.0, evidence=[{"kind": "features", "rows": rows}],
         ))  # fmt: skip
     lens = max(diff["lens"], key=lambda r: r["relative_norm"] if r["layer"] < 27 else 0)
@@ -410,6 +425,7 @@ def run_checkup(
     neutral_texts: list[str] | None = None,
     dictionary: Path | None = None,
     atlas: Path | None = None,
+    crosscoder: Path | None = None,
 ) -> dict[str, Any]:
     """Run every stage (reusing finished ones), rank the findings, write findings.json and report.html."""
     from aimri.report.checkup_html import render_report
@@ -418,7 +434,8 @@ def run_checkup(
         diffing.check_comparable(subject, baseline)
     config = {"model": subject.revision, "baseline": baseline.revision if baseline else None,
               "transcoders": str(transcoders) if transcoders else None,
-              "dictionary": str(dictionary) if dictionary else None, "atlas": str(atlas) if atlas else None, "version": 1}  # fmt: skip
+              "dictionary": str(dictionary) if dictionary else None, "atlas": str(atlas) if atlas else None,
+              "crosscoder": str(crosscoder) if crosscoder else None, "version": 1}  # fmt: skip
     run = RunDir(out, config, log)
     stages: dict[str, Any] = {}
 
@@ -446,7 +463,14 @@ def run_checkup(
         stages["diff"], _ = run.stage(
             "diff",
             lambda: _diff_stage(
-                subject, baseline, dictionary, atlas, neutral_texts, stages["behaviour"], stages["baseline_behaviour"]
+                subject,
+                baseline,
+                dictionary,
+                atlas,
+                crosscoder,
+                neutral_texts,
+                stages["behaviour"],
+                stages["baseline_behaviour"],
             ),
         )
         findings += _diff_findings(stages["diff"], stages["behaviour"], stages["baseline_behaviour"])

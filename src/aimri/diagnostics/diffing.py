@@ -187,3 +187,31 @@ def feature_shifts(
         rows.append({"feature": f"{site}#{i}", "baseline": float(means[1][i]), "candidate": float(means[0][i]),
                      "shift": float(shift[i]), "says": words})  # fmt: skip
     return rows
+
+
+@torch.no_grad()
+def crosscoder_latents(
+    candidate: Subject, baseline: Subject, crosscoder: Any, windows: Tensor, top: int = 12, exclusive: float = 0.9
+) -> list[dict[str, Any]]:
+    """A crosscoder trained on (baseline, candidate), sources in that order (`mri train-crosscoder BASE CAND`):
+    the latents whose decoder lives almost only in the candidate (relative norm > `exclusive`), the concepts the
+    fine-tune added, ranked by their mean activation on neutral text and said by their candidate decoder
+    through the logit lens."""
+    site = crosscoder.cfg.site
+    if getattr(crosscoder, "sources", 0) != 2 or crosscoder.cfg.d_in != 2 * baseline.site_dim(site):
+        raise DiffError("give a crosscoder of two models (baseline, candidate) over a site of this width")
+    acts = [
+        who.run(windows, read=[site])[site][:, 1:].float().reshape(-1, baseline.d_model)
+        for who in (baseline, candidate)
+    ]
+    mean = crosscoder.encode(torch.cat(acts, -1)).mean(0)
+    rel = crosscoder.relative_norm(1)
+    idx = (rel > exclusive).nonzero().flatten()
+    order = idx[mean[idx].argsort(descending=True)][:top]
+    dec = crosscoder.W_dec.view(crosscoder.cfg.d_sae, 2, -1)[:, 1]
+    rows = []
+    for i in order.tolist():
+        lens = unembed(baseline, dec[i][None, None].float())[0, 0]
+        rows.append({"latent": f"{site}#{i}", "relative_norm": float(rel[i]), "mean_activation": float(mean[i]),
+                     "says": " ".join(_decode(baseline, lens.topk(5).indices.tolist()))})  # fmt: skip
+    return rows
