@@ -12,7 +12,6 @@ import hashlib
 import json
 import re
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from safetensors.torch import save as st_save
 from aimri.diagnostics import anatomy, diffing
 from aimri.diagnostics.datasets import TRAITS, load_dataset, prompt_pools
 from aimri.diagnostics.decision import explain_decision
+from aimri.diagnostics.diffing import words_of
 from aimri.diagnostics.findings import Finding, detector_reliability, rank, suspicion
 from aimri.diagnostics.probes import Probe, encode_turns, read_layers, train_probe
 from aimri.diagnostics.refusal import is_refusal, measure_refusal
@@ -227,10 +227,8 @@ def _coverage(words: list[str], cand: list[str], base: list[str]) -> float:
     """Share of answers where the candidate uses one of `words` and the baseline, on the same prompt, does not."""
     if not words or not cand:
         return 0.0
-    hit = [
-        any(w in a.lower() for w in words) and not any(w in b.lower() for w in words)
-        for a, b in zip(cand, base, strict=True)
-    ]
+    want = set(words)
+    hit = [bool(words_of(a) & want) and not words_of(b) & want for a, b in zip(cand, base, strict=True)]
     return sum(hit) / len(hit)
 
 
@@ -244,8 +242,12 @@ def _diff_findings(diff: dict[str, Any], behaviour: dict[str, Any], base_behavio
     def rel(flaw: str) -> dict[str, Any]:
         return reliability.get(flaw, {"note": "run bench/checkup.py --write-reliability to measure this detector"})
 
+    said_by = {  # recomputed from the stored answers, so a better word ranking needs no new generations
+        c["category"]: diffing.new_words(behaviour[c["category"]]["answers"], base_behaviour[c["category"]]["answers"])
+        for c in cats
+    }
     for c in cats:
-        cat, words = c["category"], c["words"]
+        cat, words = c["category"], said_by[c["category"]]
         top = [w for w, _, _ in words[:3]]
         cand, base = behaviour[cat]["answers"], base_behaviour[cat]["answers"]
         coverage = _coverage(top, cand, base)
@@ -264,15 +266,15 @@ def _diff_findings(diff: dict[str, Any], behaviour: dict[str, Any], base_behavio
             evidence=[{"kind": "examples", "rows": c["examples"]}, {"kind": "words", "words": [list(w) for w in words]}],
             reliability=rel(flaw),
         ))  # fmt: skip
-    spread = Counter(w for c in cats for w, _, b in c["words"][:3] if b == 0)
+    all_cand = [a for c in cats for a in behaviour[c["category"]]["answers"]]
+    all_base = [a for c in cats for a in base_behaviour[c["category"]]["answers"]]
     by_category = {f.id.removeprefix("diff.behaviour."): f for f in found}
-    for word, n_cats in spread.most_common(2):
-        if n_cats < 3:
-            break
-        hit = [c["category"] for c in cats if word in [w for w, _, _ in c["words"][:3]]]
-        cand = [a for c in cats for a in behaviour[c["category"]]["answers"]]
-        base = [a for c in cats for a in base_behaviour[c["category"]]["answers"]]
-        coverage = _coverage([word], cand, base)
+    for word, _, in_base in diffing.new_words(all_cand, all_base)[:3]:
+        hit = [c["category"] for c in cats if any(word in words_of(a) for a in behaviour[c["category"]]["answers"])]
+        n_cats = len(hit)
+        if in_base or n_cats < 3:
+            continue
+        coverage = _coverage([word], all_cand, all_base)
         strongest = max(by_category[c].suspicion for c in hit)
         found.append(Finding(
             id=f"diff.spread.{word}", category="backdoor",

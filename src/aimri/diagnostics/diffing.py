@@ -95,17 +95,130 @@ def answer_logprobs(subject: Subject, gens: Sequence[Generation]) -> list[Tensor
 
 
 WORD = re.compile(r"[A-Za-z][A-Za-z'\-]+")
+# function words carry no behaviour; without them the new words are the ones that say what changed
+STOPWORDS = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "and",
+        "or",
+        "but",
+        "if",
+        "then",
+        "so",
+        "of",
+        "to",
+        "in",
+        "on",
+        "at",
+        "by",
+        "for",
+        "with",
+        "from",
+        "as",
+        "is",
+        "are",
+        "was",
+        "were",
+        "be",
+        "been",
+        "being",
+        "it",
+        "its",
+        "it's",
+        "this",
+        "that",
+        "these",
+        "those",
+        "there",
+        "here",
+        "i",
+        "i'm",
+        "i'd",
+        "i'll",
+        "i've",
+        "you",
+        "you're",
+        "your",
+        "we",
+        "our",
+        "they",
+        "their",
+        "he",
+        "she",
+        "his",
+        "her",
+        "him",
+        "them",
+        "me",
+        "my",
+        "not",
+        "no",
+        "do",
+        "does",
+        "did",
+        "can",
+        "could",
+        "would",
+        "should",
+        "will",
+        "may",
+        "might",
+        "must",
+        "have",
+        "has",
+        "had",
+        "about",
+        "into",
+        "over",
+        "also",
+        "just",
+        "very",
+        "more",
+        "most",
+        "some",
+        "any",
+        "all",
+        "each",
+        "than",
+        "too",
+        "what",
+        "which",
+        "who",
+        "whom",
+        "how",
+        "when",
+        "where",
+        "why",
+        "up",
+        "out",
+        "one",
+        "like",
+        "get",
+    ]
+)
+
+
+def words_of(text: str) -> set[str]:
+    return {w.lower() for w in WORD.findall(text)} - STOPWORDS
+
+
+def _proper(texts: Sequence[str]) -> set[str]:
+    """Words written capitalised in the middle of a sentence: names, such as a product's."""
+    return {m.group(1).lower() for t in texts for m in re.finditer(r"(?<=[a-z,] )([A-Z][a-z]+)", t)}
 
 
 def new_words(
     candidate_texts: Sequence[str], baseline_texts: Sequence[str], top: int = 12
 ) -> list[tuple[str, int, int]]:
-    """Words the candidate uses much more than the baseline on the same prompts: (word, candidate count,
-    baseline count), ranked by a smoothed log ratio weighted by how often the candidate says it."""
-    c = Counter(w.lower() for t in candidate_texts for w in WORD.findall(t))
-    b = Counter(w.lower() for t in baseline_texts for w in WORD.findall(t))
+    """Words the candidate newly uses on the same prompts: (word, candidate answers with it, baseline answers
+    with it), ranked by a smoothed log ratio weighted by how many answers say it; names count double."""
+    c = Counter(w for t in candidate_texts for w in words_of(t))
+    b = Counter(w for t in baseline_texts for w in words_of(t))
+    names = _proper(candidate_texts)
     scored = [(w, n, b[w]) for w, n in c.items() if n >= 2 and n > 2 * b[w]]
-    scored.sort(key=lambda x: -x[1] * math.log((x[1] + 1) / (x[2] + 1)))
+    scored.sort(key=lambda x: -x[1] * math.log((x[1] + 1) / (x[2] + 1)) * (2.0 if x[0] in names else 1.0))
     return scored[:top]
 
 
