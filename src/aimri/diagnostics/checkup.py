@@ -26,7 +26,7 @@ from aimri.diagnostics.datasets import TRAITS, load_dataset, prompt_pools
 from aimri.diagnostics.decision import explain_decision
 from aimri.diagnostics.diffing import words_of
 from aimri.diagnostics.findings import Finding, detector_reliability, rank, suspicion
-from aimri.diagnostics.probes import Probe, encode_turns, read_layers, train_probe
+from aimri.diagnostics.probes import Probe, read_layers, train_probe
 from aimri.diagnostics.refusal import is_refusal, measure_refusal
 from aimri.errors import AimriError
 from aimri.paths import aimri_home, atomic_write_bytes, atomic_write_text
@@ -490,6 +490,3 @@ def run_checkup(
     atomic_write_text(out / "findings.json", json.dumps(result, indent=1))
     atomic_write_text(out / "report.html", render_report(result, stages))
     return result
-
-
-__all__ = ["RunDir", "encode_turns", "neutral_windows", "run_checkup"]

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from aimri.diagnostics.anatomy import unembed
 from aimri.errors import AimriError
-from aimri.steering.generate import Generation, generate, prompt_ids
+from aimri.steering.generate import Generation, generate
 from aimri.subject.core import Subject
 
 
@@ -263,10 +263,6 @@ def steer_with_difference(
 
     edit = DirectionEdit(site=f"resid.{layer}", vector=delta, strength=scale)
     return [g.text for g in generate(subject, list(prompts), [edit], max_new_tokens=max_new_tokens)]
-
-
-def prompt_len(subject: Subject, prompt: str) -> int:
-    return len(prompt_ids(subject, prompt))
 
 
 @torch.no_grad()
