@@ -26,7 +26,7 @@ from aimri.diagnostics.datasets import TRAITS, load_dataset, prompt_pools
 from aimri.diagnostics.decision import explain_decision
 from aimri.diagnostics.diffing import words_of
 from aimri.diagnostics.findings import Finding, detector_reliability, rank, suspicion
-from aimri.diagnostics.probes import Probe, read_layers, train_probe
+from aimri.diagnostics.probes import Probe, auroc, pair_activations, read_layers, train_probe
 from aimri.diagnostics.refusal import is_refusal, measure_refusal
 from aimri.errors import AimriError
 from aimri.paths import aimri_home, atomic_write_bytes, atomic_write_text
@@ -115,10 +115,20 @@ def _probe_from(summary: dict[str, Any], direction: torch.Tensor) -> Probe:
 
 
 def _probes_stage(subject: Subject) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Every trait's probe, and how each transfers to the other traits' test pairs (a deception probe that
+    also separates sycophantic agreement reads something more general than one dataset's wording)."""
+    layers = list(range(subject.n_layers))
+    datasets = {t: load_dataset(t) for t in TRAITS}
+    acts = {t: pair_activations(subject, ds, layers) for t, ds in datasets.items()}
     data, tensors = {}, {}
-    for trait in TRAITS:
-        probe = train_probe(subject, load_dataset(trait))
-        data[trait] = {**probe.summary(), "bias": probe.bias}
+    for trait, ds in datasets.items():
+        probe = train_probe(subject, ds, layers, acts=acts[trait])
+        transfer = {}
+        for other, (pos, neg) in acts.items():
+            n_test = len(datasets[other].split("test"))
+            at = layers.index(probe.layer)
+            transfer[other] = round(auroc(probe.score(pos[-n_test:, at]), probe.score(neg[-n_test:, at])), 4)
+        data[trait] = {**probe.summary(), "bias": probe.bias, "transfer_auroc": transfer}
         tensors[trait] = probe.direction
     return data, tensors
 
@@ -378,7 +388,9 @@ def _own_findings(stages: dict[str, Any]) -> list[Finding]:
         out.append(Finding(
             id=f"probe.{trait}", category="probe",
             title=f"{trait}: readable at layer {p['layer']} ({p['method'].replace('_', ' ')}), test AUROC {p['test_auroc']:.2f}, TPR@1%FPR {p['test_tpr_at_1fpr']:.2f}",
-            summary=f"Probe trained on {p['n_train']} contrastive pairs; layer and method chosen on a validation slice; scored on {p['n_test']} held-out pairs.",
+            summary=(f"Probe trained on {p['n_train']} contrastive pairs; layer and method chosen on a validation slice; scored on "
+                     f"{p['n_test']} held-out pairs. On the other traits' test pairs (AUROC): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in p.get("transfer_auroc", {}).items() if k != trait) + "."),
             suspicion=0.0, evidence=[{"kind": "sweep", "trait": trait, "rows": p["sweep"]}],
             reliability={"test_auroc": p["test_auroc"], "tpr_at_1fpr": p["test_tpr_at_1fpr"]},
         ))  # fmt: skip
@@ -402,7 +414,7 @@ def _own_findings(stages: dict[str, Any]) -> list[Finding]:
 def model_cache(subject: Subject, log: Callable[[str], None] = print) -> RunDir:
     """Stages that depend on one model only (its probes, its refusal rates), shared by every scan of it."""
     return RunDir(
-        aimri_home() / "cache" / "checkup" / subject.revision[:24], {"model": subject.revision, "version": 1}, log
+        aimri_home() / "cache" / "checkup" / subject.revision[:24], {"model": subject.revision, "version": 2}, log
     )
 
 

@@ -142,8 +142,27 @@ def _auroc_of(method: str, fit_p: Tensor, fit_n: Tensor, eval_p: Tensor, eval_n:
     return auroc(eval_p @ d + b, eval_n @ d + b)
 
 
+def pair_activations(
+    subject: Subject, dataset: ContrastDataset, layers: Sequence[int], batch_size: int = 16
+) -> tuple[Tensor, Tensor]:
+    """(positives, negatives) [n_pairs, len(layers), d], training pairs first, then test pairs."""
+    pairs = dataset.split("train") + dataset.split("test")
+    acts = read_layers(
+        subject,
+        [p.positive for p in pairs] + [p.negative for p in pairs],
+        layers,
+        batch_size,
+        label=f"{dataset.name} pairs",
+    )
+    return acts[: len(pairs)], acts[len(pairs) :]
+
+
 def train_probe(
-    subject: Subject, dataset: ContrastDataset, layers: Sequence[int] | None = None, batch_size: int = 16
+    subject: Subject,
+    dataset: ContrastDataset,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 16,
+    acts: tuple[Tensor, Tensor] | None = None,
 ) -> Probe:
     """Sweep layers and both methods; choose on a validation quarter of the training pairs, report on test.
 
@@ -153,10 +172,7 @@ def train_probe(
     if len(train) < 8:
         raise DatasetError(f"{dataset.name}: {len(train)} training pairs; a probe needs at least 8")
     layers = list(layers if layers is not None else range(subject.n_layers))
-    conversations = [p.positive for p in train + test] + [p.negative for p in train + test]
-    acts = read_layers(subject, conversations, layers, batch_size, label=f"{dataset.name} pairs")
-    n = len(train) + len(test)
-    pos, neg = acts[:n], acts[n:]
+    pos, neg = acts if acts is not None else pair_activations(subject, dataset, layers, batch_size)
     n_fit = int(0.75 * len(train))
     best: tuple[float, int, str] = (-1.0, 0, "")
     lo, hi = subject.n_layers // 4, (3 * subject.n_layers + 3) // 4
