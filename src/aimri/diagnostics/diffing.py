@@ -228,6 +228,7 @@ class CategoryDiff:
     surprise: float  # mean over answers of (log p_candidate − log p_baseline) per token, on the candidate's answers
     words: list[tuple[str, int, int]]
     examples: list[dict[str, str]]
+    per_answer: list[float]  # the same, answer by answer
 
 
 def behaviour_diff(
@@ -248,7 +249,9 @@ def behaviour_diff(
             for i in order[:3]
         ]
         out.append(
-            CategoryDiff(category, sum(per) / len(per), new_words([g.text for g in gc], [g.text for g in gb]), examples)
+            CategoryDiff(
+                category, sum(per) / len(per), new_words([g.text for g in gc], [g.text for g in gb]), examples, per
+            )
         )
     return out
 
