@@ -9,7 +9,7 @@ scan: setup
 	.venv/bin/mri scan
 
 test: setup
-	.venv/bin/python -m pytest -q -p no:cacheprovider
+	.venv/bin/python -m pytest -q -p no:cacheprovider --durations=8
 
 lint: setup
 	.venv/bin/ruff check src tests bench
