@@ -346,6 +346,9 @@ def test_organism_without_ground_truth_is_refused(tmp_path: Path) -> None:
     (tmp_path / "adapter").mkdir()
     with pytest.raises(OrganismError, match="no organism.json"):
         read_record(tmp_path)
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(OrganismError, match="no organism.json"):
+        aimri.load(tmp_path)  # an adapter folder without its record is named as such, not as "no config.json"
     (tmp_path / "organism.json").write_text("{not json")
     with pytest.raises(OrganismError, match="not valid JSON"):
         read_record(tmp_path)

@@ -214,7 +214,7 @@ def load(
     path = Path(name).expanduser()
     if path.is_file():
         return _from_dir(gguf_to_dir(path), path.stem, device, dtype)
-    if path.is_dir() and (path / "organism.json").exists():
+    if path.is_dir() and ((path / "organism.json").exists() or (path / "adapter" / "adapter_config.json").exists()):
         from aimri.diagnostics.organisms import load_organism
 
         return load_organism(path, device=device)
