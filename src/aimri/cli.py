@@ -18,6 +18,8 @@ corpus_app = typer.Typer(no_args_is_help=True, help="Build and inspect corpora."
 store_app = typer.Typer(no_args_is_help=True, help="Inspect and verify activation stores.")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(store_app, name="store")
+holdout_app = typer.Typer(no_args_is_help=True, help="Sealed holdouts: budgeted, noise-protected, ledgered answers.")
+app.add_typer(holdout_app, name="holdout")
 organism_app = typer.Typer(no_args_is_help=True, help="Build model organisms: the default model with implanted flaws.")
 app.add_typer(organism_app, name="organism")
 console = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -795,6 +797,83 @@ def organism_list() -> None:
             name, spec.flaw, spec.behaviour, "yes" if (organisms_dir() / name / "organism.json").exists() else ""
         )
     Console().print(table)
+
+
+@holdout_app.command("seal")
+def holdout_seal(
+    items: Annotated[
+        str, typer.Argument(help="JSONL of labelled items ({messages|text, label}) or a trait: deception, ...")
+    ],
+    out: Annotated[Path, typer.Option(help="folder for the sealed set (must not exist)")],
+    open_items: Annotated[
+        Path | None, typer.Option("--open", help="JSONL of the open split (default: half of ITEMS)")
+    ] = None,
+    open_frac: Annotated[float, typer.Option(help="share of ITEMS kept open when --open is not given")] = 0.5,
+    budget: Annotated[int, typer.Option(help="sealed answers before the holdout refuses")] = 20,
+    threshold: Annotated[float, typer.Option(help="Thresholdout's T")] = 0.04,
+    noise: Annotated[
+        float, typer.Option(help="Thresholdout's Laplace scale for a statistic of sensitivity 1/n")
+    ] = 0.01,
+    model: Annotated[str, typer.Option(help="the model the queries examine (recorded with the seal)")] = DEFAULT_MODEL,
+) -> None:
+    """Seal a diagnostic set: stored apart, content-hashed; only aggregate answers leave it."""
+    from aimri.diagnostics.holdout import Params, items_from_file, seal
+
+    opened = items_from_file(str(open_items)) if open_items else None
+    path = seal(items_from_file(items), out, Params(budget=budget, threshold=threshold, noise=noise),
+                open_frac=open_frac, config={"model": model, "items": items}, open_items=opened)  # fmt: skip
+    console.print(f"sealed {path} (budget {budget}, T {threshold}, noise {noise})")
+
+
+@holdout_app.command("query")
+def holdout_query(
+    path: Annotated[Path, typer.Argument(help="a sealed holdout")],
+    probe: Annotated[
+        str, typer.Option(help="the checkup's trait probe to evaluate: deception, harmful, sycophancy, power")
+    ],
+    statistic: Annotated[str, typer.Option(help="auroc, or mean (the probe's detection accuracy)")] = "auroc",
+    model: Annotated[str | None, typer.Option(help="default: the model recorded with the seal")] = None,
+    by: Annotated[str | None, typer.Option(help="who asks (default: the OS user)")] = None,
+) -> None:
+    """One budgeted answer: the probe's statistic on the sealed items, through Thresholdout."""
+    import aimri
+    from aimri.diagnostics.holdout import Holdout, probe_scorer
+
+    h = Holdout(path)
+    subject = aimri.load(model or h.manifest["config"].get("model", DEFAULT_MODEL))
+    answer = h.query(statistic, probe_scorer(subject, probe, statistic), name=f"{probe} probe {statistic}", by=by)
+    print(
+        json.dumps({"statistic": statistic, "probe": probe, "answer": round(answer, 4), "budget_left": h.budget_left()})
+    )
+
+
+@holdout_app.command("log")
+def holdout_log(path: Annotated[Path, typer.Argument(help="a sealed holdout")]) -> None:
+    """Every query: when, by whom, which statistic, the answer, where it came from, budget left."""
+    import datetime
+
+    from aimri.diagnostics.holdout import Holdout
+
+    table = Table("#", "when", "by", "query", "answer", "from", "budget left")
+    for e in Holdout(path).entries():
+        when = datetime.datetime.fromtimestamp(e["time"]).isoformat(timespec="seconds")
+        what = e.get("name") or e.get("statistic") or e["kind"]
+        table.add_row(str(e["seq"]), when, e.get("by", ""), what, f"{e['answer']:.4f}" if "answer" in e else "",
+                      e.get("source", ""), str(e["budget_left"]))  # fmt: skip
+    Console().print(table)
+
+
+@holdout_app.command("verify")
+def holdout_verify(path: Annotated[Path, typer.Argument(help="a sealed holdout")]) -> None:
+    """Check the ledger's hash chain and the sealed files' hashes; exit 1 on any problem."""
+    from aimri.diagnostics.holdout import Holdout
+
+    problems = Holdout(path).verify()
+    for p in problems:
+        console.print(f"[red]{p}[/]")
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"[green]intact[/]: {path}")
 
 
 def main() -> None:

@@ -110,12 +110,12 @@ class RunDir:
         return data, tensors
 
 
-def _probe_from(summary: dict[str, Any], direction: torch.Tensor) -> Probe:
+def probe_from(summary: dict[str, Any], direction: torch.Tensor) -> Probe:
     return Probe(summary["trait"], summary["layer"], summary["method"], direction, summary["bias"],
                  summary["test_auroc"], summary["test_tpr_at_1fpr"], summary["n_train"], summary["n_test"], summary["test_gap"])  # fmt: skip
 
 
-def _probes_stage(subject: Subject) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def probes_stage(subject: Subject) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Every trait's probe, and how each transfers to the other traits' test pairs (a deception probe that
     also separates sycophantic agreement reads something more general than one dataset's wording)."""
     layers = list(range(subject.n_layers))
@@ -472,8 +472,8 @@ def run_checkup(
     stages["anatomy"], _ = run.stage("anatomy", _anatomy)
     # with a baseline, one ruler for both models: the baseline's probes (trained once per baseline revision)
     owner = baseline or subject
-    stages["probes"], directions = model_cache(owner, log).stage("probes", lambda: _probes_stage(owner))
-    probes = {t: _probe_from(s, directions[t]) for t, s in stages["probes"].items()}
+    stages["probes"], directions = model_cache(owner, log).stage("probes", lambda: probes_stage(owner))
+    probes = {t: probe_from(s, directions[t]) for t, s in stages["probes"].items()}
 
     def _refusal(who: Subject) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return measure_refusal(who, load_dataset("harmful"), probes["harmful"].layer).summary(), {}
