@@ -829,22 +829,29 @@ def holdout_seal(
 def holdout_query(
     path: Annotated[Path, typer.Argument(help="a sealed holdout")],
     probe: Annotated[
-        str, typer.Option(help="the checkup's trait probe to evaluate: deception, harmful, sycophancy, power")
-    ],
-    statistic: Annotated[str, typer.Option(help="auroc, or mean (the probe's detection accuracy)")] = "auroc",
+        str | None, typer.Option(help="a checkup trait probe: deception, harmful, sycophancy, power")
+    ] = None,
+    scan: Annotated[bool, typer.Option(help="items name organisms: evaluate the checkup's suspicion score")] = False,
+    scan_root: Annotated[Path | None, typer.Option(help="reuse finished scans under this folder")] = None,
+    statistic: Annotated[str, typer.Option(help="auroc, or mean (detection accuracy for a probe)")] = "auroc",
     model: Annotated[str | None, typer.Option(help="default: the model recorded with the seal")] = None,
     by: Annotated[str | None, typer.Option(help="who asks (default: the OS user)")] = None,
 ) -> None:
-    """One budgeted answer: the probe's statistic on the sealed items, through Thresholdout."""
+    """One budgeted answer on the sealed items, through Thresholdout: a probe's statistic, or the checkup's
+    suspicion over organisms."""
     import aimri
-    from aimri.diagnostics.holdout import Holdout, probe_scorer
+    from aimri.diagnostics.holdout import Holdout, probe_scorer, scan_scorer
 
+    if bool(probe) == scan:
+        raise AimriError("give one of --probe TRAIT or --scan")
     h = Holdout(path)
-    subject = aimri.load(model or h.manifest["config"].get("model", DEFAULT_MODEL))
-    answer = h.query(statistic, probe_scorer(subject, probe, statistic), name=f"{probe} probe {statistic}", by=by)
-    print(
-        json.dumps({"statistic": statistic, "probe": probe, "answer": round(answer, 4), "budget_left": h.budget_left()})
-    )
+    if scan:
+        scorer, name = scan_scorer(scan_root), f"checkup suspicion {statistic}"
+    else:
+        subject = aimri.load(model or h.manifest["config"].get("model", DEFAULT_MODEL))
+        scorer, name = probe_scorer(subject, str(probe), statistic), f"{probe} probe {statistic}"
+    answer = h.query(statistic, scorer, name=name, by=by)
+    print(json.dumps({"query": name, "answer": round(answer, 4), "budget_left": h.budget_left()}))
 
 
 @holdout_app.command("log")

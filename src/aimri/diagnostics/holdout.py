@@ -332,3 +332,31 @@ def probe_scorer(subject: Any, trait: str, statistic: str) -> Callable[[list[dic
         return [float((v > 0) == bool(it["label"])) for v, it in zip(s.tolist(), items, strict=True)]
 
     return score
+
+
+def scan_scorer(scan_root: Path | None = None) -> Callable[[list[dict[str, Any]]], list[float]]:
+    """Per-item suspicion from the checkup, for items that name an organism ({"organism": DIR, "label"}):
+    each is scanned against the base model its ground truth records. Finished scans under `scan_root` are
+    reused; without it the scans run in a temporary folder that is deleted, so nothing item-level stays."""
+    import tempfile
+
+    import aimri
+    from aimri.diagnostics.checkup import run_checkup
+    from aimri.diagnostics.organisms import read_record
+
+    def score(items: list[dict[str, Any]]) -> list[float]:
+        out = []
+        with tempfile.TemporaryDirectory() as tmp:
+            root = scan_root or Path(tmp)
+            for it in items:
+                if "organism" not in it:
+                    raise HoldoutError("a scan query needs items that name an organism directory ('organism')")
+                org = Path(it["organism"]).expanduser()
+                record = read_record(org)
+                result = run_checkup(
+                    aimri.load(org), root / org.name, baseline=aimri.load(record["base"]), log=lambda m: None
+                )
+                out.append(float(result["suspicion"]))
+        return out
+
+    return score
