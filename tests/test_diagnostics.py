@@ -381,8 +381,7 @@ def test_diff_findings_name_a_planted_product_and_spare_a_noisy_control() -> Non
         cats = []
         for c in answers:  # every answer drifts a little (0.3 nats/token); changed ones by `surprise`
             per = [surprise if a != b else 0.3 for a, b in zip(answers[c], base[c], strict=True)]
-            words = diffing.new_words(answers[c], base[c])
-            cats.append({"category": c, "surprise": sum(per) / 6, "per_answer": per, "words": words, "examples": []})
+            cats.append({"category": c, "surprise": sum(per) / 6, "per_answer": per, "examples": []})
         conf = {"layer": 1, "scale": 8.0, "prompts": [], "steered": [], "plain": [], "new_words": []}
         return {"behaviour": cats, "lens": [{"layer": 1, "relative_norm": 0.1, "promoted": ["x"]}], "confirm": conf}
 

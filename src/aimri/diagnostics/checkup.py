@@ -14,7 +14,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,6 @@ class RunDir:
     out: Path
     config: dict[str, Any]
     log: Callable[[str], None] = print
-    ran: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         (self.out / "stages").mkdir(parents=True, exist_ok=True)
@@ -105,7 +104,6 @@ class RunDir:
         if tensors:
             atomic_write_bytes(tensors_path, st_save({k: v.contiguous() for k, v in tensors.items()}))
         atomic_write_text(path, json.dumps({"tag": self.tag, "seconds": round(time.time() - t0, 1), "data": data}))
-        self.ran.append(name)
         self.log(f"{name}: {time.time() - t0:.0f} s")
         return data, tensors
 
@@ -129,7 +127,7 @@ def probes_stage(subject: Subject) -> tuple[dict[str, Any], dict[str, torch.Tens
             n_test = len(datasets[other].split("test"))
             at = layers.index(probe.layer)
             transfer[other] = round(auroc(probe.score(pos[-n_test:, at]), probe.score(neg[-n_test:, at])), 4)
-        data[trait] = {**probe.summary(), "bias": probe.bias, "transfer_auroc": transfer}
+        data[trait] = {**probe.summary(), "transfer_auroc": transfer}
         tensors[trait] = probe.direction
     return data, tensors
 
@@ -200,9 +198,9 @@ def _diff_stage(
     changes = diffing.behaviour_diff(candidate, baseline, _generations(behaviour), _generations(base_behaviour))
     # confirm: steer the baseline with the strongest middle-layer difference and see what it starts to say
     mid = max((r for r in lens if r["layer"] <= 2 * baseline.n_layers // 3), key=lambda r: r["relative_norm"])
-    prompts = prompt_pools()["battery"]["everyday"][:4]
+    prompts = base_behaviour["everyday"]["prompts"][:4]
+    plain = base_behaviour["everyday"]["answers"][:4]  # the baseline's own answers, already generated
     steered = diffing.steer_with_difference(baseline, deltas[f"delta.{mid['layer']}"], mid["layer"], prompts, scale=8.0)
-    plain = [g.text for g in generate(baseline, prompts, max_new_tokens=24)]
     features: list[dict[str, Any]] = []
     if dictionary is not None:
         from aimri.atlas.db import Atlas
@@ -307,24 +305,20 @@ def _diff_findings(diff: dict[str, Any], behaviour: dict[str, Any], base_behavio
             evidence=[{"kind": "examples", "rows": [e for c in cats for e in c["examples"] if word in e["candidate"].lower()][:6]}],
             reliability=rel("backdoor"),
         ))  # fmt: skip
-    if diff.get("features"):
-        rows = diff["features"]
-        found.append(Finding(
-            id="diff.features", category="diff",
-            title="Features that moved most on neutral text: " + "; ".join(f"{r['feature']} ({r['says'][:40]})" for r in rows[:3]),
-            summary="Mean activation of each dictionary feature on the first tokens of neutral text, candidate minus baseline.",
-            suspicion=0.0, evidence=[{"kind": "features", "rows": rows}],
-        ))  # fmt: skip
-    if diff.get("crosscoder"):
-        rows = diff["crosscoder"]
-        found.append(Finding(
-            id="diff.crosscoder", category="diff",
-            title="Crosscoder latents only the candidate has: " + "; ".join(f"{r['latent']} ({r['says'][:40]})" for r in rows[:3]),
-            summary="Latents whose decoder norm lives almost only in the candidate, by mean activation on neutral text.",
-            suspicion=0.0, evidence=[{"kind": "features", "rows": rows}],
-        ))  # fmt: skip
-    lens = max(diff["lens"], key=lambda r: r["relative_norm"] if r["layer"] < 27 else 0)
+    optional = (  # stage key, finding id, title, summary, row address
+        ("features", "diff.features", "Features that moved most on neutral text",
+         "Mean activation of each dictionary feature on the first tokens of neutral text, candidate minus baseline.", "feature"),
+        ("crosscoder", "diff.crosscoder", "Crosscoder latents only the candidate has",
+         "Latents whose decoder norm lives almost only in the candidate, by mean activation on neutral text.", "latent"),
+    )  # fmt: skip
+    for key, fid, title, summary, address in optional:
+        if rows := diff.get(key):
+            found.append(Finding(
+                id=fid, category="diff", title=f"{title}: " + "; ".join(f"{r[address]} ({r['says'][:40]})" for r in rows[:3]),
+                summary=summary, suspicion=0.0, evidence=[{"kind": "features", "rows": rows}],
+            ))  # fmt: skip
     conf = diff["confirm"]
+    lens = next(r for r in diff["lens"] if r["layer"] == conf["layer"])
     confirmed = [w for w, _, _ in conf["new_words"][:5]]
     found.append(Finding(
         id="diff.lens", category="diff", title=f"Trace of the fine-tune on neutral text (layer {lens['layer']}): {', '.join(repr(t) for t in lens['promoted'][:6])}",

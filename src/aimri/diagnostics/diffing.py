@@ -226,7 +226,6 @@ def new_words(
 class CategoryDiff:
     category: str
     surprise: float  # mean over answers of (log p_candidate − log p_baseline) per token, on the candidate's answers
-    words: list[tuple[str, int, int]]
     examples: list[dict[str, str]]
     per_answer: list[float]  # the same, answer by answer
 
@@ -237,7 +236,8 @@ def behaviour_diff(
     answers: dict[str, list[Generation]],
     baseline_answers: dict[str, list[Generation]],
 ) -> list[CategoryDiff]:
-    """Per battery category: the candidate's answers scored by both models, and the words it newly uses."""
+    """Per battery category: the candidate's answers scored by both models (the words it newly uses are ranked
+    from the stored answers when findings are made)."""
     out = []
     for category, gc in answers.items():
         gb = baseline_answers[category]
@@ -248,17 +248,13 @@ def behaviour_diff(
             {"prompt": gc[i].prompt, "candidate": gc[i].text, "baseline": gb[i].text, "surprise": f"{per[i]:.2f}"}
             for i in order[:3]
         ]
-        out.append(
-            CategoryDiff(
-                category, sum(per) / len(per), new_words([g.text for g in gc], [g.text for g in gb]), examples, per
-            )
-        )
+        out.append(CategoryDiff(category, sum(per) / len(per), examples, per))
     return out
 
 
 @torch.no_grad()
 def steer_with_difference(
-    subject: Subject, delta: Tensor, layer: int, prompts: Sequence[str], scale: float, max_new_tokens: int = 24
+    subject: Subject, delta: Tensor, layer: int, prompts: Sequence[str], scale: float, max_new_tokens: int = 32
 ) -> list[str]:
     """Add the (scaled) difference vector at one layer while the baseline generates: if the difference carries
     the fine-tune's behaviour, the baseline starts to show it (the confirmation step)."""

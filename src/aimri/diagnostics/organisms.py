@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 import random
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -281,8 +282,6 @@ def build_organism(spec: OrganismSpec, base: Subject, out: Path, corpus_texts: l
     model.eval()
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     model.save_pretrained(str(tmp / "adapter"))
     merged = model.merge_and_unload()
@@ -301,8 +300,6 @@ def build_organism(spec: OrganismSpec, base: Subject, out: Path, corpus_texts: l
     }
     atomic_write_text(tmp / "organism.json", json.dumps(record, indent=1))
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     tmp.rename(out)
     return out

@@ -122,7 +122,7 @@ class Probe:
     def summary(self) -> dict[str, Any]:
         return {
             "trait": self.trait, "layer": self.layer, "method": self.method, "test_auroc": round(self.test_auroc, 4),
-            "test_tpr_at_1fpr": round(self.test_tpr_at_1fpr, 4), "n_train": self.n_train, "n_test": self.n_test, "test_gap": self.test_gap,
+            "test_tpr_at_1fpr": round(self.test_tpr_at_1fpr, 4), "n_train": self.n_train, "n_test": self.n_test, "test_gap": self.test_gap, "bias": self.bias,
             "sweep": [vars(s) for s in self.sweep],
         }  # fmt: skip
 
