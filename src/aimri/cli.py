@@ -25,6 +25,38 @@ app.add_typer(organism_app, name="organism")
 console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+NPROC_HELP = "start this many local ranks under torchrun (data-parallel); already under torchrun: leave out"
+
+
+def _join_ranks(nproc: int):  # type: ignore[no-untyped-def]
+    """The torchrun rank group: join it when launched by torchrun, or relaunch under torchrun for --nproc."""
+    import os
+
+    from aimri.distributed import init_from_env, relaunch_with_torchrun
+
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        argv, skip = [], False
+        for arg in sys.argv[1:]:
+            if skip:
+                skip = False
+            elif arg == "--nproc":
+                skip = True
+            elif not arg.startswith("--nproc="):
+                argv.append(arg)
+        raise typer.Exit(relaunch_with_torchrun(nproc, argv))
+    if nproc < 1:
+        raise AimriError(f"--nproc must be at least 1, not {nproc}")
+    return init_from_env()
+
+
+def _leader_first(ranks, make):  # type: ignore[no-untyped-def]
+    """Rank 0 does `make()` first (a model conversion or corpus build is written once), then the others."""
+    if not ranks.leader:
+        ranks.barrier("waiting for rank 0's setup")
+    result = make()
+    if ranks.leader:
+        ranks.barrier("waiting for rank 0's setup")
+    return result
 
 
 @app.command()
@@ -52,22 +84,26 @@ def harvest(
         typer.Option(help="skip tokens whose norm exceeds this x the batch median (attention sinks); 0 = keep all"),
     ] = 20.0,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    nproc: Annotated[int, typer.Option(help=NPROC_HELP)] = 1,
 ) -> None:
-    """Stream a corpus through a model and write Site activations to a resumable ActivationStore."""
+    """Stream a corpus through a model and write Site activations to a resumable ActivationStore.
+    Under torchrun (or with --nproc N) the ranks write alternate shards of one store."""
     import aimri
     from aimri.data.corpus import Corpus
     from aimri.data.default_corpus import default_corpus_path
     from aimri.data.harvest import harvest as run_harvest
 
-    paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
-    subject = aimri.load(model)
+    ranks = _join_ranks(nproc)
+    paths = corpus or [_leader_first(ranks, lambda: default_corpus_path(log=lambda m: console.print(m)))]
+    subject = _leader_first(ranks, lambda: aimri.load(model))
     out = out or Path("runs") / Path(model).name.removesuffix(".gguf") / "store"
     store = run_harvest(
         subject, Corpus.from_paths(paths, text_field=text_field), site, out, context=context, batch_size=batch_size,
         windows_per_shard=windows_per_shard, max_tokens=max_tokens or None, dtype=dtype,
         exclude_special=not keep_special, exclude_chat=not keep_special, sink_ratio=sink_ratio, progress=not quiet,
     )  # fmt: skip
-    console.print(f"[green]wrote[/] {store}")
+    if ranks.leader:
+        console.print(f"[green]wrote[/] {store}")
 
 
 @app.command()
@@ -94,9 +130,13 @@ def train(
         Path | None, typer.Option(help="dictionary folder (default: next to the store / under runs/)")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    nproc: Annotated[int, typer.Option(help=NPROC_HELP)] = 1,
 ) -> None:
-    """Train a sparse dictionary from a store or straight from a model; resumable; saved in the SAELens layout."""
+    """Train a sparse dictionary from a store or straight from a model; resumable; saved in the SAELens layout.
+    Under torchrun (or with --nproc N), from a store: data-parallel, each rank reading 1/N of every batch."""
     from aimri.dictionaries.train import train_from_store, train_from_subject
+
+    ranks = _join_ranks(nproc)
 
     name = f"{architecture}-{site}{'-to-' + site_out if site_out else ''}-w{width}" + (
         f"-k{k}" if "topk" in architecture else ""
@@ -106,7 +146,12 @@ def train(
     if (Path(source) / "manifest.json").exists():
         store = Path(source)
         out = out or store.parent / "dictionaries" / name
-        path, metrics = train_from_store(store, site, out, heldout_shards=heldout_shards, **common)  # type: ignore[arg-type]
+        path, metrics = train_from_store(store, site, out, heldout_shards=heldout_shards, ranks=ranks, **common)  # type: ignore[arg-type]
+    elif ranks.active:
+        raise AimriError(
+            "data-parallel training reads an activation store: harvest one first (`mri harvest` under torchrun "
+            "writes it in parallel), or use `mri train-transcoders`, which places layers on ranks"
+        )
     else:
         import aimri
         from aimri.data.corpus import Corpus
@@ -118,9 +163,10 @@ def train(
         paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
         out = out or Path("runs") / Path(source).name.removesuffix(".gguf") / "dictionaries" / name
         path, metrics = train_from_subject(subject, Corpus.from_paths(paths), site, out, context=context, **common)  # type: ignore[arg-type]
-    console.print(
-        f"[green]saved[/] {path}  fvu={metrics.get('fvu', float('nan')):.4f} l0={metrics.get('l0', 0):.1f} dead={metrics.get('dead_frac', 0):.3f}"
-    )
+    if ranks.leader:
+        console.print(
+            f"[green]saved[/] {path}  fvu={metrics.get('fvu', float('nan')):.4f} l0={metrics.get('l0', 0):.1f} dead={metrics.get('dead_frac', 0):.3f}"
+        )
 
 
 @app.command("train-transcoders")
@@ -136,21 +182,28 @@ def train_transcoders_cmd(
     out: Annotated[Path | None, typer.Option(help="default: runs/<model>/transcoders")] = None,
     context: Annotated[int, typer.Option(help="tokens per window")] = 256,
     quiet: Annotated[bool, typer.Option()] = False,
+    nproc: Annotated[
+        int, typer.Option(help="start this many local ranks under torchrun, each training its share of the layers")
+    ] = 1,
 ) -> None:
-    """Train per-layer transcoders (mlp.in.L -> mlp.out.L) for many layers in one pass, no store needed."""
+    """Train per-layer transcoders (mlp.in.L -> mlp.out.L) for many layers in one pass, no store needed.
+    Under torchrun (or with --nproc N) the layers are placed on ranks: rank r trains layers r, r+N, ..."""
     import aimri
     from aimri.data.corpus import Corpus
     from aimri.data.default_corpus import default_corpus_path
     from aimri.dictionaries.train import train_transcoders
 
-    subject = aimri.load(model)
+    ranks = _join_ranks(nproc)
+    subject = _leader_first(ranks, lambda: aimri.load(model))
     chosen = None if layers == "all" else [int(x) for x in layers.split(",")]
     out = out or Path("runs") / Path(model).name.removesuffix(".gguf") / "transcoders"
-    paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
+    paths = corpus or [_leader_first(ranks, lambda: default_corpus_path(log=lambda m: console.print(m)))]
     metrics = train_transcoders(
         subject, Corpus.from_paths(paths), out, layers=chosen, width=width, k=k, tokens=tokens,
-        batch_size=batch_size, skip=skip, context=context, progress=not quiet,
+        batch_size=batch_size, skip=skip, context=context, progress=not quiet, ranks=ranks,
     )  # fmt: skip
+    if not ranks.leader:
+        return
     for layer, m in metrics.items():
         held = "" if "fvu" not in m else f"held-out fvu={m['fvu']:.4f} l0={m['l0']:.1f} dead={m['dead_frac']:.3f}"
         ce = f" ce_recovered={m['ce_loss_recovered']:.3f}" if "ce_loss_recovered" in m else ""
@@ -884,6 +937,8 @@ def holdout_verify(path: Annotated[Path, typer.Argument(help="a sealed holdout")
 
 
 def main() -> None:
+    from aimri.distributed import shutdown
+
     try:
         app()
     except AimriError as err:
@@ -892,6 +947,8 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished shards are kept; rerun the same command to resume")
         sys.exit(130)
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

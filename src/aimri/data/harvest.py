@@ -16,7 +16,7 @@ import torch
 
 from aimri.data.corpus import Corpus, Packing, Window, pack
 from aimri.data.store import ActivationStore, ShardData, StoreWriter
-from aimri.errors import AimriError
+from aimri.errors import AimriError, StoreError
 from aimri.progress import progress_bar
 from aimri.subject.core import Subject
 
@@ -110,7 +110,12 @@ def harvest(
         "windows_per_shard": windows_per_shard,
         "batch_size": batch_size,
     }
-    writer = StoreWriter(out, spec)
+    from aimri.distributed import group
+
+    ranks = group()
+    ranks.agree("the harvest (model revision, sites, corpus, settings)", hashlib.sha256(
+        json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest())  # fmt: skip
+    writer = _open_writer(out, spec, ranks.rank, ranks.world)
     if writer.manifest.get("complete"):
         return ActivationStore(out)
     np_dtype = DTYPES[dtype]
@@ -118,14 +123,16 @@ def harvest(
         windows = pack(corpus, subject.tokenizer, packing)
         if max_windows is not None:
             windows = itertools.islice(windows, max_windows)
-        task = bar.add_task(f"harvest {', '.join(parsed)}", total=max_windows, rate="")
-        skip = writer.done_shards * windows_per_shard
-        skipped = sum(1 for _ in itertools.islice(windows, skip))  # finished shards: consume, do not keep
-        if skipped < skip:
-            raise AimriError(f"{out} has more shards than this corpus yields windows: the corpus changed")
-        bar.update(task, completed=skip)
-        start, tokens_done, sinks = time.perf_counter(), 0, 0
-        for shard_index, shard_windows in enumerate(_batched(windows, windows_per_shard), start=writer.done_shards):
+        mine = None if max_windows is None else math.ceil(max_windows / ranks.world)
+        label = f"harvest {', '.join(parsed)}" + (f" (rank {ranks.rank}/{ranks.world})" if ranks.active else "")
+        task = bar.add_task(label, total=mine, rate="")
+        done = writer.done_indices
+        bar.update(task, completed=len(done) * windows_per_shard)
+        start, tokens_done, sinks, shards_seen = time.perf_counter(), 0, 0, 0
+        for shard_index, shard_windows in enumerate(_batched(windows, windows_per_shard)):
+            shards_seen = shard_index + 1
+            if not writer.owns(shard_index) or shard_index in done:  # another rank's, or finished before
+                continue
             acts: dict[str, list[np.ndarray]] = {s: [] for s in parsed}
             sinks_before = sinks
             index: dict[str, list[np.ndarray]] = {k: [] for k in ("tokens", "doc", "pos", "window", "offset")}
@@ -150,15 +157,46 @@ def harvest(
                 tokens_done += int(attention.sum())
                 rate = tokens_done / max(time.perf_counter() - start, 1e-9)
                 bar.update(task, advance=len(batch), rate=f"{rate:,.0f} tok/s")
-            shard_sinks = sinks - sinks_before
             writer.write_shard(
                 ShardData(
                     {s: np.concatenate(v) for s, v in acts.items()}, {k: np.concatenate(v) for k, v in index.items()}
                 ),
                 extra={
                     "windows": [shard_index * windows_per_shard, shard_index * windows_per_shard + len(shard_windows)],
-                    "sinks_excluded": shard_sinks,
+                    "sinks_excluded": sinks - sinks_before,
                 },
+                index=shard_index,
             )
+        if ranks.world == 1 and shards_seen < len(done):
+            raise AimriError(f"{out} has more shards than this corpus yields windows: the corpus changed")
         elapsed = time.perf_counter() - start
-    return writer.finish(tokens_forwarded=tokens_done, seconds=round(elapsed, 3), sinks_excluded=sinks)
+    totals = ranks.sum_(torch.tensor([tokens_done, sinks], dtype=torch.float64), "the harvest's last step")
+    elapsed = float(ranks.max_(torch.tensor([elapsed], dtype=torch.float64), "the harvest's last step")[0])
+    ranks.barrier("the harvest's last step")  # every rank's shards are recorded before rank 0 merges
+    if ranks.leader:
+        writer.finish(
+            tokens_forwarded=int(totals[0]), seconds=round(elapsed, 3), sinks_excluded=int(totals[1]), ranks=ranks.world
+        )
+    ranks.barrier("the harvest's last step")
+    return ActivationStore(out)
+
+
+def _open_writer(out: str | Path, spec: dict[str, Any], rank: int, world: int) -> StoreWriter:
+    """Rank 0 checks (or creates) the store first, so every rank raises the same error or none."""
+    from aimri.distributed import group
+
+    ranks = group()
+    problem = None
+    writer = None
+    if ranks.leader:
+        try:
+            writer = StoreWriter(out, spec, rank, world)
+            if world > 1 and not writer.manifest.get("complete"):  # before the others look at the folder
+                writer.path.mkdir(parents=True, exist_ok=True)
+                writer.write_manifest()
+        except AimriError as err:
+            problem = str(err)
+    problem = ranks.all_gather(problem, "opening the store")[0]
+    if problem:
+        raise StoreError(problem)
+    return writer or StoreWriter(out, spec, rank, world)

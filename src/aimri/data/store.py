@@ -138,6 +138,7 @@ class ActivationStore:
         with_tokens: bool = False,
         drop_last: bool = False,
         shards: Sequence[int] | None = None,
+        part: tuple[int, int] = (0, 1),
     ) -> Iterator[Any]:
         """Batches of activations as fp32 tensors, read from memory-mapped shards: one tensor for one
         site; a tuple for several sites (the same rows: e.g. mlp.in and mlp.out for a transcoder), with
@@ -145,7 +146,9 @@ class ActivationStore:
 
         With `shuffle`, shards are visited in random order in groups of `shards_per_buffer`, and rows are
         permuted within each group: memory holds one batch, not the store. Each group's last batch may be
-        short unless `drop_last`. `shards` restricts reading to those shard indices (e.g. a held-out tail)."""
+        short unless `drop_last`. `shards` restricts reading to those shard indices (e.g. a held-out tail).
+        `part=(rank, world)` yields only that rank's contiguous 1/world of every batch (data-parallel
+        training: the ranks' parts, concatenated in rank order, are the single-process batch)."""
         sites = [site] if isinstance(site, str) else list(site)
         for name in sites:
             self._check_site(name)
@@ -162,6 +165,10 @@ class ActivationStore:
                 idx = flat[b : b + batch_size]
                 if drop_last and len(idx) < batch_size:
                     continue
+                rank, world = part
+                if world > 1:
+                    step = -(-len(idx) // world)
+                    idx = idx[rank * step : (rank + 1) * step]
                 which = np.searchsorted(bounds, idx, side="right") - 1
                 parts: list[list[np.ndarray]] = [[] for _ in names]
                 for s in np.unique(which):  # read each shard's rows in ascending order
@@ -227,11 +234,16 @@ def _spec_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> li
 
 
 class StoreWriter:
-    """Creates or resumes a store with a fixed spec; one process at a time (an flock on the directory)."""
+    """Creates or resumes a store with a fixed spec; one process per rank (an flock on the directory).
 
-    def __init__(self, path: str | Path, spec: dict[str, Any]) -> None:
+    With `world` > 1 (torchrun), rank r writes the shards whose index is r modulo `world`, records them in
+    ranks/rank-r.json, and `finish` (called by every rank, after a barrier) has rank 0 merge the records
+    into the one manifest. A crashed rank's finished shards stay; a rerun with the same world size resumes."""
+
+    def __init__(self, path: str | Path, spec: dict[str, Any], rank: int = 0, world: int = 1) -> None:
         self.path = Path(path)
         self.spec = json.loads(json.dumps(spec))  # normalise tuples etc. as they will be read back
+        self.rank, self.world = rank, world
         self._lock_fd: int | None = None
         if self.path.exists() and (self.path / "manifest.json").exists():
             self.manifest = read_manifest(self.path)
@@ -241,15 +253,43 @@ class StoreWriter:
                     f"{self.path} was harvested with different settings ({'; '.join(diffs[:3])}); "
                     "rerun with the original arguments to resume, or choose a new --out"
                 )
-        elif self.path.exists() and any(self.path.iterdir()):
+            was = int(self.manifest.get("world_size", 1))
+            if not self.manifest.get("complete") and was != world and self._has_progress():
+                raise StoreError(
+                    f"{self.path} was being harvested by {was} rank(s) and this run has {world}; resume with "
+                    f"{'torchrun --nproc_per_node ' + str(was) if was > 1 else 'a single process'}, or choose a new --out"
+                )
+        elif self.path.exists() and any(p.name != "ranks" for p in self.path.iterdir()):
             raise StoreError(f"{self.path} exists and is not an activation store; choose an empty or new --out")
         else:
             self.manifest = {"format": FORMAT, "version": VERSION, "spec": self.spec, "shards": [], "complete": False}
+        if world > 1:
+            self.manifest["world_size"] = world
+        self.mine: list[dict[str, Any]] = self._read_rank_record() if world > 1 else self.manifest["shards"]
+
+    def _has_progress(self) -> bool:
+        return bool(self.manifest["shards"]) or any((self.path / "ranks").glob("rank-*.json"))
+
+    def _rank_file(self) -> Path:
+        return self.path / "ranks" / f"rank-{self.rank}.json"
+
+    def _read_rank_record(self) -> list[dict[str, Any]]:
+        file = self._rank_file()
+        if not file.exists():
+            return []
+        try:
+            record = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise StoreError(f"{file} is corrupted ({err}); delete {self.path} and re-harvest") from err
+        if record.get("world_size") != self.world:
+            raise StoreError(f"{file} was written by a {record.get('world_size')}-rank run; this run has {self.world}")
+        return list(record["shards"])
 
     @contextmanager
     def locked(self) -> Iterator[StoreWriter]:
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        lock = ".lock" if self.world == 1 else f".lock.rank-{self.rank}"
+        fd = os.open(self.path / lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as err:
@@ -259,8 +299,8 @@ class StoreWriter:
             ) from err
         try:
             self._cleanup()
-            if not (self.path / "manifest.json").exists():
-                self._write_manifest()
+            if self.rank == 0 and (self.world > 1 or not (self.path / "manifest.json").exists()):
+                self.write_manifest()
             yield self
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -270,24 +310,44 @@ class StoreWriter:
     def done_shards(self) -> int:
         return len(self.manifest["shards"])
 
-    def _cleanup(self) -> None:
-        """Drop what a crash left: temp shards, and shard dirs renamed but not yet in the manifest."""
-        known = {s["name"] for s in self.manifest["shards"]}
-        for entry in self.path.iterdir():
-            if entry.name.startswith(".shard-") or (entry.name.startswith("shard-") and entry.name not in known):
-                shutil.rmtree(entry, ignore_errors=True)
-            elif entry.name.startswith(".manifest.json.tmp"):
-                entry.unlink(missing_ok=True)
+    @property
+    def done_indices(self) -> set[int]:
+        """Shard indices this rank has finished (all of them, for a single process)."""
+        return {int(s["name"].split("-")[1]) for s in self.mine}
 
-    def _write_manifest(self) -> None:
+    def owns(self, index: int) -> bool:
+        return index % self.world == self.rank
+
+    def _cleanup(self) -> None:
+        """Drop what a crash left of this rank's work: temp shards, and shard dirs renamed but not recorded."""
+        known = {s["name"] for s in self.mine}
+        for entry in self.path.iterdir():
+            stem = entry.name.removeprefix(".").removesuffix(".tmp")
+            if not stem.startswith("shard-") or not stem[6:].isdigit() or not self.owns(int(stem[6:])):
+                if self.rank == 0 and entry.name.startswith(".manifest.json.tmp"):
+                    entry.unlink(missing_ok=True)
+                continue
+            if entry.name.startswith(".shard-") or entry.name not in known:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def write_manifest(self) -> None:
         atomic_write_text(self.path / "manifest.json", json.dumps(self.manifest, indent=1))
 
-    def write_shard(self, data: ShardData, extra: dict[str, Any] | None = None) -> None:
-        index = self.done_shards
+    def _record(self) -> None:
+        if self.world == 1:
+            self.write_manifest()
+        else:
+            self._rank_file().parent.mkdir(exist_ok=True)
+            atomic_write_text(self._rank_file(), json.dumps({"world_size": self.world, "shards": self.mine}, indent=1))
+
+    def write_shard(self, data: ShardData, extra: dict[str, Any] | None = None, index: int | None = None) -> None:
+        """Write shard `index` (default: the next one of a single-process store) and record it."""
+        index = self.done_shards if index is None else index
         name = shard_name(index)
         tmp = self.path / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         files: dict[str, dict[str, Any]] = {}
+        recorded = len(self.mine)
         try:
             tmp.mkdir()
             for key, arr in [*data.acts.items(), *data.index.items()]:
@@ -300,21 +360,40 @@ class StoreWriter:
             fsync_dir(tmp)
             os.rename(tmp, self.path / name)
             fsync_dir(self.path)
-            self.manifest["shards"].append({"name": name, "rows": data.rows, "files": files, **(extra or {})})
-            self._write_manifest()
+            self.mine.append({"name": name, "rows": data.rows, "files": files, **(extra or {})})
+            self._record()
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            if (self.path / name).exists() and len(self.manifest["shards"]) == index:
+            if (self.path / name).exists() and len(self.mine) == recorded:
                 shutil.rmtree(self.path / name, ignore_errors=True)
             if err.errno == errno.ENOSPC:
                 raise StoreError(
                     f"disk full while writing {name} in {self.path}; free space (or use another --out) and rerun: "
-                    f"the {index} finished shards are kept"
+                    f"the {recorded} finished shards are kept"
                 ) from err
             raise StoreError(f"could not write {name} in {self.path} ({err.strerror or err})") from err
 
+    def merge_ranks(self) -> None:
+        """Rank 0, once every rank has finished: the ranks' records become the manifest's shard list."""
+        shards: list[dict[str, Any]] = []
+        for r in range(self.world):
+            file = self.path / "ranks" / f"rank-{r}.json"
+            if file.exists():
+                shards += json.loads(file.read_text())["shards"]
+        shards.sort(key=lambda s: s["name"])
+        names = [s["name"] for s in shards]
+        if names != [shard_name(i) for i in range(len(names))]:
+            missing = sorted({shard_name(i) for i in range(len(names))} - set(names))[:3]
+            raise StoreError(f"{self.path}: the ranks' shards are not contiguous (missing {missing}); rerun to resume")
+        self.manifest["shards"] = shards
+
     def finish(self, **summary: Any) -> ActivationStore:
+        """Mark the store complete (rank 0 of a distributed run, after every rank has finished)."""
+        if self.world > 1:
+            self.merge_ranks()
         self.manifest["complete"] = True
         self.manifest["summary"] = summary
-        self._write_manifest()
+        self.write_manifest()
+        if self.world > 1:
+            shutil.rmtree(self.path / "ranks", ignore_errors=True)
         return ActivationStore(self.path)

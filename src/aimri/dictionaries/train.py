@@ -20,6 +20,7 @@ from torch import Tensor
 from aimri.dictionaries import architectures as arch
 from aimri.dictionaries.base import Dictionary, DictionaryConfig, build
 from aimri.dictionaries.sparse import topk_autoencode
+from aimri.distributed import Group
 from aimri.errors import AimriError
 from aimri.paths import atomic_write_text, fsync_dir
 
@@ -89,18 +90,24 @@ def _split(batch: Batch, cfg: DictionaryConfig) -> tuple[Tensor, Tensor]:
 
 
 class Trainer:
-    """Trains one dictionary; `step(batch)` lets several trainers share one pass over the data."""
+    """Trains one dictionary; `step(batch)` lets several trainers share one pass over the data.
 
-    def __init__(self, dcfg: DictionaryConfig, tcfg: TrainConfig) -> None:
+    Data-parallel with a `ranks` Group: each rank steps on its slice of the global batch; gradients are
+    averaged across ranks (one all-reduce per step), the first batch is gathered whole for the input scale
+    and b_dec, and dead-latent counts see every rank's tokens — so every rank holds the same weights, those
+    a single process would reach on the whole batch (up to float summation order)."""
+
+    def __init__(self, dcfg: DictionaryConfig, tcfg: TrainConfig, ranks: Group | None = None) -> None:
         if dcfg.k is not None and dcfg.k > dcfg.d_sae:
             raise AimriError(f"k={dcfg.k} is larger than the width d_sae={dcfg.d_sae}; choose k <= width")
         self.dcfg, self.tcfg = dcfg, tcfg
+        self.ranks = ranks or Group()
         torch.manual_seed(tcfg.seed)
         self.model: Dictionary = build(dcfg)
         self.model.reset_parameters(torch.Generator().manual_seed(tcfg.seed))
         self.lr = tcfg.lr or 3e-3 * math.sqrt(4608 / dcfg.d_sae)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(trainable, lr=self.lr, betas=tcfg.betas)
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self._trainable, lr=self.lr, betas=tcfg.betas)
         self.step_index = 0
         self.since_fired = torch.zeros(dcfg.d_sae, dtype=torch.int64)
         self.scale_in = self.scale_out = 1.0
@@ -128,6 +135,10 @@ class Trainer:
         """Scale factors so inputs/outputs have mean norm sqrt(d); b_dec at the geometric median."""
         x, y = _split(sample, self.dcfg)
         self._check(x, y, "the first batch")
+        if self.ranks.active:  # the whole first batch, so every rank (and a single process) starts alike
+            x, y = self.ranks.gather_rows(x, "initialisation"), (
+                self.ranks.gather_rows(y, "initialisation") if y is not x else None)  # fmt: skip
+            y = x if y is None else y
         self.scale_in = math.sqrt(x.shape[1]) / float(x.norm(dim=1).mean())
         self.scale_out = math.sqrt(y.shape[1]) / float(y.norm(dim=1).mean()) if y is not x else self.scale_in
         with torch.no_grad():
@@ -181,7 +192,9 @@ class Trainer:
             loss = loss + self.tcfg.l1_coefficient * (codes * m.W_dec.norm(dim=1)).sum(1).mean() / x.shape[1]
         if isinstance(m, arch.JumpReLU):
             loss = loss + self.tcfg.l0_coefficient * m.l0(pre)
-        self.since_fired += x.shape[0]
+        if self.ranks.active:  # a latent is alive if it fired on any rank's rows
+            fired = self.ranks.max_(fired.to(torch.uint8), "the dead-latent count").bool()
+        self.since_fired += x.shape[0] * self.ranks.world
         self.since_fired[fired] = 0
         dead = self.since_fired > self.tcfg.dead_after
         aux = torch.zeros(())
@@ -190,6 +203,7 @@ class Trainer:
             loss = loss + self.tcfg.auxk_alpha * aux
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.ranks.mean_grads(self._trainable)
         unit_rows = not isinstance(m, arch.Crosscoder)  # a crosscoder's decoder norms carry meaning
         with torch.no_grad():
             if unit_rows and m.W_dec.grad is not None:  # keep rows on the unit sphere: drop the radial gradient
@@ -200,11 +214,13 @@ class Trainer:
             with torch.no_grad():
                 m.W_dec.div_(m.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
         total = (y - y.mean(0)).pow(2).sum(1).mean()
+        figures = torch.tensor([float(loss.detach()), float(mse.detach()), float(total), l0], dtype=torch.float64)
+        loss_v, mse_v, total_v, l0 = (self.ranks.sum_(figures, "the step's metrics") / self.ranks.world).tolist()
         self.step_index += 1
         self.last = {
             "step": self.step_index,
-            "loss": float(loss.detach()),
-            "fvu": float(mse.detach() / total),
+            "loss": loss_v,
+            "fvu": mse_v / total_v,
             "l0": l0,
             "dead_frac": float(dead.float().mean()),
             "auxk": float(aux.detach()),
@@ -287,8 +303,10 @@ def fit(
     from `checkpoint_dir` when it holds checkpoints; returns each trainer's last metrics."""
     from aimri.progress import progress_bar
 
+    ranks = trainers[0].ranks
     if checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        ranks.barrier("opening the checkpoints")
         for i, t in enumerate(trainers):
             ckpt = checkpoint_dir / f"dictionary-{i}.pt"
             if ckpt.exists():
@@ -310,22 +328,26 @@ def fit(
                     t.step(batch)
             bar.update(task, advance=1, rate=f"fvu {trainers[0].last.get('fvu', float('nan')):.3f}")
             if checkpoint_dir is not None and (step + 1) % trainers[0].tcfg.checkpoint_every == 0:
-                for i, t in enumerate(trainers):
-                    t.save_checkpoint(checkpoint_dir / f"dictionary-{i}.pt")
+                if ranks.leader:  # data-parallel ranks hold the same weights: one copy on disk
+                    for i, t in enumerate(trainers):
+                        t.save_checkpoint(checkpoint_dir / f"dictionary-{i}.pt")
+                ranks.barrier("a checkpoint")
     return [t.last for t in trainers]
 
 
 def store_batches(
-    store: Any, sites: list[str], batch_size: int, seed: int, shards: list[int] | None = None
-) -> Iterator[Batch]:
+    store: Any, sites: list[str], batch_size: int, seed: int, shards: list[int] | None = None,
+    part: tuple[int, int] = (0, 1),
+) -> Iterator[Batch]:  # fmt: skip
     """Shuffled full batches from a store, epoch after epoch (epoch e shuffles with seed + e): the
-    same sequence on every run, which is what makes resuming exact."""
+    same sequence on every run, which is what makes resuming exact. `part`: see ActivationStore.batches."""
     epoch = 0
     while True:
         produced = False
         for batch in store.batches(
-            sites if len(sites) > 1 else sites[0], batch_size, seed=seed + epoch, drop_last=True
-        ):
+            sites if len(sites) > 1 else sites[0], batch_size, seed=seed + epoch, drop_last=True, shards=shards,
+            part=part,
+        ):  # fmt: skip
             produced = True
             yield batch
         if not produced:
@@ -335,18 +357,23 @@ def store_batches(
 
 def _train_and_save(
     cfg: DictionaryConfig, batches: Iterable[Batch], out: str | Path, tcfg: TrainConfig, progress: bool,
-    record: dict[str, Any],
+    record: dict[str, Any], ranks: Group | None = None,
 ) -> tuple[Path, dict[str, float]]:  # fmt: skip
     """Train one dictionary (checkpoints in `out`.checkpoints), save it scale-folded in the SAELens layout
-    at `out`, and record how in `out`/training.json."""
+    at `out`, and record how in `out`/training.json (rank 0 writes; the ranks' weights are the same)."""
     from aimri.dictionaries.formats import save_dictionary
 
-    trainer = Trainer(cfg, tcfg)
+    ranks = ranks or Group()
+    trainer = Trainer(cfg, tcfg, ranks)
     out = Path(out)
     last = fit([trainer], batches, checkpoint_dir=out.with_name(out.name + ".checkpoints"), progress=progress)[0]
-    save_dictionary(trainer.export(), out)
-    info = {**last, "tokens": trainer.step_index * tcfg.batch_size, "scale_in": trainer.scale_in, **record}
-    atomic_write_text(out / "training.json", json.dumps(info, indent=1))
+    if ranks.leader:
+        save_dictionary(trainer.export(), out)
+        info = {**last, "tokens": trainer.step_index * tcfg.batch_size, "scale_in": trainer.scale_in, **record}
+        if ranks.active:
+            info["ranks"] = ranks.world
+        atomic_write_text(out / "training.json", json.dumps(info, indent=1))
+    ranks.barrier("saving the dictionary")
     return out, last
 
 
@@ -365,12 +392,18 @@ def train_from_store(
     seed: int = 0,
     heldout_shards: int = 0,
     progress: bool = True,
+    ranks: Group | None = None,
 ) -> tuple[Path, dict[str, float]]:
     """Train one dictionary (an SAE on `site`, or a transcoder `site` -> `site_out`) from a store; resumable.
-    The last `heldout_shards` shards are never trained on; training.json records them for `mri eval`."""
+    The last `heldout_shards` shards are never trained on; training.json records them for `mri eval`.
+    With `ranks` (torchrun), data-parallel: each rank reads its 1/world of every batch from the store."""
     from aimri.data.store import ActivationStore
 
+    ranks = ranks or Group()
     store = ActivationStore(store_path)
+    if batch_size % ranks.world:
+        raise AimriError(f"--batch-size {batch_size} must be a multiple of the {ranks.world} ranks")
+    ranks.agree("the store (its manifest)", json.dumps(store.manifest["spec"], sort_keys=True))
     cfg = DictionaryConfig(
         architecture, store.d(site), width, d_out=store.d(site_out) if site_out else None,
         k=k if architecture in ("topk", "batchtopk") else None, skip=skip, site=site, site_out=site_out or "",
@@ -380,10 +413,11 @@ def train_from_store(
     if not 0 <= heldout_shards < n:
         raise AimriError(f"--heldout-shards {heldout_shards} must leave training data: the store has {n} shards")
     sites = [site] + ([site_out] if site_out else [])
-    batches = store_batches(store, sites, batch_size, seed, shards=list(range(n - heldout_shards)))
+    part = (ranks.rank, ranks.world)
+    batches = store_batches(store, sites, batch_size, seed, shards=list(range(n - heldout_shards)), part=part)
     record = {"store": str(Path(store_path).resolve()), "heldout_shards": list(range(n - heldout_shards, n))}
     tcfg = TrainConfig(total_tokens=tokens, batch_size=batch_size, lr=lr, seed=seed)
-    return _train_and_save(cfg, batches, out, tcfg, progress, record)
+    return _train_and_save(cfg, batches, out, tcfg, progress, record, ranks)
 
 
 def train_from_subject(
@@ -437,11 +471,13 @@ def train_transcoders(
     eval_windows: int = 16,
     downstream_windows: int = 8,
     progress: bool = True,
+    ranks: Group | None = None,
 ) -> dict[int, dict[str, Any]]:
     """Per-layer transcoders mlp.in.L -> mlp.out.L for many layers, trained together from one pass over
     the model's activations (no store); saved as `out`/layer-L in the SAELens layout, resumable. Every
     `heldout_every`-th window is never trained on: metrics.json holds each layer's FVU, L0, dead fraction
-    and CE loss recovered on those windows."""
+    and CE loss recovered on those windows. With `ranks` (torchrun) the layers are placed on ranks
+    (rank r trains every world-th layer from r, each from its own forward passes), not data-parallel."""
     from aimri.dictionaries.evaluate import downstream_metrics, reconstruction_from_pairs, rows_from_windows
     from aimri.dictionaries.formats import load_dictionary, save_dictionary
     from aimri.dictionaries.stream import heldout_windows, subject_batches
@@ -459,6 +495,10 @@ def train_transcoders(
         record = json.loads(cached.read_text())
         if record.get("settings") == settings and all((out / f"layer-{layer}").is_dir() for layer in layers):
             return {int(layer): m for layer, m in record["layers"].items()}
+    ranks = ranks or Group()
+    ranks.agree("the transcoder settings (model revision, corpus, layers)", json.dumps(settings, sort_keys=True))
+    all_layers, layers = layers, layers[ranks.rank :: ranks.world]
+    checkpoints = out / ".checkpoints" / (f"rank-{ranks.rank}-of-{ranks.world}" if ranks.active else "")
     trainers = []
     for layer in layers:
         cfg = DictionaryConfig(
@@ -471,11 +511,12 @@ def train_transcoders(
     batches = subject_batches(
         subject, corpus, sites, batch_size=batch_size, context=context, seed=seed, heldout_every=heldout_every
     )
-    fit(trainers, batches, checkpoint_dir=out / ".checkpoints", progress=progress)
+    if trainers:
+        fit(trainers, batches, checkpoint_dir=checkpoints, progress=progress)
     for layer, trainer in zip(layers, trainers, strict=True):
         save_dictionary(trainer.export(), out / f"layer-{layer}")
     held = heldout_windows(subject.tokenizer, corpus, context, heldout_every, eval_windows) if heldout_every else []
-    rows = rows_from_windows(subject, held, sites) if held else {}
+    rows = rows_from_windows(subject, held, sites) if held and layers else {}
     metrics: dict[int, dict[str, Any]] = {}
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task("evaluate", total=len(layers), rate="")
@@ -489,8 +530,13 @@ def train_transcoders(
                 if downstream_windows:
                     metrics[layer].update(downstream_metrics(model, subject, corpus, windows=held[:downstream_windows]))
             bar.update(task, advance=1)
-    record = {"settings": settings, "eval_windows": len(held), "layers": metrics}
-    atomic_write_text(out / "metrics.json", json.dumps(record, indent=1))
+    if ranks.active:  # every rank's layers, for the one metrics.json
+        metrics = {int(k): v for part in ranks.all_gather(metrics, "collecting metrics") for k, v in part.items()}
+        metrics = {layer: metrics[layer] for layer in all_layers}
+    if ranks.leader:
+        record = {"settings": settings, "eval_windows": len(held), "layers": metrics}
+        atomic_write_text(out / "metrics.json", json.dumps(record, indent=1))
+    ranks.barrier("writing metrics.json")
     return metrics
 
 

@@ -47,6 +47,14 @@ class Subject:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the first placed module's device for a device_map'd model (accelerate's hooks
+        move weights offloaded to cpu or disk in and out), else the parameters' device."""
+        placed = getattr(self.model, "hf_device_map", None)
+        if placed:
+            first = next(iter(placed.values()))
+            if first in ("cpu", "disk"):
+                return torch.device("cpu")
+            return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
         return next(self.model.parameters()).device
 
     @property

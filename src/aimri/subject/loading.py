@@ -13,6 +13,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -146,16 +147,26 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _from_dir(path: Path, name: str, device: str, dtype: torch.dtype) -> Subject:
+def _from_dir(path: Path, name: str, device: str, dtype: torch.dtype, **placement: Any) -> Subject:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
 
     if not (path / "config.json").exists():
         raise AimriError(f"{path} is not a Hugging Face model directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    placement = {k: v for k, v in placement.items() if v is not None}
+    if "offload_folder" in placement:
+        placement["offload_folder"] = str(placement["offload_folder"])
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **placement)
+    except (ValueError, KeyError) as err:
+        if not placement:
+            raise
+        raise AimriError(f"could not place {name} with device_map {placement.get('device_map')!r}: {err}") from err
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return Subject(torch.nn.Module.to(model, device), tokenizer, name=name, revision=dir_revision(path))
+    if not placement:
+        model = torch.nn.Module.to(model, device)
+    return Subject(model, tokenizer, name=name, revision=dir_revision(path))
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -176,7 +187,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
 
-def _from_hub(name: str, device: str, dtype: torch.dtype) -> Subject:
+def _from_hub(name: str, device: str, dtype: torch.dtype, **placement: Any) -> Subject:
     from huggingface_hub import snapshot_download
 
     hint = (
@@ -191,7 +202,7 @@ def _from_hub(name: str, device: str, dtype: torch.dtype) -> Subject:
         except Exception as caught:  # hub errors come in many classes; all mean "not available"
             err = caught
             continue
-        subject = _from_dir(snapshot, name, device, dtype)
+        subject = _from_dir(snapshot, name, device, dtype, **placement)
         subject.revision = snapshot.name  # the commit hash
         return subject
     if len(attempts) == 1:
@@ -201,19 +212,25 @@ def _from_hub(name: str, device: str, dtype: torch.dtype) -> Subject:
 
 
 def load(
-    name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32
+    name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> Subject:
     """Load a Subject: an embedded name, a .gguf file, a local HF directory, or a hub id.
 
-    fp32 is the default because bf16 matmul on common CPUs is hundreds of times slower.
+    fp32 is the default because bf16 matmul on common CPUs is hundreds of times slower. A model larger
+    than one device loads with accelerate's `device_map` ("auto", or module -> device / "cpu" / "disk",
+    with `offload_folder` for "disk"); taps work the same on it (accelerate's hooks wrap the modules).
     """
     name = str(name_or_path)
+    placement = {"device_map": device_map, "offload_folder": offload_folder} if device_map is not None else {}
     if name in EMBEDDED:
-        subject = _from_dir(gguf_to_dir(EMBEDDED[name]()), name, device, dtype)
-        return subject
+        return _from_dir(gguf_to_dir(EMBEDDED[name]()), name, device, dtype, **placement)
     path = Path(name).expanduser()
     if path.is_file():
-        return _from_dir(gguf_to_dir(path), path.stem, device, dtype)
+        return _from_dir(gguf_to_dir(path), path.stem, device, dtype, **placement)
     if path.is_dir() and ((path / "organism.json").exists() or (path / "adapter" / "adapter_config.json").exists()):
         from aimri.diagnostics.organisms import load_organism
 
@@ -221,10 +238,10 @@ def load(
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and len(ggufs) == 1:
-            return _from_dir(gguf_to_dir(ggufs[0]), ggufs[0].stem, device, dtype)
-        return _from_dir(path, path.name, device, dtype)
+            return _from_dir(gguf_to_dir(ggufs[0]), ggufs[0].stem, device, dtype, **placement)
+        return _from_dir(path, path.name, device, dtype, **placement)
     if name.count("/") == 1 and not name.startswith((".", "/")):
-        return _from_hub(name, device, dtype)
+        return _from_hub(name, device, dtype, **placement)
     raise AimriError(
         f"no model {name!r}: pass one of {', '.join(EMBEDDED)}, a .gguf file, a local Hugging Face "
         "directory, or a hub id like org/name"
