@@ -41,6 +41,34 @@ def test_sparse_backward_equals_dense_autograd(encoder_layout: str) -> None:
         assert torch.allclose(got, want, atol=1e-10)
 
 
+def test_blocked_selection_matches_whole_batch() -> None:
+    """Wide dictionaries select a block of rows at a time: codes, reconstruction and gradients are the
+    same as from one [batch, width] workspace."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 16, generator=g)
+    shapes = [(16, 300), (300,), (300, 16), (16,)]
+    results = []
+    for rows in (50, 7):  # the whole batch at once, then blocks of 7 rows (the last one short)
+        params = [
+            torch.randn(*s, generator=torch.Generator().manual_seed(i)).requires_grad_() for i, s in enumerate(shapes)
+        ]
+        recon, vals, idx, _ = topk_autoencode(x, *params, 6, True, torch.empty(rows, 300))
+        recon.pow(2).sum().backward()
+        results.append((recon.detach(), vals, idx.sort(1).values, [p.grad for p in params]))
+    params = [
+        torch.randn(*s, generator=torch.Generator().manual_seed(i)).requires_grad_() for i, s in enumerate(shapes)
+    ]
+    buffers = (torch.zeros(300, 16), torch.zeros(300, 16))  # gradients added in place: W_enc's latent-major
+    topk_autoencode(x, *params, 6, True, torch.empty(7, 300), buffers)[0].pow(2).sum().backward()
+    assert params[0].grad is None and params[2].grad is None
+    assert torch.allclose(buffers[0].t(), results[0][3][0], rtol=1e-4, atol=1e-3)  # summation order only
+    assert torch.allclose(buffers[1], results[0][3][2], rtol=1e-4, atol=1e-3)
+    (r1, v1, i1, g1), (r2, v2, i2, g2) = results
+    assert torch.equal(i1, i2) and torch.allclose(v1, v2) and torch.allclose(r1, r2, atol=1e-4)
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
 def test_bf16_selection_keeps_exact_values() -> None:
     """A bfloat16 workspace picks the latents; their values (and so the reconstruction) stay exact fp32."""
     g = torch.Generator().manual_seed(0)

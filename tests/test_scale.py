@@ -150,6 +150,8 @@ def test_killed_rank_leaves_a_store_that_resumes(
     assert "rank 0" in err and "finished work is kept" in err  # the survivor stops with one line
     partial = ActivationStore(out)
     assert not partial.complete and partial.shards == []  # nothing merged: the ranks' records hold the work
+    info = json.loads(mri("store", "info", str(out)).stdout)
+    assert info["ranks"] == 2 and info["shards_by_rank"]["rank-1"] >= 2
     refused = harvest(tiny_lm_dir, corpus, out, per_shard=1)  # resume with another world size
     assert refused.returncode == 2 and "harvested by 2 rank(s) and this run has 1" in refused.stderr
     resumed = harvest(tiny_lm_dir, corpus, out, nproc=2, per_shard=1)

@@ -2,6 +2,7 @@
 same held-out FVU. argv: train.npy heldout.npy width k batch_size steps."""
 
 import json
+import resource
 import sys
 
 import numpy as np
@@ -22,4 +23,6 @@ def batches(train: np.ndarray, batch_size: int, steps: int):
 
 def report(seconds: float, tokens: int, recon: torch.Tensor, heldout: torch.Tensor, fired: torch.Tensor) -> None:
     fvu = float((recon - heldout).pow(2).sum() / (heldout - heldout.mean(0)).pow(2).sum())
-    print(json.dumps({"tokens_per_s": tokens / seconds, "fvu": fvu, "dead_frac": float((~fired).float().mean())}))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    dead = float((~fired).float().mean())
+    print(json.dumps({"tokens_per_s": tokens / seconds, "fvu": fvu, "dead_frac": dead, "peak_mb": peak_mb}))

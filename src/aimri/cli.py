@@ -751,18 +751,12 @@ def store_info(path: Path) -> None:
     from aimri.data.store import ActivationStore
 
     store = ActivationStore(path)
-    print(
-        json.dumps(
-            {
-                "path": str(path),
-                "rows": store.rows,
-                "shards": len(store.shards),
-                "complete": store.complete,
-                "spec": store.spec,
-            },
-            indent=1,
-        )
-    )
+    info = {"path": str(path), "rows": store.rows, "shards": len(store.shards), "complete": store.complete}
+    if not store.complete and "world_size" in store.manifest:  # a torchrun harvest in progress or interrupted
+        records = sorted((path / "ranks").glob("rank-*.json"))
+        info["ranks"] = store.manifest["world_size"]
+        info["shards_by_rank"] = {f.stem: len(json.loads(f.read_text())["shards"]) for f in records}
+    print(json.dumps({**info, "spec": store.spec}, indent=1))
 
 
 @app.command()

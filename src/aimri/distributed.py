@@ -84,18 +84,18 @@ class Group:
         return tensor
 
     def mean_grads(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Average gradients across ranks in one coalesced all-reduce (what DDP's buckets do), so every
-        rank takes the same optimiser step; a parameter without a gradient contributes zeros."""
+        """Average gradients across ranks in place (what DDP's all-reduce does), so every rank takes the
+        same optimiser step; a parameter without a gradient gets zeros (every rank calls the same collectives)."""
         if not self.active:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        self.sum_(flat, "a gradient all-reduce").div_(self.world)
-        offset = 0
-        for p, g in zip(params, grads, strict=True):
-            n = g.numel()
-            p.grad = flat[offset : offset + n].view_as(g)
-            offset += n
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grad = p.grad
+            flat = grad if grad.is_contiguous() else grad.t() if grad.t().is_contiguous() else grad.contiguous()
+            self.sum_(flat, "a gradient all-reduce").div_(self.world)
+            if flat.data_ptr() != grad.data_ptr():
+                grad.copy_(flat)
 
     def agree(self, what: str, value: Any) -> None:
         """Refuse to go on unless every rank holds the same `value` (e.g. model revision, store spec)."""

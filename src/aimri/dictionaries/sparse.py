@@ -6,6 +6,9 @@ through the k active latents only, k x d per token, where dense autograd would s
 token on each of three products (~150x more at k = 32, d_sae = 4608). The two weight gradients are one
 sparse [d_sae, batch] x dense [batch, d] product each, with the sparsity pattern (sorted by latent) built
 once per step.
+
+Width: the pre-activations are computed a block of rows at a time into a workspace of at most
+WORKSPACE_ELEMENTS floats, so a batch of 4,096 rows over 1M latents needs 256 MB here, not 16 GB.
 """
 
 from __future__ import annotations
@@ -15,6 +18,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+WORKSPACE_ELEMENTS = 1 << 26  # pre-activations held at once (256 MB at fp32)
+
+
+def workspace_rows(batch: int, d_sae: int) -> int:
+    """Rows per block of the encoder GEMM: the whole batch unless that exceeds WORKSPACE_ELEMENTS."""
+    return max(1, min(batch, WORKSPACE_ELEMENTS // d_sae))
 
 
 class LatentIndex:
@@ -56,19 +66,27 @@ class TopKAutoencode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int, centre: bool,
-                workspace: Tensor | None):  # type: ignore[override]  # fmt: skip
+                workspace: Tensor | None, grad_buffers: tuple[Tensor, Tensor] | None):  # type: ignore[override]  # fmt: skip
         ctx.set_materialize_grads(False)  # no zero-filled [batch, d_sae] gradients for `pre`
+        ctx.grad_buffers = grad_buffers
         xc = x - b_dec if centre else x
-        shape = (x.shape[0], W_enc.shape[1])
-        if workspace is None or workspace.shape != shape:
-            workspace = torch.empty(shape, dtype=x.dtype)
-        if workspace.dtype == x.dtype:
-            pre = torch.addmm(b_enc, xc, W_enc, out=workspace)  # a reused buffer: no fresh pages to fault in
-            vals, idx = pre.topk(k, dim=-1, sorted=False)
-        else:  # choose the k latents at low precision, then compute their values exactly
-            low = workspace.dtype
-            pre = torch.addmm(b_enc.to(low), xc.to(low), W_enc.to(low), out=workspace)
-            idx = pre.topk(k, dim=-1, sorted=False).indices
+        rows = workspace.shape[0] if workspace is not None else workspace_rows(x.shape[0], W_enc.shape[1])
+        if workspace is None:
+            workspace = torch.empty(rows, W_enc.shape[1], dtype=x.dtype)
+        vals = torch.empty(x.shape[0], k, dtype=x.dtype)
+        idx = torch.empty(x.shape[0], k, dtype=torch.int64)
+        low = workspace.dtype
+        enc_low, b_low = (W_enc, b_enc) if low == x.dtype else (W_enc.to(low), b_enc.to(low))
+        pre = workspace
+        for start in range(0, x.shape[0], rows):  # one block of rows at a time: bounded memory at any width
+            block = xc[start : start + rows]
+            pre = workspace[: len(block)]
+            torch.addmm(b_low, block.to(low), enc_low, out=pre)  # a reused buffer: no fresh pages to fault in
+            top = pre.topk(k, dim=-1, sorted=False)
+            idx[start : start + rows] = top.indices
+            if low == x.dtype:
+                vals[start : start + rows] = top.values
+        if low != x.dtype:  # chosen at low precision: their values computed exactly
             vals = _row_dots(idx, W_enc.t(), xc) + b_enc[idx]
         vals = vals.relu()
         recon = F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum") + b_dec
@@ -81,12 +99,18 @@ class TopKAutoencode(torch.autograd.Function):
     def backward(ctx, grad_recon: Tensor | None, *_unused: Tensor):  # type: ignore[override]
         xc, W_enc, W_dec, vals, idx = ctx.saved_tensors
         if grad_recon is None:
-            return (None,) * 8
+            return (None,) * 9
         grad_recon = grad_recon.contiguous()
-        pattern = LatentIndex(idx, W_dec.shape[0])
-        grad_W_dec = pattern.matmul(vals, grad_recon) if ctx.needs_input_grad[3] else None
         grad_pre_vals = _row_dots(idx, W_dec, grad_recon) * (vals > 0)
-        grad_enc_t = pattern.matmul(grad_pre_vals, xc)
+        if ctx.grad_buffers is not None:  # added in place into the caller's [d_sae, d] buffers
+            enc_buf, dec_buf = ctx.grad_buffers
+            _add_rows(dec_buf, idx, vals, grad_recon)
+            _add_rows(enc_buf, idx, grad_pre_vals, xc)
+            grad_W_dec = grad_enc = None
+        else:
+            pattern = LatentIndex(idx, W_dec.shape[0])
+            grad_W_dec = pattern.matmul(vals, grad_recon) if ctx.needs_input_grad[3] else None
+            grad_enc = pattern.matmul(grad_pre_vals, xc).t()
         grad_b_enc = torch.zeros(W_dec.shape[0], dtype=vals.dtype).index_add_(
             0, idx.reshape(-1), grad_pre_vals.reshape(-1)
         )
@@ -97,16 +121,28 @@ class TopKAutoencode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             enc_t = W_enc.t().contiguous()  # free when W_enc is stored latent-major
             grad_x = F.embedding_bag(idx, enc_t, per_sample_weights=grad_pre_vals, mode="sum")
-        return grad_x, grad_enc_t.t(), grad_b_enc, grad_W_dec, grad_b_dec, None, None, None
+        return grad_x, grad_enc, grad_b_enc, grad_W_dec, grad_b_dec, None, None, None, None
+
+
+def _add_rows(out: Tensor, idx: Tensor, weights: Tensor, dense: Tensor, block: int = 256) -> None:
+    """out[idx[b, j]] += weights[b, j] * dense[b], a block of tokens at a time (bounded temporaries)."""
+    for start in range(0, len(idx), block):
+        w, rows = weights[start : start + block], dense[start : start + block]
+        out.index_add_(0, idx[start : start + block].reshape(-1), (w.unsqueeze(-1) * rows.unsqueeze(1)).flatten(0, 1))
 
 
 def topk_autoencode(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int, centre: bool = True,
-    workspace: Tensor | None = None,
+    workspace: Tensor | None = None, grad_buffers: tuple[Tensor, Tensor] | None = None,
 ):  # fmt: skip
-    """`workspace`: a [batch, d_sae] buffer the pre-activations are written into (and returned as `pre`),
-    reused across steps by a trainer (the returned `pre` is overwritten by the next call). A bfloat16
+    """`workspace`: a [rows, d_sae] buffer the pre-activations are written into, `rows` at a time (default:
+    `workspace_rows`), reused across steps by a trainer; the returned `pre` is its last block — the whole
+    batch's pre-activations only when rows >= batch (and overwritten by the next call). A bfloat16
     workspace selects the top k from a bfloat16 GEMM (2.5x faster than fp32 on CPUs with AVX512-BF16 or
     AMX) and recomputes the chosen k values exactly in fp32, so codes, reconstruction and gradients are
-    exact for the chosen latents; only near-ties at the k-th place can differ from the fp32 choice."""
-    return TopKAutoencode.apply(x, W_enc, b_enc, W_dec, b_dec, k, centre, workspace)
+    exact for the chosen latents; only near-ties at the k-th place can differ from the fp32 choice.
+
+    `grad_buffers` (W_enc's gradient latent-major [d_sae, d_in], W_dec's [d_sae, d]): the two weight
+    gradients are added into these instead of returned, so a trainer holds one copy of each however many
+    passes feed them (the main loss and AuxK) — at 1M latents each fresh copy would be 2.4 GB."""
+    return TopKAutoencode.apply(x, W_enc, b_enc, W_dec, b_dec, k, centre, workspace, grad_buffers)

@@ -8,18 +8,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from aimri.dictionaries import architectures as arch
 from aimri.dictionaries.base import Dictionary, DictionaryConfig, build
-from aimri.dictionaries.sparse import topk_autoencode
+from aimri.dictionaries.sparse import topk_autoencode, workspace_rows
 from aimri.distributed import Group
 from aimri.errors import AimriError
 from aimri.paths import atomic_write_text, fsync_dir
@@ -82,6 +82,13 @@ def geometric_median(points: Tensor, iters: int = 50, eps: float = 1e-6) -> Tens
     return median
 
 
+def _drop_radial(grad: Tensor, rows: Tensor, block: int = 1 << 16) -> None:
+    """grad -= (grad . row) row for each unit row, a block of rows at a time: no [d_sae, d] temporary."""
+    for start in range(0, len(rows), block):
+        g, w = grad[start : start + block], rows[start : start + block]
+        g -= (g * w).sum(1, keepdim=True) * w
+
+
 def _split(batch: Batch, cfg: DictionaryConfig) -> tuple[Tensor, Tensor]:
     if isinstance(batch, dict):
         x = batch[cfg.site]
@@ -107,7 +114,9 @@ class Trainer:
         self.model.reset_parameters(torch.Generator().manual_seed(tcfg.seed))
         self.lr = tcfg.lr or 3e-3 * math.sqrt(4608 / dcfg.d_sae)
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self._trainable, lr=self.lr, betas=tcfg.betas)
+        # fused: one pass over each tensor (measured 44x faster than the per-op CPU path at 19M parameters,
+        # and no full-size temporaries, which is what lets a 1M-latent dictionary fit in 24 GB)
+        self.optimizer = torch.optim.Adam(self._trainable, lr=self.lr, betas=tcfg.betas, fused=True)
         self.step_index = 0
         self.since_fired = torch.zeros(dcfg.d_sae, dtype=torch.int64)
         self.scale_in = self.scale_out = 1.0
@@ -119,6 +128,7 @@ class Trainer:
         if select not in ("float32", "bfloat16"):
             raise AimriError(f"select_dtype must be auto, float32 or bfloat16, not {tcfg.select_dtype!r}")
         self._workspace = torch.empty(0, dcfg.d_sae, dtype=getattr(torch, select))  # TopK pre-activations
+        self._grad_buffers: tuple[Tensor, Tensor] | None = None  # TopK: W_enc's (latent-major) and W_dec's
 
     # -- schedule and init -----------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -169,10 +179,15 @@ class Trainer:
             group["lr"] = self.lr_at(self.step_index)
         centre = self.dcfg.centres_input
         if isinstance(m, arch.TopK):
-            if self._workspace.shape[0] != x.shape[0]:
-                self._workspace = torch.empty(x.shape[0], self.dcfg.d_sae, dtype=self._workspace.dtype)
+            rows = workspace_rows(x.shape[0], self.dcfg.d_sae)
+            if self._workspace.shape[0] != rows:
+                self._workspace = torch.empty(rows, self.dcfg.d_sae, dtype=self._workspace.dtype)
+            if self._grad_buffers is None:
+                self._grad_buffers = (torch.zeros(m.W_enc.shape[::-1]), torch.zeros_like(m.W_dec.detach()))
+            for buffer in self._grad_buffers:
+                buffer.zero_()
             recon, vals, idx, pre = topk_autoencode(
-                x, m.W_enc, m.b_enc, m.W_dec, m.b_dec, self.dcfg.k or 1, centre, self._workspace
+                x, m.W_enc, m.b_enc, m.W_dec, m.b_dec, self.dcfg.k or 1, centre, self._workspace, self._grad_buffers
             )
             fired = torch.zeros(self.dcfg.d_sae, dtype=torch.bool)
             fired[idx[vals > 0]] = True
@@ -203,12 +218,12 @@ class Trainer:
             loss = loss + self.tcfg.auxk_alpha * aux
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self._grad_buffers is not None:  # TopK added its weight gradients into these, in place
+            m.W_enc.grad, m.W_dec.grad = self._grad_buffers[0].t(), self._grad_buffers[1]
         self.ranks.mean_grads(self._trainable)
         unit_rows = not isinstance(m, arch.Crosscoder)  # a crosscoder's decoder norms carry meaning
-        with torch.no_grad():
-            if unit_rows and m.W_dec.grad is not None:  # keep rows on the unit sphere: drop the radial gradient
-                w = m.W_dec
-                m.W_dec.grad -= (m.W_dec.grad * w).sum(1, keepdim=True) * w
+        if unit_rows and m.W_dec.grad is not None:  # keep rows on the unit sphere: drop the radial gradient
+            _drop_radial(m.W_dec.grad, m.W_dec.detach())
         self.optimizer.step()
         if unit_rows:
             with torch.no_grad():
@@ -228,14 +243,16 @@ class Trainer:
         return self.last
 
     def _auxk(self, x: Tensor, residual: Tensor, dead: Tensor, centre: bool) -> Tensor:
-        """Reconstruct the main error from the top dead latents (Gao et al.), normalised by its variance."""
+        """Reconstruct the main error from the top dead latents (Gao et al.), normalised by its variance.
+        The same sparse TopK kernel as the main pass, with live latents' biases at -inf so only dead ones
+        are chosen: memory and backward stay bounded by the batch's choices at any width."""
         m = self.model
-        dead_idx = dead.nonzero().squeeze(1)
-        k_aux = min(self.tcfg.auxk_k or self.dcfg.d_in // 2, len(dead_idx))
+        k_aux = min(self.tcfg.auxk_k or self.dcfg.d_in // 2, int(dead.sum()))
         xc = x - m.b_dec if centre else x
-        pre = xc @ m.W_enc[:, dead_idx] + m.b_enc[dead_idx]
-        vals, local = pre.topk(k_aux, dim=-1, sorted=False)
-        recon = F.embedding_bag(local, m.W_dec[dead_idx], per_sample_weights=vals.relu(), mode="sum")
+        masked_bias = m.b_enc.masked_fill(~dead, float("-inf"))
+        no_bias = torch.zeros_like(m.b_dec)
+        work = self._workspace if self._workspace.shape[0] else None  # BatchTopK keeps none
+        recon = topk_autoencode(xc, m.W_enc, masked_bias, m.W_dec, no_bias, k_aux, False, work, self._grad_buffers)[0]
         denom = (residual - residual.mean(0)).pow(2).sum(1).mean().clamp_min(1e-8)
         return (recon - residual).pow(2).sum(1).mean() / denom
 
@@ -366,7 +383,9 @@ def _train_and_save(
     ranks = ranks or Group()
     trainer = Trainer(cfg, tcfg, ranks)
     out = Path(out)
+    start = time.perf_counter()
     last = fit([trainer], batches, checkpoint_dir=out.with_name(out.name + ".checkpoints"), progress=progress)[0]
+    record = {**record, "seconds": round(time.perf_counter() - start, 3)}
     if ranks.leader:
         save_dictionary(trainer.export(), out)
         info = {**last, "tokens": trainer.step_index * tcfg.batch_size, "scale_in": trainer.scale_in, **record}
