@@ -86,7 +86,7 @@ def _drop_radial(grad: Tensor, rows: Tensor, block: int = 1 << 16) -> None:
     """grad -= (grad . row) row for each unit row, a block of rows at a time: no [d_sae, d] temporary."""
     for start in range(0, len(rows), block):
         g, w = grad[start : start + block], rows[start : start + block]
-        g -= (g * w).sum(1, keepdim=True) * w
+        g.addcmul_(torch.einsum("ij,ij->i", g, w).unsqueeze(1), w, value=-1)
 
 
 def _split(batch: Batch, cfg: DictionaryConfig) -> tuple[Tensor, Tensor]:
@@ -114,6 +114,12 @@ class Trainer:
         self.model.reset_parameters(torch.Generator().manual_seed(tcfg.seed))
         self.lr = tcfg.lr or 3e-3 * math.sqrt(4608 / dcfg.d_sae)
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self._enc_shadow: torch.nn.Parameter | None = None
+        if isinstance(self.model, arch.TopK):
+            # Adam steps W_enc through its latent-major storage: the same memory, made contiguous for the
+            # fused kernel (8x faster than on the transposed view); its gradient comes from _grad_buffers
+            self._enc_shadow = torch.nn.Parameter(self.model.W_enc.detach().t())
+            self._trainable = [self._enc_shadow if p is self.model.W_enc else p for p in self._trainable]
         # fused: one pass over each tensor (measured 44x faster than the per-op CPU path at 19M parameters,
         # and no full-size temporaries, which is what lets a 1M-latent dictionary fit in 24 GB)
         self.optimizer = torch.optim.Adam(self._trainable, lr=self.lr, betas=tcfg.betas, fused=True)
@@ -218,8 +224,8 @@ class Trainer:
             loss = loss + self.tcfg.auxk_alpha * aux
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self._grad_buffers is not None:  # TopK added its weight gradients into these, in place
-            m.W_enc.grad, m.W_dec.grad = self._grad_buffers[0].t(), self._grad_buffers[1]
+        if self._grad_buffers is not None and self._enc_shadow is not None:  # TopK: gradients added in place
+            self._enc_shadow.grad, m.W_dec.grad = self._grad_buffers
         self.ranks.mean_grads(self._trainable)
         unit_rows = not isinstance(m, arch.Crosscoder)  # a crosscoder's decoder norms carry meaning
         if unit_rows and m.W_dec.grad is not None:  # keep rows on the unit sphere: drop the radial gradient
