@@ -140,8 +140,8 @@ def main() -> None:
             "tokens_per_s": round(ours["tokens_per_s"], 1),
             "peak_mb": round(ours["peak_mb"]),
             "roofline_ratio": round(ours["tokens_per_s"] * flops / (gflops * 1e9), 3),
-            # weights, their gradients and Adam's two moments, fp32: 6 copies of d x width x 2 matrices
-            "state_mb": round(6 * 2 * d * width * 4 / 2**20),
+            # W_enc and W_dec, each with its gradient and Adam's two moments: 8 fp32 copies of d x width
+            "state_mb": round(8 * d * width * 4 / 2**20),
         }
         for peer in [p for p in args.peers.split(",") if p and width <= args.peer_max_width]:
             try:

@@ -90,7 +90,7 @@ def test_distributed_store_holds_exactly_the_single_process_rows(
         assert dist.manifest["summary"][key] == ref.manifest["summary"][key]
 
 
-def test_data_parallel_training_matches_single_process(single_store: Path, tmp_path: Path) -> None:
+def test_data_parallel_training_matches_single_process(tiny_lm_dir: str, single_store: Path, tmp_path: Path) -> None:
     common = ["train", str(single_store), "--site", "resid.1", "--width", "64", "--k", "4", "--tokens", "7680",
               "--batch-size", "256", "--quiet"]  # fmt: skip
     one = mri(*common, "--out", str(tmp_path / "one"))
@@ -109,6 +109,8 @@ def test_data_parallel_training_matches_single_process(single_store: Path, tmp_p
     assert info["ranks"] == 2 and info["step"] == 30
     odd = mri(*common[:-3], "--batch-size", "255", "--quiet", "--out", str(tmp_path / "odd"), nproc=2)
     assert odd.returncode != 0 and "multiple of the 2 ranks" in odd.stderr
+    streamed = mri("train", tiny_lm_dir, "--site", "resid.1", "--out", str(tmp_path / "streamed"), nproc=2)
+    assert streamed.returncode != 0 and "data-parallel training reads an activation store" in streamed.stderr
 
 
 def _rank_pid(tag: str, rank: int) -> int | None:

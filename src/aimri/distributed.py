@@ -129,7 +129,8 @@ def init_from_env(timeout_s: float = 1800.0) -> Group:
     if world <= 1:
         return _GROUP
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # collectives on CPU tensors (harvest totals, dictionary gradients here) go through gloo; CUDA ones through NCCL
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         try:
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as err:
