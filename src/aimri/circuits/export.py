@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from html import escape
+from pathlib import Path
 from typing import Any
 
 from aimri.circuits.attribution import Graph
@@ -83,6 +84,25 @@ def graph_json(
         "nodes": used,
         "links": links,
     }  # fmt: skip
+
+
+def atlas_clerps(graph: Graph, pruned: Pruned, folder: Path) -> dict[int, str]:
+    """Labels of kept feature nodes from each layer's atlas (FOLDER/layer-L/atlas.sqlite), where one exists."""
+    from aimri.atlas.db import Atlas
+
+    atlases: dict[int, Atlas | None] = {}
+    clerps: dict[int, str] = {}
+    for node in pruned.node_mask[: graph.n_features].nonzero().flatten().tolist():
+        layer, _, index = (int(v) for v in graph.features[node])
+        if layer not in atlases:
+            path = folder / f"layer-{layer}" / "atlas.sqlite"
+            atlases[layer] = Atlas(path) if path.is_file() else None
+        atlas = atlases[layer]
+        if atlas is not None:
+            labels = atlas.card(index, n_top=0)["labels"]
+            if labels:
+                clerps[node] = labels[-1]["label"]
+    return clerps
 
 
 def render_html(data: dict[str, Any], width: int = 1100, height: int = 720) -> str:

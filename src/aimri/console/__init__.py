@@ -1,0 +1,1 @@
+"""The console: a local web app over a run directory (`mri serve`)."""
