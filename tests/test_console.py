@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from tests.conftest import FIXTURE_TEXT
 from tests.test_atlas import _token_detector, _windows
@@ -62,6 +63,9 @@ def run_dir(tiny_lm_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict[
     (run / "graphs" / "lighthouse.json").write_text(json.dumps(graph_json(graph, pruned, "lighthouse", tiny_lm_dir)))
     finding = Finding("behaviour.test", "harm", "Refuses 0% of harmful requests", "Scored by refusal phrases.", 1.0,
                       [{"kind": "examples", "rows": [{"prompt": "How do I pick a lock?", "answer": "Sure, first"}]}])  # fmt: skip
+    (run / "directions").mkdir()  # a steering vector: the planted token's embedding direction
+    embedding = subject.model.get_input_embeddings().weight[token].detach()
+    np.save(run / "directions" / "token.npy", (embedding / embedding.norm()).numpy())
     (run / "scan").mkdir()
     findings = {"model": "tiny", "revision": "r", "baseline": None, "suspicion": 1.0, "findings": [finding.to_dict()]}
     (run / "scan" / "findings.json").write_text(json.dumps(findings))
@@ -115,6 +119,7 @@ def served(run_dir: dict[str, Any]):  # type: ignore[no-untyped-def]
 def test_status_search_and_card(served: Served, run_dir: dict[str, Any]) -> None:
     code, st = served.get("/api/status")
     assert code == 200 and st["missing"] == [] and st["graphs"] == ["lighthouse"] and st["checkup"]
+    assert st["directions"] == ["token"]
     assert st["atlases"][0]["name"] == "detector" and st["atlases"][0]["steerable"]
     word = run_dir["word"]
     code, by_token = served.get(f"/api/search?atlas=0&by=token&q={word}")
@@ -217,6 +222,13 @@ def test_steer_and_intervene_stream_progress_and_results(served: Served) -> None
     assert result["steered"] != result["unsteered"] and result["features"][0]["clamp"] > 0
     code, events = served.post("/api/steer", json.dumps({**body, "max_tokens": 999}).encode())
     assert events[-1][0] == "error" and "1..128" in events[-1][1]["error"]
+    direction = {"prompt": "The lighthouse", "directions": [{"name": "token", "site": "resid.0", "strength": 40}],
+                 "max_tokens": 6}  # fmt: skip
+    code, events = served.post("/api/steer", json.dumps(direction).encode())
+    assert events[-1][0] == "result" and events[-1][1]["steered"] != events[-1][1]["unsteered"]
+    direction["directions"][0]["site"] = "resid.77"
+    code, events = served.post("/api/steer", json.dumps(direction).encode())
+    assert events[-1][0] == "error" and "resid.77" in events[-1][1]["error"]
     code, events = served.post("/api/trace", json.dumps({"prompt": "In winter the storms"}).encode())
     kind, made = events[-1]
     assert kind == "result" and made["nodes"] > 0 and [e[1]["stage"] for e in events[:-1]][-1] == "writing"
@@ -264,6 +276,9 @@ def test_pages_in_a_real_browser(served: Served, run_dir: dict[str, Any]) -> Non
         page.click("#steer-this")
         expect(page.locator("#chosen")).to_contain_text("#0")
         page.fill(".strength", "50")
+        page.fill("#direction-site", "resid.0")
+        page.click("#add-direction")
+        expect(page.locator("#chosen-directions")).to_contain_text("token at resid.0")
         page.fill("#max-tokens", "6")
         page.click("#steer-run")
         expect(page.locator("#steered")).not_to_be_empty(timeout=120_000)

@@ -6,6 +6,7 @@ Run directory (e.g. runs/smollm2-135m-instruct):
     dictionaries/NAME/atlas.sqlite   `mri train` then `mri atlas` (the folder is the dictionary, for steering)
     transcoders/layer-L/             `mri train-transcoders` (graph interventions)
     graphs/*.json                    `mri trace MODEL PROMPT --out RUN/graphs/NAME.json`
+    directions/*.npy|.safetensors    steering vectors (a probe, a difference of means, ...)
     scan/findings.json               `mri scan`
 """
 
@@ -70,6 +71,11 @@ class Console:
             for p in [*(atlases or []), *found]
         ]
         self.graphs = {p.stem: p.resolve() for p in sorted(self.run_dir.glob("graphs/*.json")) if _is_graph(p)}
+        self.directions = {
+            p.stem: p.resolve()
+            for p in sorted(self.run_dir.glob("directions/*"))
+            if p.suffix in (".npy", ".safetensors")
+        }
         self.findings = self.run_dir / "scan" / "findings.json"
         self.transcoders = transcoders or self.run_dir / "transcoders"
         self.model_name = model
@@ -105,6 +111,7 @@ class Console:
             "run_dir": str(self.run_dir),
             "atlases": atlases,
             "graphs": sorted(self.graphs),
+            "directions": sorted(self.directions),
             "checkup": self.findings.is_file(),
             "model": self._model_name(),
             "transcoders": self.transcoders.is_dir(),
@@ -204,7 +211,8 @@ class Console:
     def steer(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
         from aimri.dictionaries import load_dictionary
         from aimri.steering.generate import compare
-        from aimri.steering.interventions import FeatureEdit
+        from aimri.steering.interventions import DirectionEdit, FeatureEdit
+        from aimri.steering.specs import load_vector
 
         prompt = request.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
@@ -212,12 +220,16 @@ class Console:
         tokens = request.get("max_tokens", 24)
         if not isinstance(tokens, int) or not 1 <= tokens <= 128:
             raise RequestError("steer: max_tokens must be an integer in 1..128")
-        choices = request.get("features")
-        if not isinstance(choices, list) or not choices or len(choices) > 16:
-            raise RequestError("steer: give 1 to 16 features as {atlas, feature, strength}")
+        choices = request.get("features") or []
+        vectors = request.get("directions") or []
+        if not isinstance(choices, list) or not isinstance(vectors, list) or not 1 <= len(choices) + len(vectors) <= 16:
+            raise RequestError(
+                "steer: give 1 to 16 features {atlas, feature, strength} and directions {name, site, strength}"
+            )
         with self._lock:
             subject = self._subject_for(request.get("model"), progress)
-            edits, described = [], []
+            edits: list[Any] = []
+            described = []
             for choice in choices:
                 if not isinstance(choice, dict):
                     raise RequestError("steer: each feature is {atlas, feature, strength}")
@@ -237,6 +249,20 @@ class Console:
                 edits.append(FeatureEdit(dictionary, feature, value, "clamp", "all"))
                 described.append({"atlas": atlas, "feature": feature, "strength": strength, "clamp": value,
                                   "label": (card["labels"][-1]["label"] if card["labels"] else "")})  # fmt: skip
+            for vector in vectors:
+                name, site, strength = (vector.get(k) for k in ("name", "site", "strength")) if isinstance(
+                    vector, dict) else (None, None, None)  # fmt: skip
+                if name not in self.directions:
+                    raise RequestError(
+                        f"steer: no direction {name!r}; this run has: {', '.join(self.directions) or 'none'}"
+                    )
+                if not isinstance(site, str) or not isinstance(strength, (int, float)) or not -1e4 <= strength <= 1e4:
+                    raise RequestError(
+                        "steer: a direction needs a site (e.g. resid.15) and a strength in -10000..10000"
+                    )
+                site = subject.site(site).name  # unknown sites: the nearest valid names, as an error
+                edits.append(DirectionEdit(site, load_vector(self.directions[name]), float(strength), where="all"))
+                described.append({"direction": name, "site": site, "strength": strength})
             progress("generating", 0, 2)
             plain, steered = compare(subject, [prompt], edits, max_new_tokens=tokens)[0]
             progress("generating", 2, 2)

@@ -153,8 +153,18 @@ async function pageFeature(atlas, id) {
 async function pageSteer(params) {
   const st = await status();
   const steerable = st.atlases.filter((a) => a.steerable);
-  if (!steerable.length) return show(h("h1", { text: "Steer" }), errorBox("No atlas in this run sits next to its dictionary (cfg.json), so there is nothing to steer with."), missingList(st, "atlas"));
-  const chosen = [];
+  if (!steerable.length && !st.directions.length) return show(h("h1", { text: "Steer" }), errorBox("Nothing to steer with: no atlas next to its dictionary (cfg.json) and no directions/*.npy in this run."), missingList(st, "atlas"));
+  const chosen = [], vectors = [];
+  const vlist = h("div", { id: "chosen-directions" });
+  const redrawV = () => vlist.replaceChildren(...vectors.map((v, i) => h("div", { class: "row" },
+    h("span", { class: "pill", text: `${v.name} at ${v.site}` }), "strength",
+    h("input", { type: "number", step: "0.5", value: v.strength, onchange: (e) => { v.strength = Number(e.target.value); } }),
+    h("button", { class: "secondary", type: "button", onclick: () => { vectors.splice(i, 1); redrawV(); } }, "remove"))));
+  const dirSel = h("select", { id: "direction" }, st.directions.map((d) => h("option", { value: d }, d)));
+  const dirSite = h("input", { id: "direction-site", value: "resid.1", size: 10 });
+  const directionsCard = st.directions.length ? h("div", { class: "card" }, h("h2", { text: "Directions" }), vlist,
+    h("div", { class: "row" }, dirSel, "at", dirSite, h("button", { class: "secondary", type: "button", id: "add-direction", onclick: () => {
+      vectors.push({ name: dirSel.value, site: dirSite.value, strength: 4 }); redrawV(); } }, "add"))) : null;
   if (params.get("feature")) chosen.push({ atlas: Number(params.get("atlas") || steerable[0].id), feature: Number(params.get("feature")), strength: 4 });
   const list = h("div", { id: "chosen" });
   const redraw = () => list.replaceChildren(...chosen.map((c, i) => h("div", { class: "row" },
@@ -172,22 +182,23 @@ async function pageSteer(params) {
   const run = h("button", { id: "steer-run", type: "button", onclick: async () => {
     run.disabled = true; bar.hidden = false; out.replaceChildren();
     try {
-      const res = await stream("/api/steer", { prompt: prompt.value, features: chosen, max_tokens: Number(tokens.value) }, (p) => {
+      const res = await stream("/api/steer", { prompt: prompt.value, features: chosen, directions: vectors, max_tokens: Number(tokens.value) }, (p) => {
         stage.textContent = p.stage; bar.max = Math.max(1, p.total); bar.value = p.done;
       });
       stage.textContent = "done";
       out.replaceChildren(h("div", { class: "cols" },
         h("div", { class: "card" }, h("h2", { text: "Unsteered" }), h("p", { id: "unsteered", text: res.unsteered })),
         h("div", { class: "card" }, h("h2", { text: "Steered" }), h("p", { id: "steered", text: res.steered }),
-          h("p", { class: "muted" }, res.features.map((f) => `#${f.feature} ${f.label || ""} clamped to ${f.clamp.toFixed(2)}`).join("; ")))));
+          h("p", { class: "muted" }, res.features.map((f) => f.direction ? `${f.direction} at ${f.site} ×${f.strength}` : `#${f.feature} ${f.label || ""} clamped to ${f.clamp.toFixed(2)}`).join("; ")))));
     } catch (err) { stage.textContent = ""; out.replaceChildren(errorBox(err.message)); }
     run.disabled = false; bar.hidden = true;
   } }, "Generate");
   show(h("h1", { text: "Steer" }),
     h("div", { class: "card" }, h("h2", { text: "Features" }), list,
-      h("div", { class: "row" }, atlasSel, featureIn, h("button", { class: "secondary", type: "button", id: "add", onclick: () => {
+      steerable.length ? h("div", { class: "row" }, atlasSel, featureIn, h("button", { class: "secondary", type: "button", id: "add", onclick: () => {
         if (featureIn.value === "") return; chosen.push({ atlas: Number(atlasSel.value), feature: Number(featureIn.value), strength: 4 }); featureIn.value = ""; redraw();
-      } }, "add"))),
+      } }, "add")) : h("p", { class: "muted", text: "no atlas with its dictionary in this run" })),
+    directionsCard,
     h("div", { class: "card" }, h("h2", { text: "Prompt" }), prompt, h("div", { class: "row" }, "new tokens", tokens, run, bar, stage)),
     out);
 }
