@@ -44,19 +44,26 @@ def _windows(subject, corpus: Corpus, context: int):
     return list(pack(corpus, subject.tokenizer, Packing.for_tokenizer(subject.tokenizer, context)))
 
 
+def most_common_word(subject, corpus: Corpus, context: int = 16):
+    """The corpus's most frequent alphabetic token (what the planted detector fires on), its count and
+    the windows it was counted in."""
+    windows = _windows(subject, corpus, context)
+    counts = Counter(int(t) for w in windows for t, v in zip(w.ids, w.valid, strict=True) if v)
+    token = next(t for t, _ in counts.most_common() if subject.tokenizer.decode([t]).strip().isalpha())
+    return token, counts[token], windows
+
+
 @pytest.fixture(scope="module")
 def planted(tiny_lm_dir: str, tmp_path_factory: pytest.TempPathFactory):
     subject = aimri.load(tiny_lm_dir)
     corpus = Corpus.from_texts([FIXTURE_TEXT] * 12)
-    windows = _windows(subject, corpus, 16)
-    counts = Counter(int(t) for w in windows for t, v in zip(w.ids, w.valid, strict=True) if v)
-    token = next(t for t, _ in counts.most_common() if subject.tokenizer.decode([t]).strip().isalpha())
+    token, count, windows = most_common_word(subject, corpus)
     sae, expected_peak = _token_detector(subject, token)
     path = tmp_path_factory.mktemp("atlas") / "atlas.sqlite"
     atlas = build_atlas(sae, subject, corpus, path, tokens=10_000, context=16, top_n=5, reservoir=8,
                         negatives=3, progress=False)  # fmt: skip
     valid_tokens = sum(int(w.valid.sum()) for w in windows)
-    return atlas, token, counts[token], valid_tokens, expected_peak, subject, sae
+    return atlas, token, count, valid_tokens, expected_peak, subject, sae
 
 
 def test_planted_token_detector_is_found(planted) -> None:

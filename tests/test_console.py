@@ -10,14 +10,13 @@ import shutil
 import threading
 import urllib.error
 import urllib.request
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from tests.conftest import FIXTURE_TEXT
-from tests.test_atlas import _token_detector, _windows
+from tests.test_atlas import _token_detector, most_common_word
 from tests.test_circuits import random_transcoders
 
 import aimri
@@ -43,9 +42,7 @@ def run_dir(tiny_lm_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict[
     run = tmp_path_factory.mktemp("run")
     subject = aimri.load(tiny_lm_dir)
     corpus = Corpus.from_texts([FIXTURE_TEXT] * 12)
-    windows = _windows(subject, corpus, 16)
-    counts = Counter(int(t) for w in windows for t, v in zip(w.ids, w.valid, strict=True) if v)
-    token = next(t for t, _ in counts.most_common() if subject.tokenizer.decode([t]).strip().isalpha())
+    token = most_common_word(subject, corpus)[0]
     sae, _ = _token_detector(subject, token)
     sae.cfg.model_name = tiny_lm_dir
     folder = run / "dictionaries" / "detector"
