@@ -199,6 +199,17 @@ def test_graph_from_a_newer_schema_and_empty_runs(run_dir: dict[str, Any], tmp_p
         empty.close()
 
 
+def test_cross_site_requests_are_refused(served: Served) -> None:
+    rebound = urllib.request.Request(served.url + "/api/status", headers={"Host": "evil.example:8765"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(rebound, timeout=30)
+    assert err.value.code == 403
+    form = urllib.request.Request(served.url + "/api/steer", data=b"prompt=x", headers={"Content-Type": "text/plain"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(form, timeout=30)
+    assert err.value.code == 415 and "application/json" in json.loads(err.value.read())["error"]
+
+
 def test_binding_beyond_localhost_requires_the_token(run_dir: dict[str, Any]) -> None:
     s = Served(Console(run_dir["run"]), host="0.0.0.0")
     try:

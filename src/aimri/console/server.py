@@ -2,7 +2,8 @@
 static files at /, long work (steering, new graphs, graph interventions) streamed as server-sent events.
 
 Safety: bound to 127.0.0.1 unless asked; any other address requires a token (sent as `Authorization:
-Bearer TOKEN` or `?token=TOKEN`, compared in constant time). Static files come from a fixed table, never
+Bearer TOKEN` or `?token=TOKEN`, compared in constant time); a local console answers only Host names of
+localhost (no DNS rebinding) and only JSON POSTs (no cross-site form posts). Static files come from a fixed table, never
 from the request path; inputs are validated before use; errors are one line, never a traceback; nothing
 from a request is executed or used as a file path.
 """
@@ -69,6 +70,14 @@ class Handler(BaseHTTPRequestHandler):
     def _route(self, method: str) -> None:
         url = urlsplit(self.path)
         query = parse_qs(url.query, max_num_fields=16)
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+        if self.token is None and host not in LOCAL:  # DNS rebinding: a local console answers local names only
+            self._error(HTTPStatus.FORBIDDEN, f"this console answers requests for localhost, not {host[:60]!r}")
+            return
+        if method == "POST" and not (self.headers.get("Content-Type") or "").startswith("application/json"):
+            # other sites' pages may POST forms here; only a same-origin script can send JSON
+            self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the request body as application/json")
+            return
         if not self._authorised(query):
             self._error(HTTPStatus.UNAUTHORIZED, "a token is required: open the URL mri serve printed")
             return
