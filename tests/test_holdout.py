@@ -187,7 +187,9 @@ def test_concurrent_processes_never_overspend(tmp_path: Path) -> None:
 def test_kill_9_loses_and_double_spends_nothing(tmp_path: Path) -> None:
     path = seal(_items(40), tmp_path / "h", Params(budget=1000, seed=None))
     proc = _spawn(path, "victim", 0.0)
-    time.sleep(1.5)
+    ledger, deadline = path / "ledger.jsonl", time.time() + 120
+    while time.time() < deadline and ledger.read_text().count('"by": "victim"') < 2:  # spending, not starting up
+        time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     h = Holdout(path)
