@@ -81,6 +81,7 @@ class Console:
         self.model_name = model
         self._lock = threading.Lock()  # one model in memory, one generation at a time
         self._subject: Any = None
+        self._graph_cache: dict[str, tuple[tuple[str, int, int], bytes]] = {}
         self._tcs: dict[int, Any] | None = None
 
     # -- what is here -----------------------------------------------------------------------------
@@ -178,6 +179,23 @@ class Console:
         return card
 
     # -- graphs -----------------------------------------------------------------------------------
+    def graph_bytes(self, name: str) -> bytes:
+        """The graph file as stored, checked once per version of the file (a 20k-link graph is ~2 MB:
+        re-parsing and re-encoding it per request would cost ~50 ms)."""
+        if name not in self.graphs:
+            raise RequestError(f"no graph named {name!r}; this run has: {', '.join(self.graphs) or 'none'}", 404)
+        path = self.graphs[name]
+        try:
+            st = path.stat()
+        except OSError as err:
+            raise RequestError(f"graph {name!r} is unreadable ({err}); rerun `mri trace`", 422) from err
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        cached = self._graph_cache.get(name)
+        if cached is None or cached[0] != key:
+            self.graph(name)  # validates, or raises a RequestError naming the problem
+            self._graph_cache[name] = (key, path.read_bytes())
+        return self._graph_cache[name][1]
+
     def graph(self, name: str) -> dict[str, Any]:
         if name not in self.graphs:
             raise RequestError(f"no graph named {name!r}; this run has: {', '.join(self.graphs) or 'none'}", 404)

@@ -85,6 +85,8 @@ class Handler(BaseHTTPRequestHandler):
             if method == "GET" and url.path in STATIC:
                 name, ctype = STATIC[url.path]
                 self._send(HTTPStatus.OK, _static(name), f"{ctype}; charset=utf-8")
+            elif method == "GET" and url.path == "/api/graph":
+                self._send(HTTPStatus.OK, self.console.graph_bytes(query.get("name", [""])[0]), "application/json")
             elif method == "GET" and url.path.startswith("/api/"):
                 self._json(HTTPStatus.OK, self._get(url.path, query))
             elif method == "POST" and url.path in ("/api/steer", "/api/intervene", "/api/trace"):
@@ -147,8 +149,6 @@ class Handler(BaseHTTPRequestHandler):
             return c.search(integer("atlas", "0"), arg("q"), arg("by", "label"), integer("limit", "20", 1, 200))
         if path == "/api/feature":
             return c.feature(integer("atlas", "0"), integer("id"))
-        if path == "/api/graph":
-            return c.graph(arg("name"))
         if path == "/api/checkup":
             return c.checkup()
         raise RequestError(f"no such endpoint: {path}", 404)

@@ -67,17 +67,23 @@ class TopKAutoencode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int, centre: bool,
-                workspace: Tensor | None, grad_buffers: tuple[Tensor, Tensor] | None):  # type: ignore[override]  # fmt: skip
+                workspace: Tensor | None, grad_buffers: tuple[Tensor, Tensor] | None,
+                candidates: Tensor | None):  # type: ignore[override]  # fmt: skip
         ctx.set_materialize_grads(False)  # no zero-filled [batch, d_sae] gradients for `pre`
         ctx.grad_buffers = grad_buffers
         xc = x - b_dec if centre else x
-        rows = workspace.shape[0] if workspace is not None else workspace_rows(x.shape[0], W_enc.shape[1])
+        # choose among `candidates` only (AuxK's dead latents): their encoder columns, gathered once
+        enc, bias = (W_enc, b_enc) if candidates is None else (W_enc[:, candidates], b_enc[candidates])
+        width = enc.shape[1]
+        rows = workspace.shape[0] if workspace is not None else workspace_rows(x.shape[0], width)
         if workspace is None:
-            workspace = torch.empty(rows, W_enc.shape[1], dtype=x.dtype)
+            workspace = torch.empty(rows, width, dtype=x.dtype)
+        elif width != workspace.shape[1]:  # fewer columns: the same memory, viewed narrower
+            workspace = workspace.view(-1)[: rows * width].view(rows, width)
         vals = torch.empty(x.shape[0], k, dtype=x.dtype)
         idx = torch.empty(x.shape[0], k, dtype=torch.int64)
         low = workspace.dtype
-        enc_low, b_low = (W_enc, b_enc) if low == x.dtype else (W_enc.to(low), b_enc.to(low))
+        enc_low, b_low = (enc, bias) if low == x.dtype else (enc.to(low), bias.to(low))
         pre = workspace
         for start in range(0, x.shape[0], rows):  # one block of rows at a time: bounded memory at any width
             block = xc[start : start + rows]
@@ -87,6 +93,8 @@ class TopKAutoencode(torch.autograd.Function):
             idx[start : start + rows] = top.indices
             if low == x.dtype:
                 vals[start : start + rows] = top.values
+        if candidates is not None:
+            idx = candidates[idx]
         if low != x.dtype:  # chosen at low precision: their values computed exactly
             vals = _row_dots(idx, W_enc.t(), xc) + b_enc[idx]
         vals = vals.relu()
@@ -100,7 +108,7 @@ class TopKAutoencode(torch.autograd.Function):
     def backward(ctx, grad_recon: Tensor | None, *_unused: Tensor):  # type: ignore[override]
         xc, W_enc, W_dec, vals, idx = ctx.saved_tensors
         if grad_recon is None:
-            return (None,) * 9
+            return (None,) * 10
         grad_recon = grad_recon.contiguous()
         grad_pre_vals = _row_dots(idx, W_dec, grad_recon) * (vals > 0)
         pattern = LatentIndex(idx, W_dec.shape[0])
@@ -122,12 +130,13 @@ class TopKAutoencode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             enc_t = W_enc.t().contiguous()  # free when W_enc is stored latent-major
             grad_x = F.embedding_bag(idx, enc_t, per_sample_weights=grad_pre_vals, mode="sum")
-        return grad_x, grad_enc, grad_b_enc, grad_W_dec, grad_b_dec, None, None, None, None
+        return grad_x, grad_enc, grad_b_enc, grad_W_dec, grad_b_dec, None, None, None, None, None
 
 
 def topk_autoencode(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int, centre: bool = True,
     workspace: Tensor | None = None, grad_buffers: tuple[Tensor, Tensor] | None = None,
+    candidates: Tensor | None = None,
 ):  # fmt: skip
     """`workspace`: a [rows, d_sae] buffer the pre-activations are written into, `rows` at a time (default:
     `workspace_rows`), reused across steps by a trainer; the returned `pre` is its last block — the whole
@@ -138,5 +147,7 @@ def topk_autoencode(
 
     `grad_buffers` (W_enc's gradient latent-major [d_sae, d_in], W_dec's [d_sae, d]): the two weight
     gradients are added into these instead of returned, so a trainer holds one copy of each however many
-    passes feed them (the main loss and AuxK) — at 1M latents each fresh copy would be 2.4 GB."""
-    return TopKAutoencode.apply(x, W_enc, b_enc, W_dec, b_dec, k, centre, workspace, grad_buffers)
+    passes feed them (the main loss and AuxK) — at 1M latents each fresh copy would be 2.4 GB.
+
+    `candidates`: latent indices the top k is chosen among (AuxK's dead latents); codes keep global indices."""
+    return TopKAutoencode.apply(x, W_enc, b_enc, W_dec, b_dec, k, centre, workspace, grad_buffers, candidates)

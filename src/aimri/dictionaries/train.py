@@ -249,16 +249,18 @@ class Trainer:
         return self.last
 
     def _auxk(self, x: Tensor, residual: Tensor, dead: Tensor, centre: bool) -> Tensor:
-        """Reconstruct the main error from the top dead latents (Gao et al.), normalised by its variance.
-        The same sparse TopK kernel as the main pass, with live latents' biases at -inf so only dead ones
-        are chosen: memory and backward stay bounded by the batch's choices at any width."""
+        """Reconstruct the main error from the top dead latents (Gao et al.), normalised by its variance,
+        with the same sparse kernel as the main pass choosing among the dead latents only (their encoder
+        columns gathered: the extra GEMM is as wide as the dead set, not the dictionary)."""
         m = self.model
-        k_aux = min(self.tcfg.auxk_k or self.dcfg.d_in // 2, int(dead.sum()))
+        dead_idx = dead.nonzero().squeeze(1)
+        k_aux = min(self.tcfg.auxk_k or self.dcfg.d_in // 2, len(dead_idx))
         xc = x - m.b_dec if centre else x
-        masked_bias = m.b_enc.masked_fill(~dead, float("-inf"))
         no_bias = torch.zeros_like(m.b_dec)
         work = self._workspace if self._workspace.shape[0] else None  # BatchTopK keeps none
-        recon = topk_autoencode(xc, m.W_enc, masked_bias, m.W_dec, no_bias, k_aux, False, work, self._grad_buffers)[0]
+        recon = topk_autoencode(
+            xc, m.W_enc, m.b_enc, m.W_dec, no_bias, k_aux, False, work, self._grad_buffers, dead_idx
+        )[0]
         denom = (residual - residual.mean(0)).pow(2).sum(1).mean().clamp_min(1e-8)
         return (recon - residual).pow(2).sum(1).mean() / denom
 
