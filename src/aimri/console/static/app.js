@@ -252,6 +252,23 @@ function linkPaths(links, byId, maxW) {
   });
 }
 
+// Node circles built directly into a fragment (the page's largest element count).
+function nodeLayer(nodes) {
+  const ns = "http://www.w3.org/2000/svg", layer = document.createElementNS(ns, "g");
+  for (const n of nodes) {
+    const c = document.createElementNS(ns, "circle");
+    c.setAttribute("class", "node");
+    c.setAttribute("cx", n._x.toFixed(1));
+    c.setAttribute("cy", n._y.toFixed(1));
+    c.setAttribute("r", n.feature_type === "logit" ? 7 : 5);
+    c.setAttribute("fill", isFeature(n) ? "#f59e0b" : { embedding: "#94a3b8", logit: "#16a34a" }[n.feature_type] || "#cbd5e1");
+    c.setAttribute("data-id", n.node_id);
+    n._el = c;
+    layer.appendChild(c);
+  }
+  return layer;
+}
+
 async function pageGraph(name) {
   let g;
   try { g = await api("/api/graph", { name }); } catch (err) { return show(h("h1", { text: name }), errorBox(err.message)); }
@@ -273,13 +290,21 @@ async function pageGraph(name) {
   const svg = h("svg", { class: "graph", id: "graph-svg", viewBox: `0 0 ${W} ${H}` },
     tokens.map((t, i) => h("text", { x: padX + (i + 0.5) * colW, y: H - 8, "text-anchor": "middle", "font-size": 11, fill: "#334" }, t)),
     linkPaths(g.links, byId, maxW),
-    nodes.map((n) => {
-      const fill = isFeature(n) ? "#f59e0b" : { embedding: "#94a3b8", logit: "#16a34a" }[n.feature_type] || "#cbd5e1";
-      const c = h("circle", { class: "node", cx: n._x, cy: n._y, r: n.feature_type === "logit" ? 7 : 5, fill, "data-id": n.node_id,
-        onclick: () => { if (selected.has(n.node_id)) selected.delete(n.node_id); else selected.add(n.node_id); c.classList.toggle("selected"); renderPanel(n); } },
-        h("title", { text: n.clerp || n.node_id }));
-      n._el = c; return c;
-    }));
+    nodeLayer(nodes));
+  // one listener for every node (thousands of nodes: no per-node listeners or tooltips to build)
+  svg.addEventListener("click", (e) => {
+    const id = e.target.getAttribute && e.target.getAttribute("data-id");
+    if (!id) return;
+    const n = byId.get(id);
+    if (selected.has(id)) selected.delete(id); else selected.add(id);
+    n._el.classList.toggle("selected");
+    renderPanel(n);
+  });
+  const hover = h("p", { class: "muted", id: "hover" }, " ");
+  svg.addEventListener("mouseover", (e) => {
+    const id = e.target.getAttribute && e.target.getAttribute("data-id");
+    if (id) hover.textContent = byId.get(id).clerp || id;
+  });
   const result = h("div", { id: "intervene-out" });
   const stage = h("span", { class: "muted" });
   function atlasFor(n) {
@@ -320,7 +345,7 @@ async function pageGraph(name) {
   const info = g.metadata.info || {};
   show(h("h1", { text: `Graph: ${g.metadata.prompt}` }),
     h("p", { class: "muted", text: `${nodes.length} nodes, ${g.links.length} links · replacement ${info.replacement_score == null ? "?" : info.replacement_score.toFixed(3)} · completeness ${info.completeness_score == null ? "?" : info.completeness_score.toFixed(3)}` }),
-    h("div", { class: "graph-wrap" }, svg, h("div", {}, panel, groupsBox,
+    h("div", { class: "graph-wrap" }, h("div", {}, svg, hover), h("div", {}, panel, groupsBox,
       h("div", { class: "card" }, h("h2", { text: "Intervention" }), h("p", { class: "muted", text: "Scale the selected feature nodes at their positions." }),
         h("div", { class: "row" }, "× ", factor, go, stage)))),
     result);
