@@ -131,7 +131,16 @@ class Console:
                 continue
             if model:
                 return str(model)
-        return None
+        if self.findings.is_file():  # the checked-up model
+            try:
+                model = json.loads(self.findings.read_text()).get("model")
+            except (OSError, json.JSONDecodeError):
+                model = None
+            if model:
+                return str(model)
+        from aimri.subject.loading import EMBEDDED
+
+        return self.run_dir.name if self.run_dir.name in EMBEDDED else None  # runs/<embedded model>
 
     # -- atlases ----------------------------------------------------------------------------------
     def _entry(self, atlas: int) -> AtlasEntry:

@@ -260,7 +260,7 @@ function nodeLayer(nodes) {
     c.setAttribute("class", "node");
     c.setAttribute("cx", n._x.toFixed(1));
     c.setAttribute("cy", n._y.toFixed(1));
-    c.setAttribute("r", n.feature_type === "logit" ? 7 : 5);
+    c.setAttribute("r", n.feature_type === "logit" ? 6 : 4);
     c.setAttribute("fill", isFeature(n) ? "#f59e0b" : { embedding: "#94a3b8", logit: "#16a34a" }[n.feature_type] || "#cbd5e1");
     c.setAttribute("data-id", n.node_id);
     n._el = c;
@@ -276,20 +276,28 @@ async function pageGraph(name) {
   const nodes = g.nodes, byId = new Map(nodes.map((n) => [n.node_id, n]));
   const tokens = g.metadata.prompt_tokens || [];
   const maxLayer = Math.max(0, ...nodes.filter((n) => !["embedding", "logit"].includes(n.feature_type)).map((n) => Number(n.layer) || 0));
-  const W = 900, H = 620, padX = 60, padY = 30;
+  // layout: token columns across, layers upward (embeddings at the bottom, logits on top); the nodes of one
+  // (layer, position) slot spread across the column, wrapping upward inside the layer's row
+  const W = 900, padX = 60, padY = 30, H = Math.max(620, (maxLayer + 3) * 26 + 2 * padY + 20);
   const colW = (W - 2 * padX) / Math.max(1, tokens.length), rowH = (H - 2 * padY - 20) / (maxLayer + 2);
-  const slots = new Map();
+  const perRow = Math.max(1, Math.floor((0.9 * colW) / 9)), slots = new Map();
   for (const n of nodes) {
-    const key = `${layerOf(n, maxLayer)}:${n.ctx_idx}`; const k = slots.get(key) || 0; slots.set(key, k + 1);
-    n._x = padX + (n.ctx_idx + 0.5) * colW + ((k % 5) - 2) * Math.min(14, colW / 6);
-    n._y = H - padY - 20 - (layerOf(n, maxLayer) + 1) * rowH + Math.floor(k / 5) * 10;
+    const layer = layerOf(n, maxLayer), key = `${layer}:${n.ctx_idx}`, k = slots.get(key) || 0;
+    slots.set(key, k + 1);
+    n._x = padX + n.ctx_idx * colW + 0.05 * colW + ((k % perRow) + 0.5) * ((0.9 * colW) / perRow);
+    n._y = H - padY - 20 - (layer + 1) * rowH - Math.floor(k / perRow) * Math.min(8, rowH / 3);
   }
   const maxW = Math.max(1e-9, ...g.links.map((l) => Math.abs(l.weight)));
+  const strongest = [...g.links].sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight));
+  const linkLayer = h("g", { id: "links" });
+  const shown = h("input", { id: "links-shown", type: "number", min: 0, step: 500, value: Math.min(3000, strongest.length),
+    onchange: () => linkLayer.replaceChildren(...linkPaths(strongest.slice(0, Number(shown.value)), byId, maxW)) });
+  linkLayer.replaceChildren(...linkPaths(strongest.slice(0, Number(shown.value)), byId, maxW));
   const selected = new Set(), pinned = new Set(), groups = [];
   const panel = h("div", { id: "node-panel" });
   const svg = h("svg", { class: "graph", id: "graph-svg", viewBox: `0 0 ${W} ${H}` },
     tokens.map((t, i) => h("text", { x: padX + (i + 0.5) * colW, y: H - 8, "text-anchor": "middle", "font-size": 11, fill: "#334" }, t)),
-    linkPaths(g.links, byId, maxW),
+    linkLayer,
     nodeLayer(nodes));
   // one listener for every node (thousands of nodes: no per-node listeners or tooltips to build)
   svg.addEventListener("click", (e) => {
@@ -345,6 +353,7 @@ async function pageGraph(name) {
   const info = g.metadata.info || {};
   show(h("h1", { text: `Graph: ${g.metadata.prompt}` }),
     h("p", { class: "muted", text: `${nodes.length} nodes, ${g.links.length} links · replacement ${info.replacement_score == null ? "?" : info.replacement_score.toFixed(3)} · completeness ${info.completeness_score == null ? "?" : info.completeness_score.toFixed(3)}` }),
+    h("div", { class: "row" }, "strongest links shown", shown, h("span", { class: "muted", text: `of ${g.links.length}` })),
     h("div", { class: "graph-wrap" }, h("div", {}, svg, hover), h("div", {}, panel, groupsBox,
       h("div", { class: "card" }, h("h2", { text: "Intervention" }), h("p", { class: "muted", text: "Scale the selected feature nodes at their positions." }),
         h("div", { class: "row" }, "× ", factor, go, stage)))),
