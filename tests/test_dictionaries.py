@@ -69,6 +69,29 @@ def test_blocked_selection_matches_whole_batch() -> None:
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
+def test_candidates_choose_like_masking_the_others() -> None:
+    """AuxK's two ways of choosing among dead latents (gathered columns, or -inf biases elsewhere) agree."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 16, generator=g)
+    W_enc = torch.randn(200, 16, generator=g).t().requires_grad_()
+    b_enc = torch.randn(200, generator=g).requires_grad_()
+    W_dec, b_dec = torch.randn(200, 16, generator=g).requires_grad_(), torch.zeros(16)
+    dead = torch.zeros(200, dtype=torch.bool)
+    dead[torch.randperm(200, generator=g)[:30]] = True
+    out = []
+    for gathered in (True, False):
+        buffers = (torch.zeros(200, 16), torch.zeros(200, 16))
+        bias = b_enc if gathered else b_enc.masked_fill(~dead, float("-inf"))
+        cand = dead.nonzero().squeeze(1) if gathered else None
+        recon, _, idx, _ = topk_autoencode(x, W_enc, bias, W_dec, b_dec, 5, False, None, buffers, cand)
+        recon.pow(2).sum().backward()
+        assert dead[idx].all()
+        out.append((recon.detach(), idx.sort(1).values, buffers))
+    (r1, i1, b1), (r2, i2, b2) = out
+    assert torch.equal(i1, i2) and torch.allclose(r1, r2, atol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-3) and a.abs().sum() > 0 for a, b in zip(b1, b2, strict=True))
+
+
 def test_bf16_selection_keeps_exact_values() -> None:
     """A bfloat16 workspace picks the latents; their values (and so the reconstruction) stay exact fp32."""
     g = torch.Generator().manual_seed(0)

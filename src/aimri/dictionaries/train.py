@@ -250,16 +250,19 @@ class Trainer:
 
     def _auxk(self, x: Tensor, residual: Tensor, dead: Tensor, centre: bool) -> Tensor:
         """Reconstruct the main error from the top dead latents (Gao et al.), normalised by its variance,
-        with the same sparse kernel as the main pass choosing among the dead latents only (their encoder
-        columns gathered: the extra GEMM is as wide as the dead set, not the dictionary)."""
+        with the same sparse kernel as the main pass. A few dead latents: their encoder columns gathered,
+        so the extra GEMM is as wide as the dead set. Most of the dictionary dead (early in a run): the
+        full-width GEMM with live latents' biases at -inf, so no copy of the encoder is made."""
         m = self.model
         dead_idx = dead.nonzero().squeeze(1)
         k_aux = min(self.tcfg.auxk_k or self.dcfg.d_in // 2, len(dead_idx))
         xc = x - m.b_dec if centre else x
         no_bias = torch.zeros_like(m.b_dec)
         work = self._workspace if self._workspace.shape[0] else None  # BatchTopK keeps none
+        few = len(dead_idx) <= self.dcfg.d_sae // 2
+        bias, candidates = (m.b_enc, dead_idx) if few else (m.b_enc.masked_fill(~dead, float("-inf")), None)
         recon = topk_autoencode(
-            xc, m.W_enc, m.b_enc, m.W_dec, no_bias, k_aux, False, work, self._grad_buffers, dead_idx
+            xc, m.W_enc, bias, m.W_dec, no_bias, k_aux, False, work, self._grad_buffers, candidates
         )[0]
         denom = (residual - residual.mean(0)).pow(2).sum(1).mean().clamp_min(1e-8)
         return (recon - residual).pow(2).sum(1).mean() / denom
