@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 import urllib.error
@@ -54,6 +55,19 @@ def run_dir(tiny_lm_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict[
     tcs = random_transcoders(subject, width=24)
     for layer, tc in tcs.items():
         save_dictionary(tc, run / "transcoders" / f"layer-{layer}")
+        tc.cfg.model_name = tiny_lm_dir
+        build_atlas(
+            tc,
+            subject,
+            corpus,
+            run / "transcoders" / f"layer-{layer}" / "atlas.sqlite",
+            tokens=2_000,
+            context=16,
+            top_n=3,
+            reservoir=4,
+            negatives=2,
+            progress=False,
+        )  # graph nodes → feature cards
     graph = attribute(ReplacementModel(subject, tcs), "The lighthouse keeper climbed the", progress=False)
     pruned = prune(graph, 0.8, 0.98)
     (run / "graphs").mkdir()
@@ -118,6 +132,7 @@ def test_status_search_and_card(served: Served, run_dir: dict[str, Any]) -> None
     assert code == 200 and st["missing"] == [] and st["graphs"] == ["lighthouse"] and st["checkup"]
     assert st["directions"] == ["token"]
     assert st["atlases"][0]["name"] == "detector" and st["atlases"][0]["steerable"]
+    assert [a["name"] for a in st["atlases"][1:]] == ["layer-0", "layer-1", "layer-2"]  # the transcoders' atlases
     word = run_dir["word"]
     code, by_token = served.get(f"/api/search?atlas=0&by=token&q={word}")
     assert code == 200 and by_token[0]["feature"] == 0 and by_token[0]["score"] == 1.0  # the planted detector
@@ -302,6 +317,15 @@ def test_pages_in_a_real_browser(served: Served, run_dir: dict[str, Any]) -> Non
         feature_nodes = page.locator("#graph-svg circle.node[fill='#f59e0b']")
         feature_nodes.first.click()
         expect(page.locator("#node-panel h2")).not_to_be_empty()
+        node_id = feature_nodes.first.get_attribute("data-id") or ""
+        layer, index = node_id.split("_")[:2]
+        card_link = page.locator("#node-card")  # the node's layer has an atlas: its feature card is one click away
+        expect(card_link).to_have_attribute("href", re.compile(rf"#/feature/\d+/{index}$"))
+        card_link.click()
+        expect(page.locator("#feature-title")).to_contain_text(f"mlp.in.{layer}")
+        page.go_back()
+        expect(page.locator("#graph-svg circle.node").first).to_be_visible()
+        feature_nodes.first.click()
         page.click("#pin")
         page.fill("#factor", "-20")
         page.click("#intervene-run")
