@@ -83,6 +83,7 @@ class Console:
         self._subject: Any = None
         self._graph_cache: dict[str, tuple[tuple[str, int, int], bytes]] = {}
         self._tcs: dict[int, Any] | None = None
+        self._dictionaries: dict[Path, Any] = {}  # loaded once per dictionary folder, for steering
 
     # -- what is here -----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -236,10 +237,9 @@ class Console:
         return self._subject
 
     def steer(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        from aimri.dictionaries import load_dictionary
         from aimri.steering.generate import compare
-        from aimri.steering.interventions import DirectionEdit, FeatureEdit
-        from aimri.steering.specs import load_vector
+        from aimri.steering.interventions import DirectionEdit
+        from aimri.steering.specs import load_vector, parse_feature
 
         prompt = request.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
@@ -270,12 +270,12 @@ class Console:
                 entry = self._entry(atlas)
                 if entry.dictionary is None:
                     raise RequestError(f"steer: {entry.name}'s folder holds no dictionary (cfg.json) to steer with")
-                card = self.feature(atlas, feature)
-                dictionary = load_dictionary(entry.dictionary)
-                value = float(strength) * float(card["max_act"] or 1.0)
-                edits.append(FeatureEdit(dictionary, feature, value, "clamp", "all"))
-                described.append({"atlas": atlas, "feature": feature, "strength": strength, "clamp": value,
-                                  "label": (card["labels"][-1]["label"] if card["labels"] else "")})  # fmt: skip
+                # the CLI's own --feature DICT#ID=xN: range, atlas-vs-dictionary and max-activation checks
+                spec = f"{entry.dictionary}#{feature}=x{float(strength):g}"
+                chosen = parse_feature(spec, atlas=entry.path, cache=self._dictionaries)
+                edits.append(chosen.edit)
+                described.append({"atlas": atlas, "feature": feature, "strength": strength,
+                                  "clamp": chosen.edit.value, "label": chosen.label})  # fmt: skip
             for vector in vectors:
                 name, site, strength = (vector.get(k) for k in ("name", "site", "strength")) if isinstance(
                     vector, dict) else (None, None, None)  # fmt: skip

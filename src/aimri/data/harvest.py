@@ -16,6 +16,7 @@ import torch
 
 from aimri.data.corpus import Corpus, Packing, Window, pack
 from aimri.data.store import ActivationStore, ShardData, StoreWriter
+from aimri.distributed import Group, group
 from aimri.errors import AimriError, StoreError
 from aimri.progress import progress_bar
 from aimri.subject.core import Subject
@@ -110,12 +111,10 @@ def harvest(
         "windows_per_shard": windows_per_shard,
         "batch_size": batch_size,
     }
-    from aimri.distributed import group
-
     ranks = group()
     ranks.agree("the harvest (model revision, sites, corpus, settings)", hashlib.sha256(
         json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest())  # fmt: skip
-    writer = _open_writer(out, spec, ranks.rank, ranks.world)
+    writer = _open_writer(out, spec, ranks)
     if writer.manifest.get("complete"):
         return ActivationStore(out)
     np_dtype = DTYPES[dtype]
@@ -171,8 +170,8 @@ def harvest(
             raise AimriError(f"{out} has more shards than this corpus yields windows: the corpus changed")
         elapsed = time.perf_counter() - start
     totals = ranks.sum_(torch.tensor([tokens_done, sinks], dtype=torch.float64), "the harvest's last step")
+    # these reductions also mean every rank has recorded its shards before rank 0 merges them
     elapsed = float(ranks.max_(torch.tensor([elapsed], dtype=torch.float64), "the harvest's last step")[0])
-    ranks.barrier("the harvest's last step")  # every rank's shards are recorded before rank 0 merges
     if ranks.leader:
         writer.finish(
             tokens_forwarded=int(totals[0]), seconds=round(elapsed, 3), sinks_excluded=int(totals[1]), ranks=ranks.world
@@ -181,13 +180,11 @@ def harvest(
     return ActivationStore(out)
 
 
-def _open_writer(out: str | Path, spec: dict[str, Any], rank: int, world: int) -> StoreWriter:
+def _open_writer(out: str | Path, spec: dict[str, Any], ranks: Group) -> StoreWriter:
     """Rank 0 checks (or creates) the store first, so every rank raises the same error or none."""
-    from aimri.distributed import group
-
-    ranks = group()
     problem = None
     writer = None
+    rank, world = ranks.rank, ranks.world
     if ranks.leader:
         try:
             writer = StoreWriter(out, spec, rank, world)

@@ -299,7 +299,7 @@ class StoreWriter:
             ) from err
         try:
             self._cleanup()
-            if self.rank == 0 and (self.world > 1 or not (self.path / "manifest.json").exists()):
+            if not (self.path / "manifest.json").exists():  # (a distributed run's rank 0 wrote it first)
                 self.write_manifest()
             yield self
         finally:

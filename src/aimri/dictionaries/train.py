@@ -100,7 +100,7 @@ class Trainer:
     """Trains one dictionary; `step(batch)` lets several trainers share one pass over the data.
 
     Data-parallel with a `ranks` Group: each rank steps on its slice of the global batch; gradients are
-    averaged across ranks (one all-reduce per step), the first batch is gathered whole for the input scale
+    averaged across ranks (one in-place all-reduce per tensor), the first batch is gathered whole for the input scale
     and b_dec, and dead-latent counts see every rank's tokens — so every rank holds the same weights, those
     a single process would reach on the whole batch (up to float summation order)."""
 
