@@ -5,7 +5,9 @@
 Each length runs in a fresh process (so its peak RSS is its own): the seconds for `attribute` (logit rows
 plus `max-feature-nodes` feature rows by influence), the process's peak memory, node and edge counts, and
 the memory circuit-tracer's dense fp32 adjacency would take for the same graph (it covers the selected
-features, error nodes, tokens and logits; our sparse edges also keep every active feature as a source).
+features, error nodes, tokens and logits; our sparse edges also keep every active feature as a source), and
+the roofline ratio: the FLOPs torch's FlopCounterMode counts in the run (every pass's GEMMs and attention,
+forward and backward) per second, over the fp32 GEMM rate measured at the start.
 `--peer-length N` also runs circuit-tracer itself (nnsight backend, its own venv) on an N-token prompt:
 seconds, peak memory and agreement of the top logit's edges. Transcoders default to
 runs/smollm2-135m-instruct/transcoders (`mri train-transcoders`).
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from common import emit, gemm_gflops
 
@@ -42,15 +45,74 @@ def one(transcoders: Path, length: int, max_feature_nodes: int) -> dict:
         ids += subject.tokenizer(doc.text)["input_ids"]
         if len(ids) >= length:
             break
-    start = time.perf_counter()
-    graph = attribute(model, ids[:length], max_feature_nodes=max_feature_nodes, progress=False)
-    seconds = time.perf_counter() - start
+    counter = FlopCounterMode(display=False)  # counts the GEMM and attention FLOPs of every pass
+    with counter:
+        start = time.perf_counter()
+        graph = attribute(model, ids[:length], max_feature_nodes=max_feature_nodes, progress=False)
+        seconds = time.perf_counter() - start
     return {
-        "seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "seconds": seconds, "gflop": counter.get_total_flops() / 1e9, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "nodes": graph.n_nodes, "edges": len(graph.edge_weights), "copies_per_pass": graph.meta["copies_per_pass"],
         # circuit-tracer's layout: a dense fp32 matrix over selected features, error nodes, tokens and logits
         "dense_adjacency_mb": (graph.meta["features_expanded"] + (graph.n_layers + 1) * graph.n_pos
                                + len(graph.logit_tokens)) ** 2 * 4 / 2**20,
+    }  # fmt: skip
+
+
+FACTUAL = {
+    "prompt": "The capital of the state containing Dallas is", "subject": " Dallas", "answer": " Texas",
+    "probes": ["We drove to Dallas last week.", "The Dallas Cowboys won again."],
+}  # fmt: skip
+
+
+def factual_path(subject, transcoders: dict, max_feature_nodes: int = 256, controls: int = 5) -> dict:  # type: ignore[no-untyped-def]
+    """The known-answer check on a factual prompt: the graph's most influential feature at the subject token
+    must read that token (it fires on it in other sentences, most strongly there), scaling it x-2 must move
+    the answer off the top, and scaling each of `controls` random active features at the same position that
+    pruning dropped must not."""
+    from aimri.circuits.attribution import attribute
+    from aimri.circuits.intervene import intervene, parse_change
+    from aimri.circuits.prune import prune
+    from aimri.circuits.replacement import ReplacementModel
+
+    graph = attribute(ReplacementModel(subject, transcoders), FACTUAL["prompt"], max_feature_nodes=max_feature_nodes,
+                      progress=False)  # fmt: skip
+    pruned = prune(graph)
+    pos = graph.token_strings.index(FACTUAL["subject"])
+    at = graph.features[:, 1] == pos
+    kept = (at & pruned.node_mask[: graph.n_features]).nonzero().flatten()
+    kept = kept[pruned.influence[kept].argsort(descending=True)]
+    layer, _, index = graph.features[int(kept[0])].tolist()
+
+    def spec(node: int) -> str:
+        return f"{int(graph.features[node, 0])}/{int(graph.features[node, 2])}@{pos}=x-2"
+
+    def answer_rank(changes: list[str]) -> int:
+        after = [
+            t
+            for t, _ in intervene(subject, transcoders, graph.tokens, [parse_change(c) for c in changes], k=10)["after"]
+        ]
+        return after.index(FACTUAL["answer"]) if FACTUAL["answer"] in after else 10
+
+    readings = []
+    for text in FACTUAL["probes"]:
+        ids = subject.tokenizer(text)["input_ids"]
+        with torch.no_grad():
+            x = subject.run(torch.tensor([ids]), read=[f"mlp.in.{layer}"])[f"mlp.in.{layer}"][0]
+            acts = transcoders[layer].encode(x.float())[:, index]
+        strongest = int(acts[1:].argmax()) + 1  # position 0 is the sink
+        readings.append({"text": text, "strongest_token": subject.tokenizer.decode([ids[strongest]]),
+                         "activation": round(float(acts[strongest]), 3)})  # fmt: skip
+    dropped = (at & ~pruned.node_mask[: graph.n_features]).nonzero().flatten()
+    picks = dropped[torch.randperm(len(dropped), generator=torch.Generator().manual_seed(0))[:controls]].tolist()
+    return {
+        "prompt": FACTUAL["prompt"], "top_logits": list(zip(graph.logit_token_strings[:3], graph.logit_probs[:3], strict=True)),
+        "replacement": pruned.replacement, "replacement_full": pruned.replacement_full,
+        "completeness": pruned.completeness, "completeness_full": pruned.completeness_full,
+        "feature": f"{layer}/{index}@{pos}", "feature_influence": float(pruned.influence[int(kept[0])]),
+        "kept_at_subject": len(kept), "readings": readings,
+        "answer_rank_after_ablation": answer_rank([spec(int(kept[0]))]),
+        "answer_rank_after_controls": [answer_rank([spec(node)]) for node in picks],
     }  # fmt: skip
 
 
@@ -128,6 +190,12 @@ def main() -> None:
             break
         by_len[str(length)] = json.loads(done.stdout.strip().splitlines()[-1])
         log(f"{length} tokens: {by_len[str(length)]}")
+    import aimri
+    from aimri.circuits.replacement import load_transcoders
+
+    subject = aimri.load()
+    path = factual_path(subject, load_transcoders(args.transcoders, subject))
+    log(f"factual path: {path}")
     peer = None
     if args.peer_length:
         try:
@@ -142,11 +210,26 @@ def main() -> None:
             "dense_adjacency_mb_by_len": {k: round(v["dense_adjacency_mb"]) for k, v in by_len.items()},
             "nodes_by_len": {k: v["nodes"] for k, v in by_len.items()},
             "edges_by_len": {k: v["edges"] for k, v in by_len.items()},
+            "gflop_by_len": {k: round(v["gflop"], 1) for k, v in by_len.items()},
+            # counted FLOPs (forward and backward GEMMs and attention) per second over the measured GEMM peak
+            "roofline_ratio_by_len": {k: round(v["gflop"] / v["seconds"] / gflops, 3) for k, v in by_len.items()},
+            "roofline_ratio": round(min((v["gflop"] / v["seconds"] / gflops for v in by_len.values()), default=0), 3),
             "max_len_ok": max((int(k) for k in by_len), default=0),
             "max_feature_nodes": args.max_feature_nodes,
             "speedup_vs_circuit_tracer": round(peer["theirs_s"] / peer["ours_s"], 3) if peer else None,
             "circuit_tracer_edge_agreement": round(peer["max_abs_diff_over_max_edge"], 6) if peer else None,
             "circuit_tracer_peak_mb": round(peer["theirs_peak_mb"]) if peer else None,
+            "factual_path": {
+                k: path[k]
+                for k in (
+                    "feature",
+                    "readings",
+                    "answer_rank_after_ablation",
+                    "answer_rank_after_controls",
+                    "replacement_full",
+                    "completeness_full",
+                )
+            },
             "gemm_gflops": round(gflops, 1),
             "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         },

@@ -118,7 +118,7 @@ def test_graph_rows_add_up_to_their_targets() -> None:
         torch.nn.init.zeros_(tc.b_dec)
     model = ReplacementModel(subject, transcoders)
     ids = torch.randint(1, 96, (6,), generator=torch.Generator().manual_seed(4)).tolist()
-    graph = attribute(model, ids, max_feature_nodes=10_000, batch_size=16, progress=False)
+    graph = attribute(model, ids, max_feature_nodes=10_000, batch_size=16, progress=False, constant_positions=0)
     assert bool(graph.expanded[: graph.n_features].all()) and graph.n_features > 20
     with torch.no_grad():
         logits = subject.model(input_ids=torch.tensor([ids])).logits[0, -1]
@@ -138,6 +138,28 @@ def test_graph_rows_add_up_to_their_targets() -> None:
             assert graph.features[s, 0] < graph.features[t, 0] and graph.features[s, 1] <= graph.features[t, 1]
 
 
+def test_constant_positions_have_no_nodes() -> None:
+    """The leading positions are held constant (circuit-tracer's BOS): no feature there, no edge from their
+    error nodes; their token embeddings stay sources."""
+    from aimri.circuits.attribution import attribute
+
+    subject = tiny_subject("llama")
+    model = ReplacementModel(subject, random_transcoders(subject, width=24))
+    ids = torch.randint(1, 96, (6,), generator=torch.Generator().manual_seed(4)).tolist()
+    free = attribute(model, ids, max_feature_nodes=8, progress=False, constant_positions=0)
+    held = attribute(model, ids, max_feature_nodes=8, progress=False, constant_positions=2)
+    assert bool((free.features[:, 1] < 2).any()) and not bool((held.features[:, 1] < 2).any())
+    error_pos = lambda g, s: (s - g.error_start) % g.n_pos  # noqa: E731
+    for graph, has in ((free, True), (held, False)):
+        s = graph.edge_sources
+        from_early_errors = (s >= graph.error_start) & (s < graph.embed_start) & (error_pos(graph, s) < 2)
+        assert bool(from_early_errors.any()) == has
+        assert bool((graph.edge_sources == graph.embed_start).any())  # the first token's embedding
+    assert held.meta["constant_positions"] == 2
+    with pytest.raises(AimriError, match="constant_positions"):
+        attribute(model, ids, progress=False, constant_positions=6)
+
+
 def test_pruning_and_scores() -> None:
     from aimri.circuits.attribution import attribute
     from aimri.circuits.prune import prune, supernodes
@@ -147,6 +169,10 @@ def test_pruning_and_scores() -> None:
     exact = attribute(ReplacementModel(subject, transcoders), ids, max_feature_nodes=10_000, progress=False)
     full = prune(exact, 1.0, 1.0)
     assert full.replacement_full == pytest.approx(1.0) and full.completeness_full == pytest.approx(1.0)  # no error mass
+    # features never expanded are outside the graph, as in circuit-tracer: not counted as error either
+    partial = attribute(ReplacementModel(subject, transcoders), ids, max_feature_nodes=4, progress=False)
+    assert int(partial.expanded[: partial.n_features].sum()) == 4 < partial.n_features
+    assert prune(partial, 1.0, 1.0).replacement_full == pytest.approx(1.0)
 
     llama = tiny_subject("llama")
     graph = attribute(
@@ -252,6 +278,39 @@ def test_replacement_on_the_default_model_is_exact_and_attributes() -> None:
     sources, _ = graph.row(graph.logit_start)
     kinds = {graph.kind(s) for s in sources.tolist()}
     assert kinds == {"feature", "error", "embedding"} and graph.meta["features_expanded"] == 16
+
+
+@pytest.mark.integration
+def test_factual_path_on_the_default_model() -> None:
+    """SmolLM2 with its trained transcoders (all 30 layers; AIMRI_TRANSCODERS or the default run folder):
+    "The capital of the state containing Dallas is" -> " Texas". The most influential feature at " Dallas"
+    reads Dallas (in other sentences it fires most strongly on " Dallas"), scaling it x-2 moves the answer
+    off the top, and scaling any of five random active features pruning dropped there does not."""
+    import importlib.util
+    import os
+    import sys
+    from pathlib import Path
+
+    import aimri
+    from aimri.circuits.replacement import load_transcoders
+
+    root = Path(__file__).resolve().parents[1]
+    folder = Path(os.environ.get("AIMRI_TRANSCODERS", root / "runs" / "smollm2-135m-instruct" / "transcoders"))
+    if not (folder / "layer-29" / "cfg.json").exists():
+        pytest.skip(f"no trained transcoders at {folder}: `mri train-transcoders --tokens 600000` makes them (~1.5 h)")
+    sys.path.insert(0, str(root / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_trace", root / "bench" / "trace.py")  # not stdlib `trace`
+    assert spec is not None and spec.loader is not None
+    bench_trace = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_trace)  # the same check `bench/trace.py --json` reports
+
+    subject = aimri.load()
+    result = bench_trace.factual_path(subject, load_transcoders(folder, subject))
+    print(result)
+    assert result["top_logits"][0][0] == " Texas"
+    assert all(r["strongest_token"] == " Dallas" and r["activation"] > 0 for r in result["readings"]), result
+    assert result["answer_rank_after_ablation"] >= 2, result
+    assert result["answer_rank_after_controls"] == [0] * 5, result
 
 
 @pytest.mark.integration

@@ -603,6 +603,9 @@ def trace(
     edge_threshold: Annotated[float, typer.Option(help="score share kept by edge pruning, in (0, 1]")] = 0.98,
     max_feature_nodes: Annotated[int, typer.Option(help="features whose incoming edges are computed")] = 1024,
     batch_size: Annotated[int, typer.Option(help="targets per backward pass")] = 32,
+    constant_positions: Annotated[
+        int, typer.Option(help="leading positions held constant, without feature or error nodes (the attention sink)")
+    ] = 1,
     intervene: Annotated[
         list[str], typer.Option(help="LAYER/FEATURE[@POS,..]=VALUE or =xFACTOR; prints the new top logits")
     ] = [],  # noqa: B006
@@ -629,7 +632,12 @@ def trace(
     tcs = load_transcoders(folder, subject)
     replacement = ReplacementModel(subject, tcs)
     graph = attribute(
-        replacement, prompt, max_feature_nodes=max_feature_nodes, batch_size=batch_size, progress=not quiet
+        replacement,
+        prompt,
+        max_feature_nodes=max_feature_nodes,
+        batch_size=batch_size,
+        progress=not quiet,
+        constant_positions=constant_positions,
     )
     pruned = prune(graph, node_threshold, edge_threshold)
     clerps = atlas_clerps(graph, pruned, folder)

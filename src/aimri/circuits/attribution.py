@@ -120,10 +120,16 @@ def attribute(
     progress: bool = True,
     memory_budget: float = 2e9,
     edge_floor: float = 1e-6,
+    constant_positions: int = 1,
 ) -> Graph:
     """The attribution graph of `prompt` under `model`'s transcoders. Copies per backward pass are capped
     so their activations fit `memory_budget` bytes; in each row, edges under `edge_floor` x the row's
-    total |weight| are dropped (their share is recorded in meta["dropped_weight"])."""
+    total |weight| are dropped (their share is recorded in meta["dropped_weight"]).
+
+    The first `constant_positions` positions are held constant, as circuit-tracer holds BOS: their MLP
+    outputs act like biases, so they have no feature or error nodes (their token embeddings stay nodes).
+    Position 0 is the attention sink, whose residual is ~100x any other; the harvest leaves it out, so no
+    transcoder was trained there, and left in, its error nodes soak up most of every graph's influence."""
     subject = model.subject
     tok = subject.tokenizer
     if isinstance(prompt, str) and tok is None:
@@ -135,6 +141,10 @@ def attribute(
 
     if not ids:
         raise AimriError("the prompt is empty")
+    if not 0 <= constant_positions < len(ids):
+        raise AimriError(
+            f"constant_positions must be in [0, {len(ids)}) for this {len(ids)}-token prompt, got {constant_positions}"
+        )
     start = time.perf_counter()
     ids_t = torch.tensor(ids)
     with torch.no_grad():
@@ -147,7 +157,8 @@ def attribute(
     logit_tokens, logit_probs = _top_logits(base.logits[-1])
     feats, acts = [], []
     for layer in range(L):
-        codes = base.codes[layer].detach()
+        codes = base.codes[layer].detach().clone()
+        codes[:constant_positions] = 0
         pos, idx = (codes != 0).nonzero(as_tuple=True)
         feats.append(torch.stack([torch.full_like(pos, layer), pos, idx], 1))
         acts.append(codes[pos, idx])
@@ -167,7 +178,9 @@ def attribute(
     sources = torch.cat([graph.embed_start + positions] + [
         torch.cat([layer_nodes[layer], graph.error_start + layer * n_pos + positions]) for layer in range(L)
     ])  # fmt: skip
-    errors = {layer: base.errors[layer].detach().float() for layer in range(L)}
+    errors = {layer: base.errors[layer].detach().float().clone() for layer in range(L)}
+    for e in errors.values():
+        e[:constant_positions] = 0
     embeds = base.embeddings.detach().float()
     W_enc = {layer: model.transcoders[layer].W_enc.detach() for layer in range(L)}
     rows_t: list[Tensor] = []
@@ -233,6 +246,6 @@ def attribute(
     graph.expanded = expanded
     graph.meta = {
         "seconds": time.perf_counter() - start, "features_expanded": int(expanded[: graph.n_features].sum()),
-        "copies_per_pass": batch_size, "dropped_weight": dropped[0] / max(dropped[1], 1e-30),
+        "copies_per_pass": batch_size, "constant_positions": constant_positions, "dropped_weight": dropped[0] / max(dropped[1], 1e-30),
     }  # fmt: skip
     return graph

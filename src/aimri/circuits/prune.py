@@ -1,12 +1,15 @@
 """Pruning an attribution graph by influence, its replacement and completeness scores, and supernodes.
 
+The graph here is circuit-tracer's: the expanded features (those whose incoming edges were computed),
+error nodes, token embeddings and logits; edges from active features that were never expanded are left
+out of every normalisation, so scores are comparable with circuit-tracer's for the same feature budget.
 Influence: the logit probabilities propagated back through |weights| normalised per target (see
 `attribution.influence`). Node pruning keeps the fewest features and error nodes that carry
 `node_threshold` of the total influence (tokens and logits always stay); edge pruning keeps, among kept
 nodes, the fewest edges carrying `edge_threshold` of the edge scores (normalised weight x influence of
 its target). Scores, for the full or the pruned graph:
   - replacement: of the influence that reaches the graph's inputs, the share that reaches token embeddings
-    rather than error nodes (mass flowing into dropped nodes or unexpanded features counts as error);
+    rather than error nodes (mass flowing into dropped nodes counts as error);
   - completeness: the influence-weighted share of each kept node's incoming weight that comes from
     non-error nodes kept in the graph.
 """
@@ -38,8 +41,16 @@ def _logit_weights(graph: Graph) -> Tensor:
     return w / w.sum()
 
 
+def _in_graph(graph: Graph) -> Tensor:
+    """Edges whose source is a node of the graph: anything but a feature that was never expanded."""
+    source_kept = graph.expanded.clone()
+    source_kept[graph.n_features :] = True
+    return source_kept[graph.edge_sources]
+
+
 def _normalised(graph: Graph) -> Tensor:
-    return normalised(graph.edge_targets, graph.edge_weights, graph.n_nodes)
+    weights = torch.where(_in_graph(graph), graph.edge_weights, 0.0)
+    return normalised(graph.edge_targets, weights, graph.n_nodes)
 
 
 def scores(graph: Graph, node_mask: Tensor | None = None, edge_mask: Tensor | None = None) -> tuple[float, float]:
@@ -49,7 +60,7 @@ def scores(graph: Graph, node_mask: Tensor | None = None, edge_mask: Tensor | No
     edge_mask = torch.ones(len(graph.edge_weights), dtype=torch.bool) if edge_mask is None else edge_mask
     norm = _normalised(graph)
     t, s = graph.edge_targets, graph.edge_sources
-    kept = edge_mask & node_mask[t] & node_mask[s]
+    kept = edge_mask & node_mask[t] & node_mask[s] & _in_graph(graph)
     is_error = torch.zeros(n, dtype=torch.bool)
     is_error[graph.error_start : graph.embed_start] = True
     is_embed = torch.zeros(n, dtype=torch.bool)
@@ -63,7 +74,7 @@ def scores(graph: Graph, node_mask: Tensor | None = None, edge_mask: Tensor | No
         through = current[t] * norm
         arrived = torch.zeros(n).index_add_(0, s[kept], through[kept])
         lost = float(through[~kept].sum())
-        # mass at a node with no computed incoming edges (unexpanded feature) cannot be explained
+        # mass at a node without computed incoming edges cannot be explained (none: such features are outside)
         stuck = current * (~graph.expanded & ~is_error & ~is_embed).float()
         error_mass += lost + float(stuck.sum())
         token_mass += float(arrived[is_embed].sum())
@@ -93,17 +104,20 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0 < value <= 1:
             raise AimriError(f"{name} must be in (0, 1], got {value}")
-    inf = influence(graph, graph.edge_targets, graph.edge_sources, graph.edge_weights, _logit_weights(graph))
+    inside_graph = _in_graph(graph)
+    weights = torch.where(inside_graph, graph.edge_weights, 0.0)
+    inf = influence(graph, graph.edge_targets, graph.edge_sources, weights, _logit_weights(graph))
     n = graph.n_nodes
     node_mask = torch.zeros(n, dtype=torch.bool)
     node_mask[graph.embed_start :] = True  # tokens and logits always stay
-    candidates = torch.arange(graph.embed_start)
+    candidates = torch.cat([graph.expanded[: graph.n_features].nonzero().flatten(),
+                            torch.arange(graph.error_start, graph.embed_start)])  # fmt: skip
     if len(candidates):
         node_mask[candidates[_cover(inf[candidates], node_threshold)]] = True
     node_inf = inf.clone()
     node_inf[graph.logit_start :] = _logit_weights(graph)
     edge_score = _normalised(graph) * node_inf[graph.edge_targets]
-    inside = node_mask[graph.edge_targets] & node_mask[graph.edge_sources]
+    inside = node_mask[graph.edge_targets] & node_mask[graph.edge_sources] & inside_graph
     edge_mask = torch.zeros(len(edge_score), dtype=torch.bool)
     idx = inside.nonzero().flatten()
     if len(idx):

@@ -115,10 +115,11 @@ def _frozen_norm(name: str, module: nn.Module):  # type: ignore[no-untyped-def]
     return hook
 
 
-def load_transcoders(folder: Path, subject: Subject) -> dict[int, Dictionary]:
+def load_transcoders(folder: str | Path, subject: Subject) -> dict[int, Dictionary]:
     """Transcoders saved by `mri train-transcoders` (FOLDER/layer-L), checked against the subject."""
     from aimri.dictionaries import load_dictionary
 
+    folder = Path(folder)
     if not folder.is_dir():
         raise AimriError(f"{folder} is not a folder of transcoders; make one with `mri train-transcoders`")
     found: dict[int, Dictionary] = {}
