@@ -6,7 +6,7 @@ Each length runs in a fresh process (so its peak RSS is its own): the seconds fo
 plus `max-feature-nodes` feature rows by influence), the process's peak memory, node and edge counts, and
 the memory circuit-tracer's dense fp32 adjacency would take for the same graph (it covers the selected
 features, error nodes, tokens and logits; our sparse edges also keep every active feature as a source), and
-the roofline ratio: the FLOPs torch's FlopCounterMode counts in the run (every pass's GEMMs and attention,
+the roofline ratio: the FLOPs counted in the run by torch's formulas (every pass's GEMMs and attention,
 forward and backward) per second, over the fp32 GEMM rate measured at the start.
 `--peer-length N` also runs circuit-tracer itself (nnsight backend, its own venv) on an N-token prompt:
 seconds, peak memory and agreement of the top logit's edges. Transcoders default to
@@ -23,11 +23,42 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from common import emit, gemm_gflops
+
+
+class FlopCount(TorchDispatchMode):
+    """FLOPs of every matmul and attention kernel run inside, forward and backward, by torch's own formulas
+    (torch's FlopCounterMode cannot be used: its module tracker breaks torch.autograd.grad on leaves), plus
+    the CPU attention kernels its table lacks."""
+
+    cpu_attention: ClassVar[dict] = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(
+            q.shape, k.shape, v.shape
+        ),
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, v, *a, **kw: (
+            sdpa_backward_flop_count(g.shape, q.shape, k.shape, v.shape)
+        ),
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        if packet in flop_registry:
+            self.flops += flop_registry[packet](*args, **kwargs, out_val=out)
+        elif packet in self.cpu_attention:
+            self.flops += self.cpu_attention[packet](*args, **kwargs)
+        return out
 
 
 def one(transcoders: Path, length: int, max_feature_nodes: int) -> dict:
@@ -45,13 +76,13 @@ def one(transcoders: Path, length: int, max_feature_nodes: int) -> dict:
         ids += subject.tokenizer(doc.text)["input_ids"]
         if len(ids) >= length:
             break
-    counter = FlopCounterMode(display=False)  # counts the GEMM and attention FLOPs of every pass
+    counter = FlopCount()  # counts the GEMM and attention FLOPs of every pass
     with counter:
         start = time.perf_counter()
         graph = attribute(model, ids[:length], max_feature_nodes=max_feature_nodes, progress=False)
         seconds = time.perf_counter() - start
     return {
-        "seconds": seconds, "gflop": counter.get_total_flops() / 1e9, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "seconds": seconds, "gflop": counter.flops / 1e9, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "nodes": graph.n_nodes, "edges": len(graph.edge_weights), "copies_per_pass": graph.meta["copies_per_pass"],
         # circuit-tracer's layout: a dense fp32 matrix over selected features, error nodes, tokens and logits
         "dense_adjacency_mb": (graph.meta["features_expanded"] + (graph.n_layers + 1) * graph.n_pos

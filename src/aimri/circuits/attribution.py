@@ -5,8 +5,9 @@ position), token embeddings (one per position), and the top output logits (up to
 probability, at most 10; each measured against the mean logit, i.e. through the demeaned unembedding).
 An edge s -> t is value(s) x d input(t) / d value(s): for a feature the input is its pre-activation, for a
 logit its demeaned logit. Rows (a target's incoming edges) come from batched backward passes, B targets per
-pass over B copies of the prompt; logits first, then features in order of their current influence on the
-logits, up to `max_feature_nodes` expanded. Edges are kept sparse (COO), never an n x n matrix.
+pass over B copies of the prompt, all through one forward pass kept for them (with only the last position's
+logits computed); logits first, then features in order of their current influence on the logits, up to
+`max_feature_nodes` expanded. Edges are kept sparse (COO), never an n x n matrix.
 """
 
 from __future__ import annotations
@@ -147,21 +148,22 @@ def attribute(
         )
     start = time.perf_counter()
     ids_t = torch.tensor(ids)
-    with torch.no_grad():
-        base = model.run(ids_t)
     n_pos, L = len(ids), subject.n_layers
-    width = sum(tc.cfg.d_sae for tc in model.transcoders.values()) / max(1, L)
-    per_copy = 4.0 * n_pos * L * (3 * width + 12 * subject.d_model)  # codes + grads + the model's activations
+    per_copy = 4.0 * n_pos * L * 12 * subject.d_model  # kept activations (~5 d) and the transients (measured)
     batch_size = max(1, min(batch_size, int(memory_budget // per_copy)))
+    copies = max(1, min(batch_size, max(10, max_feature_nodes)))  # 10: the most logit rows
+    # one batched forward serves every backward pass (kept with retain_graph); copy 0 gives the nodes
+    run = model.run(ids_t, copies=copies, last_only=True)
     dropped = [0.0, 0.0]
-    logit_tokens, logit_probs = _top_logits(base.logits[-1])
+    logit_tokens, logit_probs = _top_logits(run.logits[0, -1].detach())
     feats, acts = [], []
+    chosen = {}  # per layer: which of the forward's active entries are nodes (not at a constant position)
     for layer in range(L):
-        codes = base.codes[layer].detach().clone()
-        codes[:constant_positions] = 0
-        pos, idx = (codes != 0).nonzero(as_tuple=True)
+        pos, idx = run.active[layer]
+        chosen[layer] = (pos >= constant_positions).nonzero().flatten()
+        pos, idx = pos[chosen[layer]], idx[chosen[layer]]
         feats.append(torch.stack([torch.full_like(pos, layer), pos, idx], 1))
-        acts.append(codes[pos, idx])
+        acts.append(run.codes[layer][0].detach()[chosen[layer]])
     features, activations = torch.cat(feats), torch.cat(acts)
     graph = Graph(
         prompt=prompt if isinstance(prompt, str) else text(ids), tokens=ids,
@@ -178,18 +180,20 @@ def attribute(
     sources = torch.cat([graph.embed_start + positions] + [
         torch.cat([layer_nodes[layer], graph.error_start + layer * n_pos + positions]) for layer in range(L)
     ])  # fmt: skip
-    errors = {layer: base.errors[layer].detach().float().clone() for layer in range(L)}
+    errors = {layer: run.errors[layer][0].detach().float().clone() for layer in range(L)}
     for e in errors.values():
         e[:constant_positions] = 0
-    embeds = base.embeddings.detach().float()
+    embeds = run.embeddings[0].detach().float()
     W_enc = {layer: model.transcoders[layer].W_enc.detach() for layer in range(L)}
     rows_t: list[Tensor] = []
     rows_s: list[Tensor] = []
     rows_w: list[Tensor] = []
+    budget = min(max_feature_nodes, graph.n_features)
+    passes = [0]
 
     def expand(targets: list[int]) -> None:
         B = len(targets)
-        run = model.run(ids_t, copies=B)
+        passes[0] += 1
         quantities = []
         for b, t in enumerate(targets):
             if t >= graph.logit_start:
@@ -199,16 +203,16 @@ def attribute(
                 layer, pos, idx = (int(v) for v in features[t])
                 quantities.append(run.mlp_inputs[layer][b, pos].float() @ W_enc[layer][:, idx])
         leaves = [run.embeddings, *(run.codes[layer] for layer in range(L)), *(run.errors[layer] for layer in range(L))]
-        grads = torch.autograd.grad(torch.stack(quantities).sum(), leaves, allow_unused=True)
+        grads = torch.autograd.grad(torch.stack(quantities).sum(), leaves, allow_unused=True, retain_graph=True)
+        grads = tuple(None if g is None else g[:B] for g in grads)  # copies past B carry no target
 
         def direct(grad: Tensor | None, width: int, value: Callable[[Tensor], Tensor]) -> Tensor:
             return torch.zeros(B, width) if grad is None else value(grad.detach().float())
 
         parts = [direct(grads[0], n_pos, lambda g: (g * embeds).sum(-1))]  # [B, n_pos] each, in `sources` order
         for layer in range(L):
-            f = features[layer_nodes[layer]]
             a = graph.activations[layer_nodes[layer]]
-            parts.append(direct(grads[1 + layer], len(f), lambda g, f=f, a=a: g[:, f[:, 1], f[:, 2]] * a))
+            parts.append(direct(grads[1 + layer], len(a), lambda g, c=chosen[layer], a=a: g[:, c] * a))
             parts.append(direct(grads[1 + L + layer], n_pos, lambda g, e=errors[layer]: (g * e).sum(-1)))
         weights = torch.cat(parts, 1)
         magnitude = weights.abs()
@@ -222,7 +226,6 @@ def attribute(
             expanded[t] = True
 
     logit_nodes = list(range(graph.logit_start, n))
-    budget = min(max_feature_nodes, graph.n_features)
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task("attribution", total=len(logit_nodes) + budget, rate="")
         for i in range(0, len(logit_nodes), batch_size):
@@ -246,6 +249,6 @@ def attribute(
     graph.expanded = expanded
     graph.meta = {
         "seconds": time.perf_counter() - start, "features_expanded": int(expanded[: graph.n_features].sum()),
-        "copies_per_pass": batch_size, "constant_positions": constant_positions, "dropped_weight": dropped[0] / max(dropped[1], 1e-30),
+        "copies_per_pass": copies, "backward_passes": passes[0], "constant_positions": constant_positions, "dropped_weight": dropped[0] / max(dropped[1], 1e-30),
     }  # fmt: skip
     return graph
