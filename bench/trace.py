@@ -35,14 +35,22 @@ from common import emit, gemm_gflops
 class FlopCount(TorchDispatchMode):
     """FLOPs of every matmul and attention kernel run inside, forward and backward, by torch's own formulas
     (torch's FlopCounterMode cannot be used: its module tracker breaks torch.autograd.grad on leaves), plus
-    the CPU attention kernels its table lacks."""
+    the CPU attention kernels its table lacks (counted at half when causal, which torch's formulas ignore)."""
 
-    cpu_attention: ClassVar[dict] = {
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(
-            q.shape, k.shape, v.shape
+    @staticmethod
+    def _causal(flops: int, is_causal: object) -> int:
+        return flops // 2 if is_causal else flops  # a causal kernel skips the masked half
+
+    cpu_attention: ClassVar[
+        dict
+    ] = {  # (q, k, v, dropout_p, is_causal, ...); backward (g, q, k, v, out, lse, dropout_p, is_causal, ...)
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, p=0.0, causal=False, *a, **kw: (
+            FlopCount._causal(sdpa_flop_count(q.shape, k.shape, v.shape), kw.get("is_causal", causal))
         ),
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, v, *a, **kw: (
-            sdpa_backward_flop_count(g.shape, q.shape, k.shape, v.shape)
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+            lambda g, q, k, v, o, lse, p=0.0, causal=False, *a, **kw: FlopCount._causal(
+                sdpa_backward_flop_count(g.shape, q.shape, k.shape, v.shape), kw.get("is_causal", causal)
+            )
         ),
     }
 
