@@ -129,8 +129,9 @@ def attribute(
 
     The first `constant_positions` positions are held constant, as circuit-tracer holds BOS: their MLP
     outputs act like biases, so they have no feature or error nodes (their token embeddings stay nodes).
-    Position 0 is the attention sink, whose residual is ~100x any other; the harvest leaves it out, so no
-    transcoder was trained there, and left in, its error nodes soak up most of every graph's influence."""
+    Position 0 is the attention sink, whose residual is ~100x any other: the harvest leaves it out, so no
+    transcoder was trained there and its "features" would be artefacts (and holding it keeps our graphs
+    comparable with circuit-tracer's)."""
     subject = model.subject
     tok = subject.tokenizer
     if isinstance(prompt, str) and tok is None:
