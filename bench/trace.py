@@ -104,11 +104,11 @@ FACTUAL = {
 }  # fmt: skip
 
 
-def factual_path(subject, transcoders: dict, max_feature_nodes: int = 256, controls: int = 5) -> dict:  # type: ignore[no-untyped-def]
+def factual_path(subject, transcoders: dict, max_feature_nodes: int = 256, group: int = 3, controls: int = 5) -> dict:  # type: ignore[no-untyped-def]
     """The known-answer check on a factual prompt: the graph's most influential feature at the subject token
-    must read that token (it fires on it in other sentences, most strongly there), scaling it x-2 must move
-    the answer off the top, and scaling each of `controls` random active features at the same position that
-    pruning dropped must not."""
+    must read that token (it fires on it in other sentences, most strongly there); scaling the `group` most
+    influential features there x-2 together must move the answer off the top, and scaling each of
+    `controls` draws of as many random active features at the same position that pruning dropped must not."""
     from aimri.circuits.attribution import attribute
     from aimri.circuits.intervene import intervene, parse_change
     from aimri.circuits.prune import prune
@@ -123,14 +123,9 @@ def factual_path(subject, transcoders: dict, max_feature_nodes: int = 256, contr
     kept = kept[pruned.influence[kept].argsort(descending=True)]
     layer, _, index = graph.features[int(kept[0])].tolist()
 
-    def spec(node: int) -> str:
-        return f"{int(graph.features[node, 0])}/{int(graph.features[node, 2])}@{pos}=x-2"
-
-    def answer_rank(changes: list[str]) -> int:
-        after = [
-            t
-            for t, _ in intervene(subject, transcoders, graph.tokens, [parse_change(c) for c in changes], k=10)["after"]
-        ]
+    def answer_rank(nodes: list[int]) -> int:
+        changes = [parse_change(f"{int(graph.features[i, 0])}/{int(graph.features[i, 2])}@{pos}=x-2") for i in nodes]
+        after = [t for t, _ in intervene(subject, transcoders, graph.tokens, changes, k=10)["after"]]
         return after.index(FACTUAL["answer"]) if FACTUAL["answer"] in after else 10
 
     readings = []
@@ -143,15 +138,17 @@ def factual_path(subject, transcoders: dict, max_feature_nodes: int = 256, contr
         readings.append({"text": text, "strongest_token": subject.tokenizer.decode([ids[strongest]]),
                          "activation": round(float(acts[strongest]), 3)})  # fmt: skip
     dropped = (at & ~pruned.node_mask[: graph.n_features]).nonzero().flatten()
-    picks = dropped[torch.randperm(len(dropped), generator=torch.Generator().manual_seed(0))[:controls]].tolist()
+    draws = [dropped[torch.randperm(len(dropped), generator=torch.Generator().manual_seed(seed))[:group]].tolist()
+             for seed in range(controls)]  # fmt: skip
     return {
         "prompt": FACTUAL["prompt"], "top_logits": list(zip(graph.logit_token_strings[:3], graph.logit_probs[:3], strict=True)),
         "replacement": pruned.replacement, "replacement_full": pruned.replacement_full,
         "completeness": pruned.completeness, "completeness_full": pruned.completeness_full,
         "feature": f"{layer}/{index}@{pos}", "feature_influence": float(pruned.influence[int(kept[0])]),
         "kept_at_subject": len(kept), "readings": readings,
-        "answer_rank_after_ablation": answer_rank([spec(int(kept[0]))]),
-        "answer_rank_after_controls": [answer_rank([spec(node)]) for node in picks],
+        "ablated": [f"{int(graph.features[i, 0])}/{int(graph.features[i, 2])}" for i in kept[:group].tolist()],
+        "answer_rank_after_ablation": answer_rank(kept[:group].tolist()),
+        "answer_rank_after_controls": [answer_rank(nodes) for nodes in draws],
     }  # fmt: skip
 
 
