@@ -41,9 +41,8 @@ class FlopCount(TorchDispatchMode):
     def _causal(flops: int, is_causal: object) -> int:
         return flops // 2 if is_causal else flops  # a causal kernel skips the masked half
 
-    cpu_attention: ClassVar[
-        dict
-    ] = {  # (q, k, v, dropout_p, is_causal, ...); backward (g, q, k, v, out, lse, dropout_p, is_causal, ...)
+    # the CPU kernels' arguments: (q, k, v, dropout_p, is_causal, ...); backward (g, q, k, v, out, lse, dropout_p, is_causal, ...)
+    cpu_attention: ClassVar[dict] = {
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, p=0.0, causal=False, *a, **kw: (
             FlopCount._causal(sdpa_flop_count(q.shape, k.shape, v.shape), kw.get("is_causal", causal))
         ),
@@ -110,7 +109,7 @@ def factual_path(subject, transcoders: dict, max_feature_nodes: int = 256, group
     influential features there x-2 together must move the answer off the top, and scaling each of
     `controls` draws of as many random active features at the same position that pruning dropped must not."""
     from aimri.circuits.attribution import attribute
-    from aimri.circuits.intervene import intervene, parse_change
+    from aimri.circuits.intervene import Change, intervene
     from aimri.circuits.prune import prune
     from aimri.circuits.replacement import ReplacementModel
 
@@ -123,8 +122,11 @@ def factual_path(subject, transcoders: dict, max_feature_nodes: int = 256, group
     kept = kept[pruned.influence[kept].argsort(descending=True)]
     layer, _, index = graph.features[int(kept[0])].tolist()
 
+    def label(node: int) -> str:
+        return f"{int(graph.features[node, 0])}/{int(graph.features[node, 2])}"
+
     def answer_rank(nodes: list[int]) -> int:
-        changes = [parse_change(f"{int(graph.features[i, 0])}/{int(graph.features[i, 2])}@{pos}=x-2") for i in nodes]
+        changes = [Change(int(graph.features[i, 0]), int(graph.features[i, 2]), [pos], "scale", -2.0) for i in nodes]
         after = [t for t, _ in intervene(subject, transcoders, graph.tokens, changes, k=10)["after"]]
         return after.index(FACTUAL["answer"]) if FACTUAL["answer"] in after else 10
 
@@ -144,25 +146,25 @@ def factual_path(subject, transcoders: dict, max_feature_nodes: int = 256, group
         "prompt": FACTUAL["prompt"], "top_logits": list(zip(graph.logit_token_strings[:3], graph.logit_probs[:3], strict=True)),
         "replacement": pruned.replacement, "replacement_full": pruned.replacement_full,
         "completeness": pruned.completeness, "completeness_full": pruned.completeness_full,
-        "feature": f"{layer}/{index}@{pos}", "feature_influence": float(pruned.influence[int(kept[0])]),
+        "feature": f"{label(int(kept[0]))}@{pos}", "feature_influence": float(pruned.influence[int(kept[0])]),
         "kept_at_subject": len(kept), "readings": readings,
-        "ablated": [f"{int(graph.features[i, 0])}/{int(graph.features[i, 2])}" for i in kept[:group].tolist()],
+        "ablated": [label(i) for i in kept[:group].tolist()],
         "answer_rank_after_ablation": answer_rank(kept[:group].tolist()),
         "answer_rank_after_controls": [answer_rank(nodes) for nodes in draws],
     }  # fmt: skip
 
 
-def compare_with_circuit_tracer(transcoders: Path, length: int, max_feature_nodes: int, log) -> dict:  # type: ignore[no-untyped-def]
+def compare_with_circuit_tracer(
+    subject, tcs: dict, transcoders: Path, length: int, max_feature_nodes: int, log
+) -> dict:  # type: ignore[no-untyped-def]
     """Ours and circuit-tracer (nnsight backend, its own venv) on one prompt: time, memory, and agreement of
     the top logit's incoming edges from the features both selected and from the token embeddings."""
     import tempfile
 
-    import aimri
     from aimri.circuits.attribution import attribute
-    from aimri.circuits.replacement import ReplacementModel, load_transcoders
+    from aimri.circuits.replacement import ReplacementModel
     from common import run_peer
 
-    subject = aimri.load()
     ids = subject.tokenizer("The capital of the state containing Dallas is the city of")["input_ids"]
     while len(ids) < length:
         ids = ids + ids
@@ -178,7 +180,7 @@ def compare_with_circuit_tracer(transcoders: Path, length: int, max_feature_node
         raise RuntimeError(
             f"circuit-tracer attributed other tokens ({theirs['tokens'][:4]}...) than ours ({ids[:4]}...)"
         )
-    model = ReplacementModel(subject, load_transcoders(transcoders, subject))
+    model = ReplacementModel(subject, tcs)
     start = time.perf_counter()
     graph = attribute(model, ids, max_feature_nodes=max_feature_nodes, progress=False)
     seconds = time.perf_counter() - start
@@ -230,12 +232,15 @@ def main() -> None:
     from aimri.circuits.replacement import load_transcoders
 
     subject = aimri.load()
-    path = factual_path(subject, load_transcoders(args.transcoders, subject))
+    tcs = load_transcoders(args.transcoders, subject)
+    path = factual_path(subject, tcs)
     log(f"factual path: {path}")
     peer = None
     if args.peer_length:
         try:
-            peer = compare_with_circuit_tracer(args.transcoders, args.peer_length, args.max_feature_nodes, log)
+            peer = compare_with_circuit_tracer(
+                subject, tcs, args.transcoders, args.peer_length, args.max_feature_nodes, log
+            )
             log(f"circuit-tracer comparison: {peer}")
         except RuntimeError as err:  # reported, not hidden: the figures below stay ours only
             log(f"circuit-tracer did not run: {str(err)[-600:]}")
@@ -260,6 +265,7 @@ def main() -> None:
                 for k in (
                     "feature",
                     "readings",
+                    "ablated",
                     "answer_rank_after_ablation",
                     "answer_rank_after_controls",
                     "replacement_full",

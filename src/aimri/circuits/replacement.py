@@ -227,7 +227,8 @@ class ReplacementModel:
                 codes = tc.encode(x[0].detach().float())
                 pos, idx = codes.nonzero(as_tuple=True)  # position-major, as embedding_bag's bags
                 values = codes[pos, idx]
-                starts = torch.bincount(pos, minlength=seq).cumsum(0) - torch.bincount(pos, minlength=seq)
+                counts = torch.bincount(pos, minlength=seq)
+                starts = counts.cumsum(0) - counts
                 offsets = (starts[None] + len(idx) * torch.arange(copies)[:, None]).flatten()
             leaf = (values.expand(copies, -1).clone() if batched else values).requires_grad_(True)
             # sum of activation x decoder row per position: the gradient reaches only the active features
