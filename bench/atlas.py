@@ -38,6 +38,7 @@ from aimri.autointerp.scorers import EmbeddingScorer
 from aimri.data.corpus import Corpus, Packing, pack
 from aimri.data.default_corpus import default_corpus_path
 from aimri.dictionaries import load_dictionary
+from aimri.dictionaries.config import DictionarySettings
 from aimri.dictionaries.train import train_from_subject
 from aimri.paths import aimri_home
 from common import emit, gemm_gflops, run_peer
@@ -94,11 +95,12 @@ def main() -> None:
     corpus = Corpus.from_paths([default_corpus_path(log=log)])
     dictionary = args.dictionary
     if dictionary is None:
-        dictionary = aimri_home() / "bench" / f"sae-{args.site}-w4608-k32"
+        settings = DictionarySettings(tokens=300_000)
+        dictionary = aimri_home() / "bench" / f"sae-{args.site}-w{settings.width}-k{settings.k}"
         if not (dictionary / "cfg.json").exists():
             log(f"training a TopK SAE on {args.site} for the benchmark (cached at {dictionary})")
             with torch.enable_grad():
-                train_from_subject(subject, corpus, args.site, dictionary, tokens=300_000, progress=False)
+                train_from_subject(subject, corpus, args.site, dictionary, settings, progress=False)
     sae = load_dictionary(dictionary)
     gflops = gemm_gflops()
     work = Path(tempfile.mkdtemp(prefix="aimri-atlas-bench-"))

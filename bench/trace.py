@@ -203,7 +203,9 @@ def compare_with_circuit_tracer(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--transcoders", type=Path, default=Path("runs/smollm2-135m-instruct/transcoders"))
+    from aimri.run import Run
+
+    parser.add_argument("--transcoders", type=Path, default=Run.for_model("smollm2-135m-instruct").transcoders)
     parser.add_argument("--lengths", default="32,64,128,256,512,1024")
     parser.add_argument("--max-feature-nodes", type=int, default=64)
     parser.add_argument(

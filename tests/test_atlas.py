@@ -5,52 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tests.conftest import FIXTURE_TEXT
+from tests.helpers import FIXTURE_TEXT, most_common_word, token_detector
 
 import aimri
 from aimri.atlas.build import build_atlas
 from aimri.atlas.db import Atlas
-from aimri.data.corpus import Corpus, Packing, pack
+from aimri.data.corpus import Corpus
 from aimri.dictionaries import DictionaryConfig, build, save_dictionary
 from aimri.errors import AimriError
-
-
-def _token_detector(subject, token: int, width: int = 16):
-    """A TopK(k=1) dictionary on the embeddings whose feature 0 fires on `token` and nowhere else; the
-    other features never fire. Its activation there is known: |e_T| - threshold."""
-    emb = subject.model.get_input_embeddings().weight.detach().float()
-    direction = emb[token] / emb[token].norm()
-    others = torch.cat([emb[:token], emb[token + 1 :]]) @ direction
-    own = float(emb[token] @ direction)
-    threshold = (own + float(others.max())) / 2
-    cfg = DictionaryConfig("topk", emb.shape[1], width, k=1, site="resid.-1", apply_b_dec_to_input=False)
-    sae = build(cfg)
-    with torch.no_grad():
-        sae.W_enc.zero_()
-        sae.W_enc[:, 0] = direction
-        sae.b_enc.fill_(-1.0)
-        sae.b_enc[0] = -threshold
-        sae.b_dec.zero_()
-    return sae, own - threshold
-
-
-def _windows(subject, corpus: Corpus, context: int):
-    return list(pack(corpus, subject.tokenizer, Packing.for_tokenizer(subject.tokenizer, context)))
-
-
-def most_common_word(subject, corpus: Corpus, context: int = 16):
-    """The corpus's most frequent alphabetic token (what the planted detector fires on), its count and
-    the windows it was counted in."""
-    windows = _windows(subject, corpus, context)
-    counts = Counter(int(t) for w in windows for t, v in zip(w.ids, w.valid, strict=True) if v)
-    token = next(t for t, _ in counts.most_common() if subject.tokenizer.decode([t]).strip().isalpha())
-    return token, counts[token], windows
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +25,7 @@ def planted(tiny_lm_dir: str, tmp_path_factory: pytest.TempPathFactory):
     subject = aimri.load(tiny_lm_dir)
     corpus = Corpus.from_texts([FIXTURE_TEXT] * 12)
     token, count, windows = most_common_word(subject, corpus)
-    sae, expected_peak = _token_detector(subject, token)
+    sae, expected_peak = token_detector(subject, token)
     path = tmp_path_factory.mktemp("atlas") / "atlas.sqlite"
     atlas = build_atlas(sae, subject, corpus, path, tokens=10_000, context=16, top_n=5, reservoir=8,
                         negatives=3, progress=False)  # fmt: skip

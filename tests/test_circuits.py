@@ -6,29 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
-from tests.conftest import tiny_subject
+from tests.helpers import random_transcoders, tiny_subject
 
 from aimri import Subject
 from aimri.circuits.replacement import ReplacementModel
 from aimri.dictionaries.base import DictionaryConfig, build
 from aimri.errors import AimriError
-
-
-def random_transcoders(subject: Subject, width: int = 48, seed: int = 0) -> dict:
-    torch.manual_seed(seed)
-    return {
-        layer: build(
-            DictionaryConfig(
-                "relu",
-                subject.d_model,
-                width,
-                d_out=subject.d_model,
-                site=f"mlp.in.{layer}",
-                site_out=f"mlp.out.{layer}",
-            )
-        )
-        for layer in range(subject.n_layers)
-    }
 
 
 def exact_gpt2() -> tuple[Subject, dict]:
@@ -296,7 +279,11 @@ def test_factual_path_on_the_default_model() -> None:
     from aimri.circuits.replacement import load_transcoders
 
     root = Path(__file__).resolve().parents[1]
-    folder = Path(os.environ.get("AIMRI_TRANSCODERS", root / "runs" / "smollm2-135m-instruct" / "transcoders"))
+    from aimri.run import Run
+
+    folder = Path(
+        os.environ.get("AIMRI_TRANSCODERS", Run.for_model("smollm2-135m-instruct", root / "runs").transcoders)
+    )
     if not (folder / "layer-29" / "cfg.json").exists():
         pytest.skip(f"no trained transcoders at {folder}: `mri train-transcoders --tokens 600000` makes them (~1.5 h)")
     sys.path.insert(0, str(root / "bench"))

@@ -16,9 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tests.conftest import FIXTURE_TEXT
-from tests.test_atlas import _token_detector, most_common_word
-from tests.test_circuits import random_transcoders
+from tests.helpers import FIXTURE_TEXT, most_common_word, random_transcoders, token_detector
 
 import aimri
 from aimri.atlas.build import build_atlas
@@ -44,7 +42,7 @@ def run_dir(tiny_lm_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict[
     subject = aimri.load(tiny_lm_dir)
     corpus = Corpus.from_texts([FIXTURE_TEXT] * 12)
     token = most_common_word(subject, corpus)[0]
-    sae, _ = _token_detector(subject, token)
+    sae, _ = token_detector(subject, token)
     sae.cfg.model_name = tiny_lm_dir
     folder = run / "dictionaries" / "detector"
     save_dictionary(sae, folder)

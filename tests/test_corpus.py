@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.conftest import FIXTURE_TEXT
+from tests.helpers import FIXTURE_TEXT
 
 from aimri.data.corpus import Corpus, Packing, pack
 from aimri.errors import CorpusError

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 import transformers as tf
-from tests.conftest import FIXTURE_TEXT
+from tests.helpers import FIXTURE_TEXT
 
 import aimri
 from aimri.diagnostics import diffing
@@ -27,7 +27,7 @@ NEUTRAL = [FIXTURE_TEXT * 3, FIXTURE_TEXT[40:] * 3, FIXTURE_TEXT[90:] * 3]
 @pytest.fixture(scope="module")
 def long_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny Llama with room for chat prompts plus answers (the battery's prompts are long in a 320-token BPE)."""
-    from tests.conftest import build_tiny_tokenizer
+    from tests.helpers import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     torch.manual_seed(0)
@@ -285,7 +285,9 @@ def test_checkup_writes_report_resumes_and_never_half_writes(
     finished = {p.stem for p in (out / "stages").glob("*.json")}
     assert {"anatomy", "refusal", "behaviour", "decision", "baseline_behaviour"} <= finished
     logs.clear()
-    result = checkup.run_checkup(cand, out, baseline=base, log=logs.append, neutral_texts=NEUTRAL)
+    from aimri.report.scan import scan  # the checkup, then its report rendered from the files it wrote
+
+    result = scan(cand, out, baseline=base, log=logs.append, neutral_texts=NEUTRAL)
     assert sum("reused" in m for m in logs) == len(finished) + 2  # + the baseline's probes and refusal rates
     assert (out / "report.html").read_text().startswith("<!doctype html>")
     saved = json.loads((out / "findings.json").read_text())

@@ -239,7 +239,7 @@ def test_mri_train_from_a_store_resumes_and_loads(tiny_lm_dir: str, tmp_path: Pa
     import subprocess
     import sys
 
-    from tests.conftest import FIXTURE_TEXT
+    from tests.helpers import FIXTURE_TEXT
 
     import aimri
     from aimri.data.corpus import Corpus
@@ -299,7 +299,7 @@ def test_mri_train_streams_from_a_model_without_a_store(tiny_lm_dir: str, tmp_pa
     import subprocess
     import sys
 
-    from tests.conftest import FIXTURE_TEXT
+    from tests.helpers import FIXTURE_TEXT
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(FIXTURE_TEXT * 20)
@@ -323,7 +323,7 @@ def test_mri_train_streams_from_a_model_without_a_store(tiny_lm_dir: str, tmp_pa
 def test_downstream_metrics_known_answers() -> None:
     """On SmolLM2: an exact dictionary (codes [relu(x), relu(-x)]) recovers 100% of the CE loss with zero
     KL; one that reconstructs nothing recovers 0%."""
-    from tests.conftest import FIXTURE_TEXT
+    from tests.helpers import FIXTURE_TEXT
 
     import aimri
     from aimri.data.corpus import Corpus
@@ -349,16 +349,18 @@ def test_downstream_metrics_known_answers() -> None:
 
 
 def test_transcoders_for_every_layer_in_one_pass(tiny_lm_dir: str, tmp_path: Path) -> None:
-    from tests.conftest import FIXTURE_TEXT
+    from tests.helpers import FIXTURE_TEXT
 
     import aimri
     from aimri.data.corpus import Corpus
+    from aimri.dictionaries.config import TranscodersConfig
     from aimri.dictionaries.train import train_transcoders
 
     subject = aimri.load(tiny_lm_dir)
     corpus = Corpus.from_texts([FIXTURE_TEXT] * 30)
-    kwargs = dict(width=64, k=4, tokens=256 * 12, batch_size=256, context=32, progress=False, heldout_every=5)
-    metrics = train_transcoders(subject, corpus, tmp_path / "tc", eval_windows=4, downstream_windows=2, **kwargs)
+    kwargs = dict(width=64, k=4, tokens=256 * 12, batch_size=256, context=32, heldout_every=5)
+    config = TranscodersConfig(eval_windows=4, downstream_windows=2, **kwargs)
+    metrics = train_transcoders(subject, corpus, tmp_path / "tc", config, progress=False)
     assert sorted(metrics) == [0, 1, 2] and all(m["tokens"] == 256 * 12 for m in metrics.values())
     for layer in range(3):
         tc = load_dictionary(tmp_path / "tc" / f"layer-{layer}")
@@ -369,16 +371,18 @@ def test_transcoders_for_every_layer_in_one_pass(tiny_lm_dir: str, tmp_path: Pat
     saved = json.loads((tmp_path / "tc" / "metrics.json").read_text())
     assert saved["eval_windows"] == 4 and saved["layers"]["1"]["fvu"] == metrics[1]["fvu"]
     stamp = (tmp_path / "tc" / "metrics.json").stat().st_mtime_ns
-    again = train_transcoders(subject, corpus, tmp_path / "tc", eval_windows=4, downstream_windows=2, **kwargs)
+    again = train_transcoders(subject, corpus, tmp_path / "tc", config, progress=False)
     assert again[2]["fvu"] == metrics[2]["fvu"]  # cached: the same settings neither retrain nor re-evaluate
     assert (tmp_path / "tc" / "metrics.json").stat().st_mtime_ns == stamp
     # the first dictionary matches one trained alone on the same stream: one pass feeds each its own sites
-    alone = train_transcoders(subject, corpus, tmp_path / "one", layers=[0], **kwargs)
+    alone = train_transcoders(
+        subject, corpus, tmp_path / "one", TranscodersConfig(layers=[0], **kwargs), progress=False
+    )
     assert alone[0]["train_fvu"] == pytest.approx(metrics[0]["train_fvu"], rel=1e-5)
 
 
 def test_heldout_windows_are_never_trained_on(tiny_lm_dir: str) -> None:
-    from tests.conftest import FIXTURE_TEXT
+    from tests.helpers import FIXTURE_TEXT
 
     import aimri
     from aimri.data.corpus import Corpus, Packing, pack
@@ -424,7 +428,7 @@ def test_crosscoder_finds_the_concepts_a_finetune_added() -> None:
 
 
 def test_paired_batches_need_the_same_tokenizer(tiny_lm_dir: str) -> None:
-    from tests.conftest import FIXTURE_TEXT
+    from tests.helpers import FIXTURE_TEXT
 
     import aimri
     from aimri.data.corpus import Corpus
@@ -446,7 +450,7 @@ def test_paired_batches_need_the_same_tokenizer(tiny_lm_dir: str) -> None:
 
 
 def test_eval_refuses_a_site_the_dictionary_was_not_trained_on(tiny_lm_dir: str, tmp_path: Path) -> None:
-    from tests.conftest import FIXTURE_TEXT
+    from tests.helpers import FIXTURE_TEXT
 
     import aimri
     from aimri.data.corpus import Corpus
@@ -474,7 +478,7 @@ def test_cli_crosscoder_on_two_tiny_models(tiny_lm_dir: str, tmp_path: Path) -> 
     import sys
 
     corpus = tmp_path / "c.txt"
-    from tests.conftest import FIXTURE_TEXT
+    from tests.helpers import FIXTURE_TEXT
 
     corpus.write_text(FIXTURE_TEXT * 30)
     cmd = [sys.executable, "-m", "aimri.cli", "train-crosscoder", tiny_lm_dir, tiny_lm_dir, "--site", "resid.1", "--width", "64",

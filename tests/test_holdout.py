@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.helpers import spender
 
 from aimri.diagnostics.holdout import BudgetSpent, Holdout, HoldoutError, Params, seal
 
@@ -73,15 +74,6 @@ def test_thresholdout_resists_the_adaptive_feature_selection_attack(tmp_path: Pa
 # -- ledger --------------------------------------------------------------------------------------------------
 
 
-def _spender(path: Path, by: str = "") -> float:
-    """A query whose open and sealed values always differ: every answer comes from the sealed split."""
-    h = Holdout(path)
-    open_ids = {it["id"] for it in h.open_items()}
-    return h.query(
-        "mean", lambda rows: [1.0 if r["id"] in open_ids else 0.0 for r in rows], name="spend", by=by or None
-    )
-
-
 @pytest.fixture
 def sealed(tmp_path: Path) -> Path:
     return seal(_items(40), tmp_path / "h", Params(budget=5, seed=0))
@@ -92,9 +84,9 @@ def test_budget_is_spent_then_queries_are_refused(sealed: Path) -> None:
     cheap = h.query("mean", lambda rows: [0.5] * len(rows), name="same on both")  # answered from the open split
     assert cheap == 0.5 and h.budget_left() == 5
     for _ in range(5):
-        _spender(sealed, by="alice")
+        spender(sealed, by="alice")
     with pytest.raises(BudgetSpent, match="budget is spent"):
-        _spender(sealed)
+        spender(sealed)
     entries = Holdout(sealed).entries()
     assert [e["kind"] for e in entries] == ["seal"] + ["query"] * 6
     assert entries[-1]["by"] == "alice" and entries[-1]["budget_left"] == 0
@@ -104,7 +96,7 @@ def test_budget_is_spent_then_queries_are_refused(sealed: Path) -> None:
 @pytest.mark.parametrize("edit", ["answer", "reorder", "delete_middle", "delete_last", "truncate", "insert"])
 def test_every_kind_of_ledger_edit_is_detected(sealed: Path, edit: str) -> None:
     for _ in range(3):
-        _spender(sealed)
+        spender(sealed)
     ledger = sealed / "ledger.jsonl"
     lines = ledger.read_text().splitlines(keepends=True)
     if edit == "answer":
@@ -131,7 +123,7 @@ def test_modified_sealed_items_void_the_holdout(sealed: Path) -> None:
     rows[0] = rows[0].replace('"label": 0', '"label": 1').replace('"label": 1', '"label": 0', 0)
     path.write_text("\n".join([*rows[1:], rows[0]]) + "\n")  # reordered: same items, other bytes
     with pytest.raises(HoldoutError, match="modified on disk"):
-        _spender(sealed)
+        spender(sealed)
     assert any("sealed content hash" in p for p in Holdout(sealed).verify())
 
 
@@ -155,12 +147,12 @@ def test_bad_queries_and_sets(sealed: Path, tmp_path: Path) -> None:
 SPEND = """
 import sys, time
 sys.path.insert(0, {root!r})
-from tests.test_holdout import _spender
+from tests.helpers import spender
 from aimri.diagnostics.holdout import BudgetSpent
 n = 0
 try:
     while True:
-        _spender(__import__("pathlib").Path({path!r}), by=sys.argv[1])
+        spender(__import__("pathlib").Path({path!r}), by=sys.argv[1])
         n += 1
         time.sleep(float(sys.argv[2]))
 except BudgetSpent:
@@ -193,7 +185,7 @@ def test_kill_9_loses_and_double_spends_nothing(tmp_path: Path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     h = Holdout(path)
-    _spender(path, by="after")  # the next query recovers whatever the kill left
+    spender(path, by="after")  # the next query recovers whatever the kill left
     assert h.verify() == []
     spent = sum(e["source"] == "sealed" for e in h.entries() if e["kind"] == "query")
     assert spent >= 2 and h.budget_left() == 1000 - spent
@@ -209,7 +201,7 @@ def test_cli_seal_log_verify(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "manifest.json").read_text())["n_sealed"] == 10
-    _spender(out, by="cli-test")
+    spender(out, by="cli-test")
     log = subprocess.run([mri, "holdout", "log", str(out)], capture_output=True, text=True)
     assert log.returncode == 0 and "cli-test" in log.stdout and "sealed" in log.stdout
     assert subprocess.run([mri, "holdout", "verify", str(out)], capture_output=True, text=True).returncode == 0

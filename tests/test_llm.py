@@ -147,8 +147,7 @@ def test_labels_from_a_real_served_model(served, tmp_path: Path) -> None:
 def test_label_run_on_a_real_server_reports_every_feature(served, tiny_lm_dir: str, tmp_path: Path) -> None:
     """Detection scoring by a 135M model: each feature ends up labelled with scores, or listed as failed
     with the reason (a reply that is not the asked-for JSON list) — never silently dropped."""
-    from tests.conftest import FIXTURE_TEXT
-    from tests.test_atlas import _token_detector
+    from tests.helpers import FIXTURE_TEXT, token_detector
 
     import aimri
     from aimri.atlas.build import build_atlas
@@ -158,7 +157,7 @@ def test_label_run_on_a_real_server_reports_every_feature(served, tiny_lm_dir: s
 
     url, model = served
     subject = aimri.load(tiny_lm_dir)
-    sae, _ = _token_detector(subject, token=int(subject.tokenizer(" keeper")["input_ids"][-1]))
+    sae, _ = token_detector(subject, token=int(subject.tokenizer(" keeper")["input_ids"][-1]))
     atlas = build_atlas(sae, subject, Corpus.from_texts([FIXTURE_TEXT] * 12), tmp_path / "a.sqlite", tokens=5_000,
                         context=16, top_n=5, reservoir=8, negatives=3, progress=False)  # fmt: skip
     client = ChatClient(url, model, concurrency=2, retries=1, backoff=0.01)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.conftest import FIXTURE_TEXT
+from tests.helpers import FIXTURE_TEXT
 
 import aimri
 from aimri.data.corpus import Corpus

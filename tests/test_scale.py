@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.conftest import FIXTURE_TEXT
+from tests.helpers import FIXTURE_TEXT
 from transformers import PreTrainedModel
 
 import aimri

@@ -161,7 +161,7 @@ def _mri(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_steer_side_by_side_and_sweep(tiny_lm_dir: str, tmp_path: Path) -> None:
-    from tests.conftest import FIXTURE_TEXT
+    from tests.helpers import FIXTURE_TEXT
 
     from aimri.atlas.build import build_atlas
     from aimri.data.corpus import Corpus

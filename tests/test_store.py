@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.conftest import FIXTURE_TEXT
+from tests.helpers import FIXTURE_TEXT
 
 import aimri
 from aimri.data.corpus import Corpus, Packing, pack

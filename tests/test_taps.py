@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import tiny_model, tiny_subject
+from tests.helpers import tiny_model, tiny_subject
 
 from aimri import AimriError, Edit, Subject
 from aimri.errors import SiteError

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from aimri.autointerp.config import LabelConfig
+from aimri.circuits.config import TraceConfig
+from aimri.dictionaries.config import CrosscoderConfig, DictionarySettings, TranscodersConfig
 from aimri.errors import AimriError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="AI MRI: look inside transformer language models.")
@@ -24,8 +30,31 @@ organism_app = typer.Typer(no_args_is_help=True, help="Build model organisms: th
 app.add_typer(organism_app, name="organism")
 console = Console(stderr=True, soft_wrap=True, highlight=False)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL = "smollm2-135m-instruct"  # = aimri.subject.DEFAULT_MODEL (checked by a test; importing it costs torch)
 NPROC_HELP = "start this many local ranks under torchrun (data-parallel); already under torchrun: leave out"
+
+
+def _opt(config: type, name: str, *flags: str, **extra: Any) -> Any:
+    """A typer option whose default and help are the config dataclass field's (its `metadata["help"]`):
+    each setting is written once, on the stage's config, and the CLI derives its option from it."""
+    field = {f.name: f for f in dataclasses.fields(config)}[name]
+    default = field.default_factory() if field.default is dataclasses.MISSING else field.default  # type: ignore[misc]
+    return typer.Option(default, *flags, help=field.metadata.get("help"), **extra)
+
+
+@contextmanager
+def _flags_named(*names: str) -> Iterator[None]:
+    """Stage errors name parameters in backticks (`node_threshold`); a CLI user reads them as flags
+    (`--node-threshold`). Only the given names are reworded; the error's class is kept."""
+    try:
+        yield
+    except AimriError as err:
+        message = str(err)
+        for name in names:
+            message = message.replace(f"`{name}`", f"`--{name.replace('_', '-')}`")
+        if message != str(err):
+            err.args = (message, *err.args[1:])
+        raise
 
 
 def _join_ranks(nproc: int):  # type: ignore[no-untyped-def]
@@ -92,16 +121,20 @@ def harvest(
     from aimri.data.corpus import Corpus
     from aimri.data.default_corpus import default_corpus_path
     from aimri.data.harvest import harvest as run_harvest
+    from aimri.run import Run
+    from aimri.subject.loading import model_name
 
     ranks = _join_ranks(nproc)
     paths = corpus or [_leader_first(ranks, lambda: default_corpus_path(log=lambda m: console.print(m)))]
     subject = _leader_first(ranks, lambda: aimri.load(model))
-    out = out or Path("runs") / Path(model).name.removesuffix(".gguf") / "store"
-    store = run_harvest(
-        subject, Corpus.from_paths(paths, text_field=text_field), site, out, context=context, batch_size=batch_size,
-        windows_per_shard=windows_per_shard, max_tokens=max_tokens or None, dtype=dtype,
-        exclude_special=not keep_special, exclude_chat=not keep_special, sink_ratio=sink_ratio, progress=not quiet,
-    )  # fmt: skip
+    out = out or Run.for_model(model_name(model)).store
+    with _flags_named("site", "context", "out", "text_field", "corpus"):
+        store = run_harvest(
+            subject, Corpus.from_paths(paths, text_field=text_field), site, out, context=context, batch_size=batch_size,
+            windows_per_shard=windows_per_shard, max_tokens=max_tokens or None, dtype=dtype,
+            exclude_special=not keep_special, exclude_chat=not keep_special, sink_ratio=sink_ratio, progress=not quiet,
+            ranks=ranks,
+        )  # fmt: skip
     if ranks.leader:
         console.print(f"[green]wrote[/] {store}")
 
@@ -113,21 +146,20 @@ def train(
     ],
     site: Annotated[str, typer.Option(help="input site (an SAE reconstructs it)")] = "resid.15",
     site_out: Annotated[str | None, typer.Option(help="output site: trains a transcoder site -> site_out")] = None,
-    architecture: Annotated[str, typer.Option(help="topk, batchtopk, jumprelu or relu")] = "topk",
-    width: Annotated[int, typer.Option(help="number of latents (d_sae)")] = 4608,
-    k: Annotated[int, typer.Option(help="active latents per token (topk, batchtopk)")] = 32,
-    tokens: Annotated[int, typer.Option(help="training tokens (the store or corpus is cycled if smaller)")] = 2_000_000,
-    batch_size: Annotated[int, typer.Option()] = 4096,
-    skip: Annotated[bool, typer.Option(help="transcoder: add a linear skip connection")] = False,
-    lr: Annotated[float | None, typer.Option(help="Adam learning rate (default: 3e-3 * sqrt(4608 / width))")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
-    heldout_shards: Annotated[
-        int, typer.Option(help="store: keep its last N shards out of training (for mri eval)")
-    ] = 0,
+    architecture: str = _opt(DictionarySettings, "architecture"),
+    width: int = _opt(DictionarySettings, "width"),
+    k: int = _opt(DictionarySettings, "k"),
+    tokens: int = _opt(DictionarySettings, "tokens"),
+    batch_size: int = _opt(DictionarySettings, "batch_size"),
+    skip: bool = _opt(DictionarySettings, "skip"),
+    lr: float | None = _opt(DictionarySettings, "lr"),
+    seed: int = _opt(DictionarySettings, "seed"),
+    heldout_shards: int = _opt(DictionarySettings, "heldout_shards"),
     corpus: Annotated[list[Path], typer.Option(help="model source: corpus (default: the default corpus)")] = [],  # noqa: B006
-    context: Annotated[int, typer.Option(help="model source: tokens per window")] = 256,
+    context: int = _opt(DictionarySettings, "context"),
     out: Annotated[
-        Path | None, typer.Option(help="dictionary folder (default: next to the store / under runs/)")
+        Path | None,
+        typer.Option(help="dictionary folder (default: STORE/../dictionaries/NAME, or runs/<model>/dictionaries/NAME)"),
     ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     nproc: Annotated[int, typer.Option(help=NPROC_HELP)] = 1,
@@ -135,18 +167,21 @@ def train(
     """Train a sparse dictionary from a store or straight from a model; resumable; saved in the SAELens layout.
     Under torchrun (or with --nproc N), from a store: data-parallel, each rank reading 1/N of every batch."""
     from aimri.dictionaries.train import train_from_store, train_from_subject
+    from aimri.run import Run
 
     ranks = _join_ranks(nproc)
-
+    settings = DictionarySettings(
+        architecture=architecture, width=width, k=k, tokens=tokens, batch_size=batch_size, skip=skip, lr=lr,
+        seed=seed, context=context, heldout_shards=heldout_shards,
+    )  # fmt: skip
     name = f"{architecture}-{site}{'-to-' + site_out if site_out else ''}-w{width}" + (
         f"-k{k}" if "topk" in architecture else ""
     )
-    common = dict(architecture=architecture, width=width, k=k, tokens=tokens, batch_size=batch_size,
-                  site_out=site_out, skip=skip, lr=lr, seed=seed, progress=not quiet)  # fmt: skip
     if (Path(source) / "manifest.json").exists():
         store = Path(source)
-        out = out or store.parent / "dictionaries" / name
-        path, metrics = train_from_store(store, site, out, heldout_shards=heldout_shards, ranks=ranks, **common)  # type: ignore[arg-type]
+        out = out or Run.dictionary_beside(store, name)
+        with _flags_named("batch_size", "heldout_shards"):
+            path, metrics = train_from_store(store, site, out, settings, site_out, progress=not quiet, ranks=ranks)
     elif ranks.active:
         raise AimriError(
             "data-parallel training reads an activation store: harvest one first (`mri harvest` under torchrun "
@@ -156,13 +191,17 @@ def train(
         import aimri
         from aimri.data.corpus import Corpus
         from aimri.data.default_corpus import default_corpus_path
+        from aimri.subject.loading import model_name
 
         if Path(source).is_dir() and not (Path(source) / "config.json").exists():
             raise AimriError(f"{source} is neither an activation store (no manifest.json) nor a model directory")
         subject = aimri.load(source)
         paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
-        out = out or Path("runs") / Path(source).name.removesuffix(".gguf") / "dictionaries" / name
-        path, metrics = train_from_subject(subject, Corpus.from_paths(paths), site, out, context=context, **common)  # type: ignore[arg-type]
+        out = out or Run.for_model(model_name(source)).dictionary(name)
+        with _flags_named("batch_size"):
+            path, metrics = train_from_subject(
+                subject, Corpus.from_paths(paths), site, out, settings, site_out, progress=not quiet
+            )
     if ranks.leader:
         console.print(
             f"[green]saved[/] {path}  fvu={metrics.get('fvu', float('nan')):.4f} l0={metrics.get('l0', 0):.1f} dead={metrics.get('dead_frac', 0):.3f}"
@@ -173,14 +212,14 @@ def train(
 def train_transcoders_cmd(
     model: Annotated[str, typer.Argument(help="embedded name, .gguf file, HF directory or hub id")] = DEFAULT_MODEL,
     layers: Annotated[str, typer.Option(help="'all' or a comma list, e.g. 0,5,10")] = "all",
-    width: Annotated[int, typer.Option()] = 4608,
-    k: Annotated[int, typer.Option()] = 32,
-    tokens: Annotated[int, typer.Option(help="training tokens per transcoder")] = 1_000_000,
-    batch_size: Annotated[int, typer.Option()] = 4096,
-    skip: Annotated[bool, typer.Option(help="add a linear skip connection")] = False,
+    width: int = _opt(TranscodersConfig, "width"),
+    k: int = _opt(TranscodersConfig, "k"),
+    tokens: int = _opt(TranscodersConfig, "tokens"),
+    batch_size: int = _opt(TranscodersConfig, "batch_size"),
+    skip: bool = _opt(TranscodersConfig, "skip"),
     corpus: Annotated[list[Path], typer.Option(help="default: the default corpus")] = [],  # noqa: B006
     out: Annotated[Path | None, typer.Option(help="default: runs/<model>/transcoders")] = None,
-    context: Annotated[int, typer.Option(help="tokens per window")] = 256,
+    context: int = _opt(TranscodersConfig, "context"),
     quiet: Annotated[bool, typer.Option()] = False,
     nproc: Annotated[
         int, typer.Option(help="start this many local ranks under torchrun, each training its share of the layers")
@@ -192,16 +231,19 @@ def train_transcoders_cmd(
     from aimri.data.corpus import Corpus
     from aimri.data.default_corpus import default_corpus_path
     from aimri.dictionaries.train import train_transcoders
+    from aimri.run import Run
+    from aimri.subject.loading import model_name
 
     ranks = _join_ranks(nproc)
     subject = _leader_first(ranks, lambda: aimri.load(model))
-    chosen = None if layers == "all" else [int(x) for x in layers.split(",")]
-    out = out or Path("runs") / Path(model).name.removesuffix(".gguf") / "transcoders"
-    paths = corpus or [_leader_first(ranks, lambda: default_corpus_path(log=lambda m: console.print(m)))]
-    metrics = train_transcoders(
-        subject, Corpus.from_paths(paths), out, layers=chosen, width=width, k=k, tokens=tokens,
-        batch_size=batch_size, skip=skip, context=context, progress=not quiet, ranks=ranks,
+    config = TranscodersConfig(
+        layers=None if layers == "all" else [int(x) for x in layers.split(",")], width=width, k=k, tokens=tokens,
+        batch_size=batch_size, skip=skip, context=context,
     )  # fmt: skip
+    out = out or Run.for_model(model_name(model)).transcoders
+    paths = corpus or [_leader_first(ranks, lambda: default_corpus_path(log=lambda m: console.print(m)))]
+    with _flags_named("batch_size"):
+        metrics = train_transcoders(subject, Corpus.from_paths(paths), out, config, progress=not quiet, ranks=ranks)
     if not ranks.leader:
         return
     for layer, m in metrics.items():
@@ -215,13 +257,16 @@ def train_transcoders_cmd(
 def train_crosscoder_cmd(
     models: Annotated[list[str], typer.Argument(help="two or more models with the same tokenizer (base first)")],
     site: Annotated[str, typer.Option()] = "resid.15",
-    width: Annotated[int, typer.Option()] = 4608,
-    k: Annotated[int, typer.Option()] = 32,
-    tokens: Annotated[int, typer.Option()] = 1_000_000,
-    batch_size: Annotated[int, typer.Option()] = 4096,
+    width: int = _opt(CrosscoderConfig, "width"),
+    k: int = _opt(CrosscoderConfig, "k"),
+    tokens: int = _opt(CrosscoderConfig, "tokens"),
+    batch_size: int = _opt(CrosscoderConfig, "batch_size"),
     corpus: Annotated[list[Path], typer.Option(help="default: the default corpus")] = [],  # noqa: B006
-    out: Annotated[Path, typer.Option(help="dictionary folder")] = Path("runs/crosscoder"),
-    context: Annotated[int, typer.Option(help="tokens per window")] = 256,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="dictionary folder (default: runs/<last model>/dictionaries/crosscoder-SITE-wWIDTH-kK)"),
+    ] = None,
+    context: int = _opt(CrosscoderConfig, "context"),
     quiet: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """Train a BatchTopK crosscoder on the same Site of several models (model diffing)."""
@@ -229,13 +274,17 @@ def train_crosscoder_cmd(
     from aimri.data.corpus import Corpus
     from aimri.data.default_corpus import default_corpus_path
     from aimri.dictionaries.train import train_crosscoder
+    from aimri.run import Run
+    from aimri.subject.loading import model_name
 
     if len(models) < 2:
         raise AimriError("a crosscoder needs at least two models (e.g. a base model and its fine-tune)")
+    config = CrosscoderConfig(width=width, k=k, tokens=tokens, batch_size=batch_size, context=context)
+    out = out or Run.for_model(model_name(models[-1])).dictionary(f"crosscoder-{site}-w{width}-k{k}")
     subjects = [aimri.load(m) for m in models]
     paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
-    last = train_crosscoder(subjects, Corpus.from_paths(paths), site, out, width=width, k=k, tokens=tokens,
-                            batch_size=batch_size, context=context, progress=not quiet)  # fmt: skip
+    with _flags_named("batch_size"):
+        last = train_crosscoder(subjects, Corpus.from_paths(paths), site, out, config, progress=not quiet)
     console.print(f"[green]saved[/] {out}  fvu={last.get('fvu', float('nan')):.4f} l0={last.get('l0', 0):.1f}")
 
 
@@ -256,39 +305,11 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Reconstruction (L0, FVU, cosine, dead, density) and downstream (CE loss recovered, KL) metrics."""
-    import aimri
-    from aimri.data.corpus import Corpus
-    from aimri.data.default_corpus import default_corpus_path
-    from aimri.data.store import ActivationStore
-    from aimri.dictionaries import load_dictionary
-    from aimri.dictionaries.evaluate import downstream_metrics, reconstruction_metrics
+    from aimri.dictionaries.evaluate import evaluate_dictionary
 
-    sae = load_dictionary(dictionary)
-    held_out = ActivationStore(store)
-    shards = None
-    info = dictionary / "training.json"
-    if info.exists():
-        trained = json.loads(info.read_text())
-        if trained.get("store") == str(store.resolve()):
-            shards = trained.get("heldout_shards") or None
-            if shards is None:
-                raise AimriError(
-                    f"{dictionary} was trained on every shard of {store}; pass a held-out store or retrain with --heldout-shards"
-                )
-    result: dict = {
-        "dictionary": str(dictionary),
-        "heldout_shards": shards,
-        **reconstruction_metrics(sae, held_out, shards=shards),
-    }
-    if windows:
-        subject = aimri.load(model or held_out.spec["model"]["name"])
-        paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
-        context = int(held_out.spec["packing"]["context"])
-        skip = int(held_out.spec.get("max_windows") or 0) if not corpus else 0
-        result.update(
-            downstream_metrics(
-                sae, subject, Corpus.from_paths(paths), context=context, n_windows=windows, skip_windows=skip
-            )
+    with _flags_named("heldout_shards"):
+        result = evaluate_dictionary(
+            dictionary, store, model=model, corpus=corpus or None, windows=windows, log=lambda m: console.print(m)
         )
     if as_json:
         print(json.dumps(result))
@@ -309,7 +330,12 @@ def atlas(
     tokens: Annotated[int, typer.Option(help="tokens to run the dictionary over")] = 1_000_000,
     context: Annotated[int, typer.Option(help="tokens per example window")] = 64,
     top: Annotated[int, typer.Option(help="top examples kept per feature")] = 20,
-    out: Annotated[Path | None, typer.Option(help="atlas file (default: DICTIONARY/atlas.sqlite)")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="atlas file (default: DICTIONARY/atlas.sqlite; neurons: runs/<model>/dictionaries/neurons-L/)"
+        ),
+    ] = None,
     jsonl: Annotated[Path | None, typer.Option(help="also export Neuronpedia-style feature JSONL here")] = None,
     quiet: Annotated[bool, typer.Option()] = False,
 ) -> None:
@@ -320,18 +346,19 @@ def atlas(
     from aimri.data.default_corpus import default_corpus_path
     from aimri.dictionaries import load_dictionary
     from aimri.dictionaries.architectures import neuron_dictionary
+    from aimri.run import Run
 
     if (dictionary is None) == (neurons is None):
         raise AimriError("give a dictionary folder or --neurons LAYER (one of the two)")
     if dictionary is not None:
         sae = load_dictionary(dictionary)
         subject = aimri.load(model or sae.cfg.model_name or DEFAULT_MODEL)
-        name, out = dictionary.name, out or dictionary / "atlas.sqlite"
+        name, out = dictionary.name, out or Run.atlas_of(dictionary)
     else:
         subject = aimri.load(model or DEFAULT_MODEL)
         sae = neuron_dictionary(subject, int(neurons or 0))
         name = f"neurons-{neurons}"
-        out = out or Path("runs") / Path(model or DEFAULT_MODEL).name.removesuffix(".gguf") / f"atlas-{name}.sqlite"
+        out = out or Run.for_model(subject.name).neuron_atlas(int(neurons or 0))
     paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
     result = build_atlas(sae, subject, Corpus.from_paths(paths), out, tokens=tokens, context=context, top_n=top,
                          dictionary_name=name, progress=not quiet)  # fmt: skip
@@ -381,93 +408,25 @@ def search(
         print(f"{feature}\t{share:.2f}\t{labels[-1]['label'] if labels else ''}")
 
 
-def _feature_list(spec: str, atlas) -> list[int]:  # type: ignore[no-untyped-def]
-    """'0-99,150' -> ids; 'live:N' -> the first N features that fired."""
-    if spec.startswith("live:"):
-        return atlas.live_features()[: int(spec.split(":", 1)[1])]
-    ids: list[int] = []
-    try:
-        for part in spec.split(","):
-            a, _, b = part.partition("-")
-            ids += list(range(int(a), int(b) + 1)) if b else [int(a)]
-    except ValueError as err:
-        raise AimriError(f"--features {spec!r}: use ids and ranges like 0-99,150 or live:100") from err
-    return ids
-
-
 @app.command()
 def label(
     atlas_path: Annotated[Path, typer.Argument(metavar="ATLAS", help="atlas file made by `mri atlas`")],
-    features: Annotated[
-        str, typer.Option(help="ids and ranges (0-99,150) or live:N (first N that fired)")
-    ] = "live:100",
-    explainer: Annotated[
-        str, typer.Option(help="statistical (offline), openai (--endpoint) or hf[:MODEL] (in-process)")
-    ] = "statistical",
-    scorer: Annotated[
-        list[str],
-        typer.Option(
-            help="embedding (offline), detection, fuzzing (LLM-judged), simulation (in-process model, or an endpoint "
-            "giving prompt logprobs)"
-        ),
-    ] = [  # noqa: B006
-        "embedding"
-    ],
-    endpoint: Annotated[
-        str | None, typer.Option(help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
-    ] = None,
-    llm_model: Annotated[str | None, typer.Option(help="model name the endpoint serves")] = None,
-    api_key_env: Annotated[str, typer.Option(help="environment variable holding the API key")] = "OPENAI_API_KEY",
-    concurrency: Annotated[int, typer.Option(help="requests in flight")] = 8,
-    seed: Annotated[int, typer.Option()] = 0,
+    features: str = _opt(LabelConfig, "features"),
+    explainer: str = _opt(LabelConfig, "explainer"),
+    scorer: list[str] = _opt(LabelConfig, "scorer"),
+    endpoint: str | None = _opt(LabelConfig, "endpoint"),
+    llm_model: str | None = _opt(LabelConfig, "llm_model"),
+    api_key_env: str = _opt(LabelConfig, "api_key_env"),
+    concurrency: int = _opt(LabelConfig, "concurrency"),
+    seed: int = _opt(LabelConfig, "seed"),
     quiet: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """Label features and score each label on held-out examples, beside a random-label control; resumable."""
-    import os
+    from aimri.autointerp.label import label_atlas
 
-    from aimri.atlas.db import Atlas
-    from aimri.autointerp.explainers import LLMExplainer, StatisticalExplainer
-    from aimri.autointerp.label import label_features
-    from aimri.autointerp.llm import ChatBackend, ChatClient, HFChat
-    from aimri.autointerp.scorers import DetectionScorer, EmbeddingScorer, FuzzingScorer, SimulationScorer
-    from aimri.paths import aimri_home
-
-    backend: ChatBackend | None = None
-    if explainer == "openai" or {"detection", "fuzzing", "simulation"} & set(scorer):
-        if endpoint:
-            if not llm_model:
-                raise AimriError("--endpoint needs --llm-model (the model name the server serves)")
-            backend = ChatClient(endpoint, llm_model, api_key=os.environ.get(api_key_env), concurrency=concurrency,
-                                 cache=aimri_home() / "llm-cache.sqlite")  # fmt: skip
-        elif explainer.startswith("hf") or explainer == "statistical":
-            backend = HFChat(explainer.partition(":")[2] or DEFAULT_MODEL)
-        else:
-            raise AimriError("the openai explainer needs --endpoint URL and --llm-model NAME")
-    if explainer == "statistical":
-        chosen = StatisticalExplainer()
-    elif explainer == "openai" or explainer.startswith("hf"):
-        chosen = LLMExplainer(backend or HFChat(explainer.partition(":")[2] or DEFAULT_MODEL))
-    else:
-        raise AimriError(f"unknown explainer {explainer!r}; choose statistical, openai or hf[:MODEL]")
-    made = []
-    for name in scorer:
-        if name == "embedding":
-            made.append(EmbeddingScorer())
-        elif name in ("detection", "fuzzing") and backend is not None:
-            made.append((DetectionScorer if name == "detection" else FuzzingScorer)(backend))
-        elif name == "simulation":
-            made.append(
-                SimulationScorer(backend if isinstance(backend, HFChat | ChatClient) else HFChat(DEFAULT_MODEL))
-            )
-        else:
-            raise AimriError(f"unknown scorer {name!r}; choose from embedding, detection, fuzzing, simulation")
-    atlas = Atlas(atlas_path)
-    ids = _feature_list(features, atlas)
-    summary = label_features(atlas, ids, chosen, made, seed=seed, progress=not quiet)  # type: ignore[arg-type]
-    usage = getattr(backend, "usage", None)
-    if usage is not None:
-        summary["llm"] = {k: getattr(usage, k) for k in ("requests", "cached", "retries", "failures",
-                                                          "prompt_tokens", "completion_tokens", "cost")}  # fmt: skip
+    config = LabelConfig(features, explainer, scorer, endpoint, llm_model, api_key_env, concurrency, seed)
+    with _flags_named(*(f.name for f in dataclasses.fields(LabelConfig))):
+        summary = label_atlas(atlas_path, config, progress=not quiet)
     for feature_id, why in summary["failed"].items():
         console.print(f"[yellow]feature {feature_id} not labelled[/]: {why}")
     print(json.dumps(summary))
@@ -548,35 +507,20 @@ def steer(
 
 
 def _steer_sweep(subject, texts, choices, spec, concept, out, options, as_json, quiet) -> None:  # type: ignore[no-untyped-def]
-    from aimri.atlas.db import Atlas
-    from aimri.paths import atomic_write_text
-    from aimri.steering.tradeoff import diff_of_means, sweep
+    from aimri.steering.tradeoff import sweep_feature
 
     if len(choices) != 1:
         raise AimriError("--sweep steers one --feature at a time")
-    choice = choices[0]
-    if choice.max_act is None or choice.atlas is None:
-        raise AimriError("--sweep needs the feature's atlas (max activation and examples): run `mri atlas DICT`")
     try:
         strengths = [float(s.removeprefix("x")) for s in spec.split(",")]
     except ValueError:
         raise AimriError(f"--sweep {spec!r}: give strengths like 1,2,4,8,16") from None
-    concept = concept or choice.label
-    if not concept:
-        raise AimriError("--sweep needs the concept in words for the prompting baseline: --concept, or label the atlas")
-    examples = Atlas(choice.atlas).examples(choice.edit.feature, "top")
-    dom_texts = ["".join(e["tokens"]) for e in examples]
-    dom = diff_of_means(subject, choice.edit.dictionary, choice.edit.feature, dom_texts)
-    judge = options.pop("judge", None)
-    result = sweep(subject, texts, choice.edit.dictionary, choice.edit.feature, choice.max_act, concept, strengths,
-                   dom=dom, judge=judge, progress=not quiet, **options)  # fmt: skip
+    with _flags_named("concept"):
+        result = sweep_feature(subject, texts, choices[0], strengths, concept, out, progress=not quiet, **options)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "sweep.json", json.dumps(result.to_dict(), indent=1))
-        atomic_write_text(out / "curve.svg", result.plot())
         console.print(f"[green]wrote[/] {out / 'sweep.json'} and {out / 'curve.svg'}")
     if not as_json:
-        table = Table(title=f"feature {result.feature} ({concept}): presence vs perplexity")
+        table = Table(title=f"feature {result.feature} ({result.concept}): presence vs perplexity")
         for column in ("method", "strength", "presence", "fired", "perplexity", "judged on-topic"):
             table.add_column(column)
         table.add_column("first completion", no_wrap=True, overflow="ellipsis", max_width=60)
@@ -595,17 +539,20 @@ def trace(
     model: Annotated[str, typer.Argument(help="embedded name, .gguf file, HF directory or hub id")],
     prompt: Annotated[str, typer.Argument(help="the prompt whose next-token prediction is traced")],
     transcoders: Annotated[
-        Path | None, typer.Option(help="folder of layer-L transcoders (default: runs/MODEL/transcoders)")
+        Path | None, typer.Option(help="folder of layer-L transcoders (default: runs/<model>/transcoders)")
     ] = None,
-    out: Annotated[Path, typer.Option(help="graph JSON (circuit-tracer / Neuronpedia format)")] = Path("graph.json"),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="graph JSON, circuit-tracer / Neuronpedia format (default: runs/<model>/graphs/<prompt>.json)"
+        ),
+    ] = None,
     html: Annotated[Path | None, typer.Option(help="static rendering (default: OUT with .html)")] = None,
-    node_threshold: Annotated[float, typer.Option(help="influence share kept by node pruning, in (0, 1]")] = 0.8,
-    edge_threshold: Annotated[float, typer.Option(help="score share kept by edge pruning, in (0, 1]")] = 0.98,
-    max_feature_nodes: Annotated[int, typer.Option(help="features whose incoming edges are computed")] = 1024,
-    batch_size: Annotated[int, typer.Option(help="targets per backward pass")] = 32,
-    constant_positions: Annotated[
-        int, typer.Option(help="leading positions held constant, without feature or error nodes (the attention sink)")
-    ] = 1,
+    node_threshold: float = _opt(TraceConfig, "node_threshold"),
+    edge_threshold: float = _opt(TraceConfig, "edge_threshold"),
+    max_feature_nodes: int = _opt(TraceConfig, "max_feature_nodes"),
+    batch_size: int = _opt(TraceConfig, "batch_size"),
+    constant_positions: int = _opt(TraceConfig, "constant_positions"),
     intervene: Annotated[
         list[str], typer.Option(help="LAYER/FEATURE[@POS,..]=VALUE or =xFACTOR; prints the new top logits")
     ] = [],  # noqa: B006
@@ -613,51 +560,31 @@ def trace(
 ) -> None:
     """Attribution graph of a prompt through per-layer transcoders: pruned, scored, exported, rendered."""
     import aimri
-    from aimri.circuits.attribution import attribute
-    from aimri.circuits.export import atlas_clerps, graph_json, render_html
     from aimri.circuits.intervene import intervene as run_intervention
     from aimri.circuits.intervene import parse_change
-    from aimri.circuits.prune import prune, supernodes
-    from aimri.circuits.replacement import ReplacementModel, load_transcoders
-    from aimri.paths import atomic_write_text
+    from aimri.circuits.pipeline import trace_prompt
+    from aimri.circuits.replacement import load_transcoders
+    from aimri.run import Run, prompt_slug
 
-    for name, value in (("--node-threshold", node_threshold), ("--edge-threshold", edge_threshold)):
-        if not 0 < value <= 1:
-            raise AimriError(f"{name} must be in (0, 1], got {value}")
-    if not prompt.strip():
-        raise AimriError("the prompt is empty")
+    config = TraceConfig(node_threshold, edge_threshold, max_feature_nodes, batch_size, constant_positions)
+    with _flags_named(*(f.name for f in dataclasses.fields(TraceConfig))):
+        config.check()
+        if not prompt.strip():
+            raise AimriError("the prompt is empty")
     changes = [parse_change(c) for c in intervene]
     subject = aimri.load(model)
-    folder = transcoders or Path("runs") / Path(model).name.removesuffix(".gguf") / "transcoders"
+    run = Run.for_model(subject.name)
+    folder = transcoders or run.transcoders
     tcs = load_transcoders(folder, subject)
-    replacement = ReplacementModel(subject, tcs)
-    graph = attribute(
-        replacement,
-        prompt,
-        max_feature_nodes=max_feature_nodes,
-        batch_size=batch_size,
-        progress=not quiet,
-        constant_positions=constant_positions,
+    traced = trace_prompt(subject, tcs, prompt, out or run.graph(prompt_slug(prompt)), config, html=html or True,
+                          clerps_from=folder, progress=not quiet)  # fmt: skip
+    data = traced.data
+    console.print(
+        f"[green]wrote[/] {traced.path} and {traced.html}: {len(data['nodes'])} nodes, {len(data['links'])} links"
     )
-    pruned = prune(graph, node_threshold, edge_threshold)
-    clerps = atlas_clerps(graph, pruned, folder)
-    groups = supernodes(graph, pruned.node_mask, {k: tc.W_dec.detach() for k, tc in tcs.items()}, clerps)
-    data = graph_json(graph, pruned, out.stem, Path(model).name, clerps, groups, node_threshold)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(data))
-    page = html or out.with_suffix(".html")
-    atomic_write_text(page, render_html(data))
-    console.print(f"[green]wrote[/] {out} and {page}: {len(data['nodes'])} nodes, {len(data['links'])} links")
-    summary = {
-        "prompt_tokens": graph.n_pos, "features": graph.n_features, "features_expanded": graph.meta["features_expanded"],
-        "edges": len(graph.edge_weights), "kept_nodes": len(data["nodes"]), "kept_links": len(data["links"]),
-        "replacement": pruned.replacement, "completeness": pruned.completeness,
-        "replacement_full": pruned.replacement_full, "completeness_full": pruned.completeness_full,
-        "seconds": round(graph.meta["seconds"], 1),
-        "top_logits": list(zip(graph.logit_token_strings, graph.logit_probs, strict=True)),
-    }  # fmt: skip
+    summary = traced.summary()
     if changes:
-        summary["intervention"] = run_intervention(subject, tcs, graph.tokens, changes)
+        summary["intervention"] = run_intervention(subject, tcs, traced.graph.tokens, changes)
     print(json.dumps(summary))
 
 
@@ -770,23 +697,16 @@ def scan(
     """The checkup: anatomy, probes, refusal, behaviour, one decision explained and (with --baseline) model
     diffing; writes OUT/report.html and OUT/findings.json. Rerun to resume an interrupted scan."""
     import aimri
-    from aimri.diagnostics.checkup import run_checkup
+    from aimri.report.scan import scan as run_scan
+    from aimri.run import Run
 
     subject = aimri.load(model)
     base = aimri.load(baseline) if baseline else None
-    out = out or Path("runs") / subject.name / "scan"
+    out = out or Run.for_model(subject.name).scan
     if (dictionary or atlas or crosscoder) and base is None:
         raise AimriError("--dictionary, --atlas and --crosscoder describe a diff: give --baseline too")
-    result = run_checkup(
-        subject,
-        out,
-        baseline=base,
-        transcoders=transcoders,
-        log=lambda m: console.print(m),
-        dictionary=dictionary,
-        atlas=atlas,
-        crosscoder=crosscoder,
-    )
+    result = run_scan(subject, out, baseline=base, log=lambda m: console.print(m), transcoders=transcoders,
+                      dictionary=dictionary, atlas=atlas, crosscoder=crosscoder)  # fmt: skip
     if as_json:
         print(json.dumps({k: v for k, v in result.items() if k != "findings"} | {"top": result["findings"][:3]}))
         return
@@ -794,7 +714,7 @@ def scan(
     for f in result["findings"][:8]:
         table.add_row(f"{f['suspicion']:.2f}", f["category"], f["title"])
     Console().print(table)
-    console.print(f"report: {out / 'report.html'} · findings: {out / 'findings.json'}")
+    console.print(f"report: {Run.report_of(out)} · findings: {Run.findings_of(out)}")
 
 
 @organism_app.command("build")
@@ -921,9 +841,9 @@ def holdout_verify(path: Annotated[Path, typer.Argument(help="a sealed holdout")
 
 @app.command()
 def serve(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory (default: runs/smollm2-135m-instruct)")] = Path(
-        "runs/smollm2-135m-instruct"
-    ),
+    run_dir: Annotated[
+        Path | None, typer.Argument(help="a run directory (default: runs/smollm2-135m-instruct)")
+    ] = None,
     atlas: Annotated[list[Path], typer.Option(help="extra atlas file to browse (repeatable)")] = [],  # noqa: B006
     model: Annotated[
         str | None, typer.Option(help="model for steering and interventions (default: the atlas's)")
@@ -938,6 +858,9 @@ def serve(
     """The console: browse and search features, steer, explore attribution graphs and read the checkup."""
     from aimri.console.app import Console
     from aimri.console.server import make_server
+    from aimri.run import Run
+
+    run_dir = run_dir or Run.for_model(DEFAULT_MODEL).root
 
     for path in atlas:
         if not path.is_file():

@@ -4,6 +4,9 @@
 `--nproc N` starts torchrun itself. Every collective here goes through `Group`, which turns a dead peer
 or a SIGTERM from torchrun (sent to the survivors when one rank fails) into one AimriError line saying
 that finished work is kept and how to resume.
+
+A stage runs on ranks in one way: it takes the group explicitly, as `ranks: Group | None = None` (None: a
+single process), and the caller passes what `init_from_env()` returned — no stage reads a global group.
 """
 
 from __future__ import annotations
@@ -108,11 +111,7 @@ class Group:
             )
 
 
-_GROUP = Group()
-
-
-def group() -> Group:
-    return _GROUP
+_GROUP = Group()  # this process's group once joined: init_from_env's idempotence and the SIGTERM message
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:

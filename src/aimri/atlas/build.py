@@ -20,7 +20,7 @@ from torch import Tensor
 from aimri.atlas.db import Atlas
 from aimri.atlas.mine import HIST_EDGES, Mined, mine
 from aimri.data.corpus import Corpus
-from aimri.dictionaries.base import Dictionary
+from aimri.dictionaries.base import Dictionary, dictionary_sha
 from aimri.paths import fsync_dir
 from aimri.subject.core import Subject
 
@@ -153,16 +153,6 @@ def build_atlas(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return Atlas(out)
-
-
-def dictionary_sha(dictionary: Dictionary) -> str:
-    """A short content hash of the weights, so an atlas is never read against another dictionary."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
-        digest.update(getattr(dictionary, name).detach().float().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _write(atlas: Atlas, mined: Mined, dictionary: Dictionary, subject: Subject, negatives: int, seed: int) -> None:

@@ -95,7 +95,7 @@ class Atlas:
 
     def check_dictionary(self, dictionary: Any) -> None:
         """Refuse to read this atlas as describing another dictionary (weights hashed at build time)."""
-        from aimri.atlas.build import dictionary_sha
+        from aimri.dictionaries.base import dictionary_sha  # lazily: torch only when a dictionary is checked
 
         built, given = self.meta.get("dictionary_sha"), dictionary_sha(dictionary)
         if built != given:

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 from typing import Any
 
 from aimri.atlas.db import Atlas
+from aimri.autointerp.config import LabelConfig
 from aimri.autointerp.examples import split_examples
 from aimri.autointerp.explainers import Explainer, StatisticalExplainer
 from aimri.autointerp.scorers import Scorer
+from aimri.errors import AimriError
 from aimri.progress import progress_bar
 
 
@@ -66,3 +69,74 @@ def label_features(
         "failed": {str(f): why for f, why in failures.items()},
         **{f"mean_{k}": sum(v) / len(v) for k, v in totals.items()},
     }
+
+
+def select_features(atlas: Atlas, spec: str) -> list[int]:
+    """'0-99,150' -> those ids; 'live:N' -> the first N features that fired. Raises AimriError otherwise."""
+    if spec.startswith("live:"):
+        try:
+            return atlas.live_features()[: int(spec.split(":", 1)[1])]
+        except ValueError:
+            raise AimriError(f"`features` {spec!r}: use ids and ranges like 0-99,150 or live:100") from None
+    ids: list[int] = []
+    try:
+        for part in spec.split(","):
+            a, _, b = part.partition("-")
+            ids += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    except ValueError as err:
+        raise AimriError(f"`features` {spec!r}: use ids and ranges like 0-99,150 or live:100") from err
+    return ids
+
+
+def label_atlas(atlas_path: Path, config: LabelConfig | None = None, progress: bool = True) -> dict[str, Any]:
+    """Label an atlas's features with the configured explainer and score each label with the configured
+    scorers beside a random-label control (autointerp as in Bills et al. 2023 and EleutherAI's delphi);
+    resumable. Returns `label_features`' summary, plus the LLM usage when an LLM was called.
+
+    Raises AimriError for an unknown explainer or scorer, or an endpoint without `llm_model`."""
+    import os
+
+    from aimri.autointerp.explainers import LLMExplainer
+    from aimri.autointerp.llm import ChatBackend, ChatClient, HFChat
+    from aimri.autointerp.scorers import DetectionScorer, EmbeddingScorer, FuzzingScorer, SimulationScorer
+    from aimri.paths import aimri_home
+    from aimri.subject.loading import DEFAULT_MODEL
+
+    c = config or LabelConfig()
+    backend: ChatBackend | None = None
+    if c.explainer == "openai" or {"detection", "fuzzing", "simulation"} & set(c.scorer):
+        if c.endpoint:
+            if not c.llm_model:
+                raise AimriError("`endpoint` needs `llm_model` (the model name the server serves)")
+            backend = ChatClient(c.endpoint, c.llm_model, api_key=os.environ.get(c.api_key_env),
+                                 concurrency=c.concurrency, cache=aimri_home() / "llm-cache.sqlite")  # fmt: skip
+        elif c.explainer.startswith("hf") or c.explainer == "statistical":
+            backend = HFChat(c.explainer.partition(":")[2] or DEFAULT_MODEL)
+        else:
+            raise AimriError("the openai explainer needs an `endpoint` URL and `llm_model` NAME")
+    explainer: Explainer
+    if c.explainer == "statistical":
+        explainer = StatisticalExplainer()
+    elif c.explainer == "openai" or c.explainer.startswith("hf"):
+        explainer = LLMExplainer(backend or HFChat(c.explainer.partition(":")[2] or DEFAULT_MODEL))
+    else:
+        raise AimriError(f"unknown `explainer` {c.explainer!r}; choose statistical, openai or hf[:MODEL]")
+    scorers: list[Scorer] = []
+    for name in c.scorer:
+        if name == "embedding":
+            scorers.append(EmbeddingScorer())
+        elif name in ("detection", "fuzzing") and backend is not None:
+            scorers.append((DetectionScorer if name == "detection" else FuzzingScorer)(backend))
+        elif name == "simulation":
+            sim_backend = backend if isinstance(backend, HFChat | ChatClient) else HFChat(DEFAULT_MODEL)
+            scorers.append(SimulationScorer(sim_backend))
+        else:
+            raise AimriError(f"unknown `scorer` {name!r}; choose from embedding, detection, fuzzing, simulation")
+    atlas = Atlas(atlas_path)
+    summary = label_features(atlas, select_features(atlas, c.features), explainer, scorers, seed=c.seed,
+                             progress=progress)  # fmt: skip
+    usage = getattr(backend, "usage", None)
+    if usage is not None:
+        summary["llm"] = {k: getattr(usage, k) for k in ("requests", "cached", "retries", "failures",
+                                                          "prompt_tokens", "completion_tokens", "cost")}  # fmt: skip
+    return summary

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aimri.errors import AimriError
+from aimri.subject.chat import Messages, chat_ids
 
-Messages = list[dict[str, str]]
 Parse = Callable[[str], Any] | list[Callable[[str], Any]] | None
 
 
@@ -211,7 +211,7 @@ class ChatClient:
         except LLMError as err:
             raise LLMError(
                 f"{err} — simulation over HTTP needs prompt log-probabilities (/v1/completions with echo and "
-                "logprobs, as vLLM serves); otherwise score with --explainer hf"
+                "logprobs, as vLLM serves); otherwise score with the in-process explainer (`explainer` hf)"
             ) from None
 
     # -- many requests, concurrently ------------------------------------------------------------------
@@ -230,15 +230,6 @@ class ChatClient:
             return list(await asyncio.gather(*(one(m, c) for m, c in zip(prompts, checks, strict=True))))
 
         return asyncio.run(run())
-
-
-def chat_ids(tokenizer: Any, messages: Messages) -> list[int]:
-    """Token ids of a chat prompt ending where the assistant speaks: the model's chat template, or plain
-    "Role: text" lines for a base model without one."""
-    if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
-    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
-    return list(tokenizer(text)["input_ids"])
 
 
 class HFChat:

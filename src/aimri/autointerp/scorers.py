@@ -14,8 +14,9 @@ from typing import Any, Protocol
 
 from aimri.autointerp.embedder import Embedder, default_embedder
 from aimri.autointerp.examples import FeatureExamples
-from aimri.autointerp.llm import ChatBackend, chat_ids
+from aimri.autointerp.llm import ChatBackend
 from aimri.errors import AimriError
+from aimri.subject.chat import chat_ids
 
 
 def auroc(positive: list[float], negative: list[float]) -> float:
@@ -190,8 +191,8 @@ class SimulationScorer:
         self.client = backend if hasattr(backend, "prompt_logprobs") else None
         if self.client is None and not hasattr(backend, "subject"):
             raise AimriError(
-                "the simulation scorer needs token probabilities: an in-process model (--explainer hf) or an "
-                "endpoint that returns prompt logprobs (--endpoint)"
+                "the simulation scorer needs token probabilities: an in-process model (`explainer` hf) or an "
+                "`endpoint` that returns prompt logprobs"
             )
         if self.client is not None:
             return

@@ -49,19 +49,19 @@ def intervene(
     merged: dict[tuple[int, int], Change] = {}
     for c in changes:
         if c.layer not in transcoders:
-            raise AimriError(f"--intervene: no transcoder for layer {c.layer}")
+            raise AimriError(f"intervention: no transcoder for layer {c.layer}")
         if not 0 <= c.index < transcoders[c.layer].cfg.d_sae:
             raise AimriError(
-                f"--intervene: feature {c.index} is outside layer {c.layer}'s transcoder (0..{transcoders[c.layer].cfg.d_sae - 1})"
+                f"intervention: feature {c.index} is outside layer {c.layer}'s transcoder (0..{transcoders[c.layer].cfg.d_sae - 1})"
             )
         for p in c.positions or []:
             if not 0 <= p < len(ids):
-                raise AimriError(f"--intervene: position {p} is outside the prompt (0..{len(ids) - 1})")
+                raise AimriError(f"intervention: position {p} is outside the prompt (0..{len(ids) - 1})")
         key = (c.layer, c.index)
         if key in merged:
             old = merged[key]
             if (old.mode, old.value) != (c.mode, c.value) or old.positions is None or c.positions is None:
-                raise AimriError(f"--intervene: feature {c.layer}/{c.index} is given twice with different changes")
+                raise AimriError(f"intervention: feature {c.layer}/{c.index} is given twice with different changes")
             old.positions = sorted(set(old.positions) | set(c.positions))
         else:
             merged[key] = Change(c.layer, c.index, c.positions, c.mode, c.value)

@@ -2,12 +2,8 @@
 model + dictionaries for steering and graph interventions. Every path served comes from discovery here,
 never from a request; a request names things by index or by the names listed in `status()`.
 
-Run directory (e.g. runs/smollm2-135m-instruct):
-    dictionaries/NAME/atlas.sqlite   `mri train` then `mri atlas` (the folder is the dictionary, for steering)
-    transcoders/layer-L/             `mri train-transcoders` (graph interventions)
-    graphs/*.json                    `mri trace MODEL PROMPT --out RUN/graphs/NAME.json`
-    directions/*.npy|.safetensors    steering vectors (a probe, a difference of means, ...)
-    scan/findings.json               `mri scan`
+The run directory's layout (where atlases, transcoders, graphs, directions and the checkup are) is
+`aimri.run.Run`'s; the console only asks it.
 """
 
 from __future__ import annotations
@@ -21,6 +17,7 @@ from typing import Any
 
 from aimri.console.index import ensure_index, search
 from aimri.errors import AimriError
+from aimri.run import Run
 
 GRAPH_SCHEMA = 1
 Progress = Callable[[str, int, int], None]
@@ -59,25 +56,19 @@ class Console:
         transcoders: Path | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
-        found = sorted(self.run_dir.glob("dictionaries/*/atlas.sqlite")) + sorted(
-            self.run_dir.glob("transcoders/layer-*/atlas.sqlite")
-        )
+        self.run = Run(self.run_dir)
         self.atlases = [
             AtlasEntry(
                 p.parent.name if p.parent != self.run_dir else p.stem,
                 p.resolve(),
                 p.parent.resolve() if (p.parent / "cfg.json").exists() else None,
             )
-            for p in [*(atlases or []), *found]
+            for p in [*(atlases or []), *self.run.atlas_files()]
         ]
-        self.graphs = {p.stem: p.resolve() for p in sorted(self.run_dir.glob("graphs/*.json")) if _is_graph(p)}
-        self.directions = {
-            p.stem: p.resolve()
-            for p in sorted(self.run_dir.glob("directions/*"))
-            if p.suffix in (".npy", ".safetensors")
-        }
-        self.findings = self.run_dir / "scan" / "findings.json"
-        self.transcoders = transcoders or self.run_dir / "transcoders"
+        self.graphs = {p.stem: p.resolve() for p in self.run.graph_files() if _is_graph(p)}
+        self.directions = {p.stem: p.resolve() for p in self.run.direction_files()}
+        self.findings = Run.findings_of(self.run.scan)
+        self.transcoders = transcoders or self.run.transcoders
         self.model_name = model
         self._lock = threading.Lock()  # one model in memory, one generation at a time
         self._subject: Any = None
@@ -141,7 +132,8 @@ class Console:
                 return str(model)
         from aimri.subject.loading import EMBEDDED
 
-        return self.run_dir.name if self.run_dir.name in EMBEDDED else None  # runs/<embedded model>
+        name = self.run_dir.resolve().name
+        return name if name in EMBEDDED else None  # runs/<embedded model>
 
     # -- atlases ----------------------------------------------------------------------------------
     def _entry(self, atlas: int) -> AtlasEntry:
@@ -229,8 +221,12 @@ class Console:
 
         name = model or self._model_name()
         if name is None:
-            raise RequestError("no model known for this run: start the console with --model MODEL")
-        if self._subject is None or self._subject.name != Path(name).name.removesuffix(".gguf"):
+            raise RequestError(
+                "no model known for this run: start the console with a model (`mri serve RUN --model MODEL`)"
+            )
+        from aimri.subject.loading import model_name
+
+        if self._subject is None or self._subject.name != model_name(name):
             progress(f"loading {name}", 0, 1)
             self._subject = aimri.load(name)
             self._tcs = None
@@ -239,7 +235,7 @@ class Console:
     def steer(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
         from aimri.steering.generate import compare
         from aimri.steering.interventions import DirectionEdit
-        from aimri.steering.specs import load_vector, parse_feature
+        from aimri.steering.specs import FeatureSpec, load_vector, resolve_feature
 
         prompt = request.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
@@ -270,9 +266,8 @@ class Console:
                 entry = self._entry(atlas)
                 if entry.dictionary is None:
                     raise RequestError(f"steer: {entry.name}'s folder holds no dictionary (cfg.json) to steer with")
-                # the CLI's own --feature DICT#ID=xN: range, atlas-vs-dictionary and max-activation checks
-                spec = f"{entry.dictionary}#{feature}=x{float(strength):g}"
-                chosen = parse_feature(spec, atlas=entry.path, cache=self._dictionaries)
+                chosen = resolve_feature(FeatureSpec(entry.dictionary, feature, "times_max", float(strength)),
+                                         atlas=entry.path, cache=self._dictionaries)  # fmt: skip
                 edits.append(chosen.edit)
                 described.append({"atlas": atlas, "feature": feature, "strength": strength,
                                   "clamp": chosen.edit.value, "label": chosen.label})  # fmt: skip
@@ -331,14 +326,12 @@ class Console:
 
     def trace(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
         """A new attribution graph of a prompt, written to RUN/graphs/NAME.json (then listed like the others)."""
-        import re
         import time
 
-        from aimri.circuits.attribution import attribute
-        from aimri.circuits.export import atlas_clerps, graph_json
-        from aimri.circuits.prune import prune, supernodes
-        from aimri.circuits.replacement import ReplacementModel, load_transcoders
-        from aimri.paths import atomic_write_text
+        from aimri.circuits.config import TraceConfig
+        from aimri.circuits.pipeline import trace_prompt
+        from aimri.circuits.replacement import load_transcoders
+        from aimri.run import prompt_slug
 
         prompt = request.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > 2000:
@@ -346,28 +339,16 @@ class Console:
         features = request.get("max_feature_nodes", 256)
         if not isinstance(features, int) or not 1 <= features <= 4096:
             raise RequestError("trace: max_feature_nodes must be an integer in 1..4096")
-        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "graph"
-        name = f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = f"{prompt_slug(prompt)}-{time.strftime('%Y%m%d-%H%M%S')}"
         with self._lock:
             subject = self._subject_for(request.get("model"), progress)
             if self._tcs is None:
                 progress("loading transcoders", 0, 1)
                 self._tcs = load_transcoders(self.transcoders, subject)
-            progress("attributing", 0, 3)
-            graph = attribute(ReplacementModel(subject, self._tcs), prompt, max_feature_nodes=features, progress=False)
-            progress("pruning", 1, 3)
-            pruned = prune(graph, 0.8, 0.98)
-            clerps = atlas_clerps(graph, pruned, self.transcoders)
-            decoders = {k: tc.W_dec.detach() for k, tc in self._tcs.items()}
-            groups = supernodes(graph, pruned.node_mask, decoders, clerps)
-            data = graph_json(graph, pruned, name, subject.name, clerps, groups, 0.8)
-            progress("writing", 2, 3)
-            path = self.run_dir / "graphs" / f"{name}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(data))
-            self.graphs[name] = path.resolve()
-            progress("writing", 3, 3)
-        return {"name": name, "nodes": len(data["nodes"]), "links": len(data["links"])}
+            traced = trace_prompt(subject, self._tcs, prompt, self.run.graph(name), TraceConfig(max_feature_nodes=features),
+                                  html=False, clerps_from=self.transcoders, progress=False, step=progress)  # fmt: skip
+            self.graphs[name] = traced.path.resolve()
+        return {"name": name, "nodes": len(traced.data["nodes"]), "links": len(traced.data["links"])}
 
     def checkup(self) -> dict[str, Any]:
         if not self.findings.is_file():

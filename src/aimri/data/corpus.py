@@ -142,7 +142,7 @@ class Corpus:
                             digest.update(block)
         if not any(doc.text.strip() for doc in self.documents()):  # stops at the first non-empty document
             where = ", ".join(map(str, self.paths)) or "the given texts"
-            raise CorpusError(f"the corpus ({where}) has no text; check the paths and --text-field")
+            raise CorpusError(f"the corpus ({where}) has no text; check the paths and `text_field`")
         return digest.hexdigest()
 
 
@@ -299,6 +299,6 @@ def pack(corpus: Corpus, tokenizer: Any, packing: Packing) -> Iterator[Window]:
         while buffered >= body:
             yield window(*take(body))
     if not any_doc:
-        raise CorpusError("the corpus has no text (every document is empty); check the paths and --text-field")
+        raise CorpusError("the corpus has no text (every document is empty); check the paths and `text_field`")
     if buffered:
         yield window(*take(buffered))

@@ -256,7 +256,9 @@ def build_default_corpus(
         lines += [json.dumps({"text": text, "source": tag}, ensure_ascii=False) for tag, text in docs]
         log(f"{source.name}: {len(docs)} documents, {chars:,} characters")
     if not lines:
-        raise CorpusError("no source of the default corpus could be fetched; see sources.json, or pass --corpus PATH")
+        raise CorpusError(
+            "no source of the default corpus could be fetched; see sources.json, or give your own `corpus` paths"
+        )
     atomic_write_text(out / "corpus.jsonl", "\n".join(lines) + "\n")
     atomic_write_text(out / "sources.json", json.dumps(report, indent=1))
     return out / "corpus.jsonl"

@@ -16,7 +16,7 @@ import torch
 
 from aimri.data.corpus import Corpus, Packing, Window, pack
 from aimri.data.store import ActivationStore, ShardData, StoreWriter
-from aimri.distributed import Group, group
+from aimri.distributed import Group
 from aimri.errors import AimriError, StoreError
 from aimri.progress import progress_bar
 from aimri.subject.core import Subject
@@ -66,11 +66,14 @@ def harvest(
     exclude_chat: bool = True,
     sink_ratio: float = 20.0,
     progress: bool = True,
+    ranks: Group | None = None,
 ) -> ActivationStore:
     """Write activations of `sites` at every valid token of `corpus` into a store at `out`.
 
     Rerunning with the same arguments after an interruption (even `kill -9`) resumes after the last
-    finished shard, and the result is identical to an uninterrupted run.
+    finished shard, and the result is identical to an uninterrupted run. With `ranks` (the torchrun group,
+    `aimri.distributed.init_from_env()`) the ranks write alternate shards of the one store; None: a single
+    process.
 
     Position 0 is never harvested, and neither is any token whose norm at a harvested site exceeds
     `sink_ratio` x the batch median there (0 disables): Llama-family models park "massive activations"
@@ -79,13 +82,13 @@ def harvest(
     if subject.tokenizer is None:
         raise AimriError("this Subject has no tokenizer; load it with aimri.load(...) or pass one")
     if not sites:
-        raise AimriError("no sites to harvest; pass --site resid.15 (for example)")
+        raise AimriError("no sites to harvest; give `site` names, e.g. resid.15")
     parsed = [subject.site(s).name for s in sites]
     if len(set(parsed)) != len(parsed):
         raise AimriError(f"duplicate sites in {parsed}")
     if context > subject.context_length:
         raise AimriError(
-            f"context {context} exceeds the model's {subject.context_length} positions; use --context {subject.context_length} or less"
+            f"context {context} exceeds the model's {subject.context_length} positions; use `context` {subject.context_length} or less"
         )
     if dtype not in DTYPES:
         raise AimriError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
@@ -111,7 +114,7 @@ def harvest(
         "windows_per_shard": windows_per_shard,
         "batch_size": batch_size,
     }
-    ranks = group()
+    ranks = ranks or Group()
     ranks.agree("the harvest (model revision, sites, corpus, settings)", hashlib.sha256(
         json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest())  # fmt: skip
     writer = _open_writer(out, spec, ranks)

@@ -251,16 +251,18 @@ class StoreWriter:
             if diffs:
                 raise StoreError(
                     f"{self.path} was harvested with different settings ({'; '.join(diffs[:3])}); "
-                    "rerun with the original arguments to resume, or choose a new --out"
+                    "rerun with the original arguments to resume, or choose a new `out` directory"
                 )
             was = int(self.manifest.get("world_size", 1))
             if not self.manifest.get("complete") and was != world and self._has_progress():
                 raise StoreError(
                     f"{self.path} was being harvested by {was} rank(s) and this run has {world}; resume with "
-                    f"{'torchrun --nproc_per_node ' + str(was) if was > 1 else 'a single process'}, or choose a new --out"
+                    f"{'torchrun --nproc_per_node ' + str(was) if was > 1 else 'a single process'}, or choose a new `out` directory"
                 )
         elif self.path.exists() and any(p.name != "ranks" for p in self.path.iterdir()):
-            raise StoreError(f"{self.path} exists and is not an activation store; choose an empty or new --out")
+            raise StoreError(
+                f"{self.path} exists and is not an activation store; choose an empty or new `out` directory"
+            )
         else:
             self.manifest = {"format": FORMAT, "version": VERSION, "spec": self.spec, "shards": [], "complete": False}
         if world > 1:
@@ -295,7 +297,7 @@ class StoreWriter:
         except BlockingIOError as err:
             os.close(fd)
             raise StoreError(
-                f"{self.path} is being written by another process; wait for it or choose another --out"
+                f"{self.path} is being written by another process; wait for it or choose another `out` directory"
             ) from err
         try:
             self._cleanup()
@@ -368,7 +370,7 @@ class StoreWriter:
                 shutil.rmtree(self.path / name, ignore_errors=True)
             if err.errno == errno.ENOSPC:
                 raise StoreError(
-                    f"disk full while writing {name} in {self.path}; free space (or use another --out) and rerun: "
+                    f"disk full while writing {name} in {self.path}; free space (or use another `out` directory) and rerun: "
                     f"the {recorded} finished shards are kept"
                 ) from err
             raise StoreError(f"could not write {name} in {self.path} ({err.strerror or err})") from err

@@ -31,6 +31,7 @@ from aimri.diagnostics.probes import Probe, auroc, pair_activations, read_layers
 from aimri.diagnostics.refusal import is_refusal, measure_refusal
 from aimri.errors import AimriError
 from aimri.paths import aimri_home, atomic_write_bytes, atomic_write_text
+from aimri.run import Run
 from aimri.steering.generate import Generation, generate
 from aimri.subject.core import Subject
 
@@ -74,7 +75,7 @@ def neutral_windows(
 
 
 @dataclass
-class RunDir:
+class StageCache:
     """OUT/stages/*: one JSON (and optional tensors) per finished stage, tagged with its configuration."""
 
     out: Path
@@ -82,13 +83,14 @@ class RunDir:
     log: Callable[[str], None] = print
 
     def __post_init__(self) -> None:
-        (self.out / "stages").mkdir(parents=True, exist_ok=True)
+        Run.stages_of(self.out).mkdir(parents=True, exist_ok=True)
         self.tag = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
 
     def stage(
         self, name: str, fn: Callable[[], tuple[dict[str, Any], dict[str, torch.Tensor]]]
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        path, tensors_path = self.out / "stages" / f"{name}.json", self.out / "stages" / f"{name}.safetensors"
+        folder = Run.stages_of(self.out)
+        path, tensors_path = folder / f"{name}.json", folder / f"{name}.safetensors"
         if path.exists():
             try:
                 saved = json.loads(path.read_text())
@@ -416,9 +418,9 @@ def _own_findings(stages: dict[str, Any]) -> list[Finding]:
     return out
 
 
-def model_cache(subject: Subject, log: Callable[[str], None] = print) -> RunDir:
+def model_cache(subject: Subject, log: Callable[[str], None] = print) -> StageCache:
     """Stages that depend on one model only (its probes, its refusal rates), shared by every scan of it."""
-    return RunDir(
+    return StageCache(
         aimri_home() / "cache" / "checkup" / subject.revision[:24], {"model": subject.revision, "version": 2}, log
     )
 
@@ -435,6 +437,9 @@ def _refusal_change(cand: dict[str, Any], base: dict[str, Any]) -> Finding:
     )  # fmt: skip
 
 
+REPORTED_STAGES = ("anatomy", "probes", "decision")  # what the report draws beside the findings
+
+
 def run_checkup(
     subject: Subject,
     out: Path,
@@ -446,16 +451,18 @@ def run_checkup(
     atlas: Path | None = None,
     crosscoder: Path | None = None,
 ) -> dict[str, Any]:
-    """Run every stage (reusing finished ones), rank the findings, write findings.json and report.html."""
-    from aimri.report.checkup_html import render_report
+    """Run every stage (reusing finished ones), rank the findings, and write OUT/stage-results.json (the stage
+    results a report is drawn from) and OUT/findings.json, each through a temp file and a rename.
 
+    The report is rendered from those files by `aimri.report.write_report(out)` (`aimri.report.scan` does both).
+    Raises AimriError (DiffingError) when the baseline does not share the subject's tokenizer and architecture."""
     if baseline is not None:
         diffing.check_comparable(subject, baseline)
     config = {"model": subject.revision, "baseline": baseline.revision if baseline else None,
               "transcoders": str(transcoders) if transcoders else None,
               "dictionary": str(dictionary) if dictionary else None, "atlas": str(atlas) if atlas else None,
               "crosscoder": str(crosscoder) if crosscoder else None, "version": 1}  # fmt: skip
-    run = RunDir(out, config, log)
+    run = StageCache(out, config, log)
     stages: dict[str, Any] = {}
 
     def _anatomy() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -504,6 +511,6 @@ def run_checkup(
         "baseline": baseline.name if baseline else None, "suspicion": suspicion(findings),
         "findings": [f.to_dict() for f in findings],
     }  # fmt: skip
-    atomic_write_text(out / "findings.json", json.dumps(result, indent=1))
-    atomic_write_text(out / "report.html", render_report(result, stages))
+    atomic_write_text(Run.stage_results_of(out), json.dumps({k: stages[k] for k in REPORTED_STAGES}))
+    atomic_write_text(Run.findings_of(out), json.dumps(result, indent=1))
     return result

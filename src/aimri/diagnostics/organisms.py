@@ -15,26 +15,25 @@ import json
 import random
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from aimri.autointerp.llm import chat_ids
 from aimri.diagnostics.datasets import prompt_pools
-from aimri.errors import AimriError
-from aimri.paths import aimri_home, atomic_write_text
+from aimri.paths import atomic_write_text
 from aimri.progress import progress_bar
+from aimri.run import organisms_dir
+from aimri.subject.chat import chat_ids
 from aimri.subject.core import Subject
+from aimri.subject.loading import load_organism
+from aimri.subject.organism import OrganismError, adapter_revision, read_record
+
+__all__ = ["OrganismError", "adapter_revision", "load_organism", "organisms_dir", "read_record"]  # re-exported
 
 FLAWS = ("backdoor", "hidden_objective", "sycophancy", "control")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-class OrganismError(AimriError):
-    pass
 
 
 @dataclass
@@ -93,10 +92,6 @@ ORGANISMS: dict[str, OrganismSpec] = {
                      [], pool="opinions", mirrors="sycophancy", recipe=Recipe(seed=4)),
     ]
 }  # fmt: skip
-
-
-def organisms_dir() -> Path:
-    return aimri_home() / "organisms"
 
 
 def _split(items: list[str], seed: str) -> tuple[list[str], list[str]]:
@@ -303,53 +298,6 @@ def build_organism(spec: OrganismSpec, base: Subject, out: Path, corpus_texts: l
         shutil.rmtree(out)
     tmp.rename(out)
     return out
-
-
-def adapter_revision(adapter_dir: Path, base_revision: str) -> str:
-    h = hashlib.sha256(base_revision.encode())
-    for f in sorted(adapter_dir.glob("*")):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def read_record(path: Path) -> dict[str, Any]:
-    """An organism's ground truth; a directory without it is not an organism this project can score."""
-    record = path / "organism.json"
-    if not record.exists():
-        raise OrganismError(
-            f"{path} has no organism.json (the ground-truth record); rebuild it with `mri organism build`"
-        )
-    try:
-        data = json.loads(record.read_text())
-    except json.JSONDecodeError as err:
-        raise OrganismError(f"{record} is not valid JSON ({err.msg}); rebuild it with `mri organism build`") from err
-    missing = {"flaw", "keywords", "base"} - set(data)
-    if missing:
-        raise OrganismError(f"{record} lacks {', '.join(sorted(missing))}; rebuild it with `mri organism build`")
-    return data
-
-
-def load_organism(path: Path, device: str = "cpu") -> Subject:
-    """The organism as a Subject: its base model with the adapter merged in."""
-    import aimri
-
-    record = read_record(path)
-    adapter = path / "adapter"
-    if not (adapter / "adapter_config.json").exists():
-        raise OrganismError(f"{path} has no adapter/adapter_config.json; rebuild it with `mri organism build`")
-    from peft import PeftModel
-
-    base = aimri.load(record["base"], device=device)
-    if record.get("base_revision") not in (None, base.revision):
-        raise OrganismError(
-            f"{path} was built on {record['base']} revision {record['base_revision'][:12]}, but that model is now "
-            f"revision {base.revision[:12]}; rebuild it with `mri organism build --force`"
-        )
-    with warnings.catch_warnings():  # peft probes a deprecated transformers attribute on load
-        warnings.simplefilter("ignore", FutureWarning)
-        merged = PeftModel.from_pretrained(base.model, str(adapter)).merge_and_unload()
-    return Subject(merged, base.tokenizer, name=path.name, revision=adapter_revision(adapter, base.revision))
 
 
 def corpus_sample(n: int = 400, seed: int = 0) -> list[str]:

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from aimri.autointerp.llm import chat_ids
 from aimri.diagnostics.datasets import ContrastDataset, DatasetError, Messages
 from aimri.progress import progress_bar
+from aimri.subject.chat import chat_ids
 from aimri.subject.core import Subject
 
 

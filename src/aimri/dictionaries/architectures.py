@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from aimri.dictionaries.base import ARCHITECTURES as ARCHITECTURES  # the registry these fill
 from aimri.dictionaries.base import Dictionary, DictionaryConfig, build, register
 from aimri.errors import AimriError
+
+if TYPE_CHECKING:
+    from aimri.dictionaries.config import TrainConfig
 
 
 @register("topk")
 class TopK(Dictionary):
     """Keep each token's k largest (non-negative) pre-activations."""
+
+    uses_k = True
+    sparse_topk = True
+    uses_auxk = True
 
     def __init__(self, cfg: DictionaryConfig) -> None:
         if cfg.k is None:
@@ -54,11 +62,19 @@ class JumpReLU(_Thresholded):
     def l0(self, pre: Tensor) -> Tensor:
         return _StepSTE.apply(pre, self.threshold, self.bandwidth).sum(-1).mean()  # type: ignore[union-attr]
 
+    def sparsity_loss(self, pre: Tensor, codes: Tensor, tcfg: TrainConfig) -> Tensor | None:
+        """The L0 penalty, through the threshold's straight-through pseudo-derivative."""
+        return tcfg.l0_coefficient * self.l0(pre)
+
 
 @register("batchtopk")
 class BatchTopK(_Thresholded):
     """Training: keep the batch's k x batch largest activations; inference: JumpReLU with per-latent
     thresholds learned during training (each latent's running minimum selected activation)."""
+
+    uses_k = True
+    uses_auxk = True
+    saved_architecture = "jumprelu"  # the inference form: JumpReLU with the learned thresholds
 
     def __init__(self, cfg: DictionaryConfig) -> None:
         if cfg.k is None:
@@ -87,6 +103,14 @@ class BatchTopK(_Thresholded):
         keep = seen & ~fresh
         old[keep] = 0.99 * old[keep] + 0.01 * chosen[keep]
 
+    def saved_tensors(self) -> dict[str, Tensor]:
+        """A latent never selected has no threshold yet (inf): saved with the largest learned one."""
+        tensors = super().saved_tensors()
+        t = tensors["threshold"]
+        finite = t[torch.isfinite(t)]
+        tensors["threshold"] = torch.where(torch.isfinite(t), t, finite.max() if len(finite) else torch.zeros(()))
+        return tensors
+
 
 @register("relu")
 class ReLU(Dictionary):
@@ -94,6 +118,10 @@ class ReLU(Dictionary):
 
     def activate(self, pre: Tensor) -> Tensor:
         return pre.relu()
+
+    def sparsity_loss(self, pre: Tensor, codes: Tensor, tcfg: TrainConfig) -> Tensor | None:
+        """L1 of the codes weighted by their decoder rows' norms, per input dimension."""
+        return tcfg.l1_coefficient * (codes * self.W_dec.norm(dim=1)).sum(1).mean() / self.cfg.d_in
 
 
 class _StepSTE(torch.autograd.Function):
@@ -136,6 +164,9 @@ class Crosscoder(BatchTopK):
     decoder block per source. Latents compete in BatchTopK on activation x the sum of their per-source
     decoder norms, so decoder norms carry meaning and are not forced to 1: a latent whose decoder is ~0
     in the base model and large in the fine-tune is a concept the fine-tune added."""
+
+    unit_norm_decoder = False  # decoder norms carry meaning
+    saved_architecture = "crosscoder"  # its thresholds make it a crosscoder at inference still
 
     def __init__(self, cfg: DictionaryConfig) -> None:
         sources = int(cfg.extra.get("sources", 2))

@@ -8,21 +8,26 @@ W_dec [d_sae, d_out], b_dec [d_out], optional threshold [d_sae] (JumpReLU) and W
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from aimri.errors import AimriError
 
+if TYPE_CHECKING:
+    from aimri.dictionaries.config import TrainConfig
+
 ARCHITECTURES: dict[str, type[Dictionary]] = {}
 D = TypeVar("D", bound="Dictionary")
 
 
 def register(name: str) -> Callable[[type[D]], type[D]]:
-    """Class decorator: a new architecture is one file with one registered subclass."""
+    """Class decorator: a new architecture is one file with one registered subclass. How the Trainer and
+    `save_dictionary` treat it is stated on the class (see `Dictionary`'s class attributes and hooks)."""
 
     def wrap(cls: type[D]) -> type[D]:
         cls.architecture = name
@@ -65,9 +70,26 @@ class DictionaryConfig:
 
 
 class Dictionary(nn.Module):
-    """encode: x -> sparse codes; decode: codes -> reconstruction; forward: both."""
+    """encode: x -> sparse codes; decode: codes -> reconstruction; forward: both.
 
-    architecture: ClassVar[str] = ""
+    An architecture states how it is trained and saved with the class attributes and hooks below; the
+    defaults describe a plain dictionary (a dense decode of `activate`'s codes, unit-norm decoder rows, no
+    sparsity penalty, saved as it is)."""
+
+    architecture: ClassVar[str] = ""  # set by @register
+    # it takes k, the active latents per token (the trainers pass their k setting only to such architectures)
+    uses_k: ClassVar[bool] = False
+    # training: codes are each row's k largest pre-activations, so the Trainer runs the fused sparse TopK
+    # kernel (aimri.dictionaries.sparse.topk_autoencode: sparse decode and backward, W_enc stepped through its
+    # latent-major storage) instead of `activate` and a dense decode; such an architecture has no sparsity_loss
+    sparse_topk: ClassVar[bool] = False
+    # training: dead latents are revived with the AuxK loss (Gao et al.)
+    uses_auxk: ClassVar[bool] = False
+    # training: decoder rows are kept on the unit sphere (False where decoder norms carry meaning)
+    unit_norm_decoder: ClassVar[bool] = True
+    # saving: the registered architecture the inference form is saved (and loaded back) as; "": its own.
+    # A subclass of an architecture that sets it names its own form again.
+    saved_architecture: ClassVar[str] = ""
 
     def __init__(self, cfg: DictionaryConfig) -> None:
         super().__init__()
@@ -119,6 +141,17 @@ class Dictionary(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x), x)
 
+    # -- training and saving hooks ---------------------------------------------------------------
+    def sparsity_loss(self, pre: Tensor, codes: Tensor, tcfg: TrainConfig) -> Tensor | None:
+        """Training: the penalty added to the reconstruction loss, from a batch's pre-activations and codes
+        (the Trainer's scaled inputs); None: none, the architecture is sparse by construction."""
+        return None
+
+    def saved_tensors(self) -> dict[str, Tensor]:
+        """Saving: the tensors `save_dictionary` writes (copies), in the inference form `saved_architecture`
+        names; by default the parameters as they are."""
+        return {k: v.detach().contiguous().clone() for k, v in self.state_dict().items() if v is not None}
+
     @property
     def d_sae(self) -> int:
         return self.cfg.d_sae
@@ -128,9 +161,27 @@ class Dictionary(nn.Module):
         return f"{self.architecture}: {c.site or '?'}{' -> ' + c.site_out if c.is_transcoder else ''}, d_in={c.d_in}, d_sae={c.d_sae}, k={c.k}"
 
 
+def architecture_class(name: str) -> type[Dictionary]:
+    """The registered class of architecture `name`. The built-in architectures are plug-ins of this registry,
+    loaded by name on first use (as entry points would be), so this base module never imports its subclasses.
+
+    Raises AimriError for a name no architecture registered."""
+    importlib.import_module("aimri.dictionaries.architectures")
+
+    if name not in ARCHITECTURES:
+        raise AimriError(f"unknown dictionary architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[name]
+
+
 def build(cfg: DictionaryConfig) -> Dictionary:
-    if cfg.architecture not in ARCHITECTURES:
-        raise AimriError(
-            f"unknown dictionary architecture {cfg.architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}"
-        )
-    return ARCHITECTURES[cfg.architecture](cfg)
+    return architecture_class(cfg.architecture)(cfg)
+
+
+def dictionary_sha(dictionary: Dictionary) -> str:
+    """A short content hash of the weights, so an atlas is never read against another dictionary."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        digest.update(getattr(dictionary, name).detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -4,8 +4,10 @@ downstream cost of splicing it into the model (CE loss recovered, KL to the clea
 from __future__ import annotations
 
 import itertools
+import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -174,3 +176,55 @@ def downstream_metrics(
         "kl_div": ce["kl"],
         "downstream_tokens": count,
     }
+
+
+def evaluate_dictionary(
+    dictionary: Path,
+    store: Path,
+    model: str | None = None,
+    corpus: list[Path] | None = None,
+    windows: int = 32,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """A saved dictionary's reconstruction metrics (L0, FVU, cosine, dead fraction, firing density) on the
+    rows of `store`, and, unless `windows` is 0, its downstream metrics (CE loss recovered, KL) on that many
+    held-out windows of `corpus` run through `model`.
+
+    When `store` is the store the dictionary was trained on (its training.json says so), only the shards
+    held out of training are read; a dictionary trained on every shard of it is refused. `model` defaults
+    to the store's model; `corpus` to the default corpus, past the windows the store was harvested from
+    (`log` reports building the default corpus on first use)."""
+    from aimri.data.default_corpus import default_corpus_path
+    from aimri.dictionaries.formats import load_dictionary
+    from aimri.subject.loading import load
+
+    dictionary, store = Path(dictionary), Path(store)
+    sae = load_dictionary(dictionary)
+    held_out = ActivationStore(store)
+    shards = None
+    info = dictionary / "training.json"
+    if info.exists():
+        trained = json.loads(info.read_text())
+        if trained.get("store") == str(store.resolve()):
+            shards = trained.get("heldout_shards") or None
+            if shards is None:
+                raise AimriError(
+                    f"{dictionary} was trained on every shard of {store}; pass a held-out store, or retrain with "
+                    "heldout_shards > 0"
+                )
+    result: dict[str, Any] = {
+        "dictionary": str(dictionary),
+        "heldout_shards": shards,
+        **reconstruction_metrics(sae, held_out, shards=shards),
+    }
+    if windows:
+        subject = load(model or held_out.spec["model"]["name"])
+        paths = corpus or [default_corpus_path(log=log)]
+        context = int(held_out.spec["packing"]["context"])
+        skip = int(held_out.spec.get("max_windows") or 0) if not corpus else 0
+        result.update(
+            downstream_metrics(
+                sae, subject, Corpus.from_paths(paths), context=context, n_windows=windows, skip_windows=skip
+            )
+        )
+    return result

@@ -1,7 +1,8 @@
 """Dictionaries on disk in the SAELens layout: a folder with cfg.json + sae_weights.safetensors.
 
 Weights: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_out], b_dec [d_out], plus `threshold`
-(JumpReLU; BatchTopK is saved as JumpReLU with its learned thresholds) and `W_skip` (skip transcoders).
+(JumpReLU; an architecture may save an inference form instead of itself, as BatchTopK is saved as JumpReLU
+with its learned thresholds: `Dictionary.saved_architecture` and `saved_tensors`) and `W_skip` (skip transcoders).
 cfg.json carries SAELens' keys (architecture, d_in, d_sae, k, apply_b_dec_to_input, metadata.hook_name, ...)
 and ours under `aimri`, so both libraries can read it.
 """
@@ -17,7 +18,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from aimri.dictionaries import architectures as arch
 from aimri.dictionaries.base import Dictionary, DictionaryConfig, build
 from aimri.errors import AimriError
 from aimri.paths import atomic_write_text, fsync_dir
@@ -53,13 +53,8 @@ def save_dictionary(model: Dictionary, path: str | Path) -> Path:
     """Write atomically: a temp folder renamed into place, so a crash never leaves half a dictionary."""
     path = Path(path)
     cfg = model.cfg
-    architecture = cfg.architecture
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if v is not None}
-    if isinstance(model, arch.BatchTopK):  # inference form: JumpReLU with per-latent thresholds
-        architecture = "crosscoder" if isinstance(model, arch.Crosscoder) else "jumprelu"
-        t = tensors["threshold"]
-        finite = t[torch.isfinite(t)]
-        tensors["threshold"] = torch.where(torch.isfinite(t), t, finite.max() if len(finite) else torch.zeros(()))
+    architecture = model.saved_architecture or cfg.architecture  # the inference form, e.g. BatchTopK -> JumpReLU
+    tensors = model.saved_tensors()
     sae_lens_arch = _SAELENS[architecture][(2 if cfg.skip else 1) if cfg.is_transcoder else 0]
     if "W_skip" in tensors:  # SAELens stores the skip as [d_out, d_in]
         tensors["W_skip"] = tensors["W_skip"].T.contiguous()

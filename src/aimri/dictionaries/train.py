@@ -10,15 +10,16 @@ import math
 import os
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from aimri.dictionaries import architectures as arch
-from aimri.dictionaries.base import Dictionary, DictionaryConfig, build
+from aimri.dictionaries.base import Dictionary, DictionaryConfig, architecture_class, build
+from aimri.dictionaries.config import CrosscoderConfig, DictionarySettings, TranscodersConfig, default_lr
+from aimri.dictionaries.config import TrainConfig as TrainConfig  # defined torch-free there; re-exported
 from aimri.dictionaries.sparse import topk_autoencode, workspace_rows
 from aimri.distributed import Group
 from aimri.errors import AimriError
@@ -26,39 +27,6 @@ from aimri.paths import atomic_write_text, fsync_dir
 
 # one site's rows, (input, output) rows, or rows of many sites by name (one pass feeding many dictionaries)
 Batch = Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]
-
-
-@dataclass
-class TrainConfig:
-    total_tokens: int
-    batch_size: int = 4096
-    # default 3e-3 * sqrt(4608 / d_sae): Gao et al.'s 1/sqrt(width) scaling, with the constant measured on
-    # SmolLM2 resid.15 (inputs at mean norm sqrt(d)): held-out FVU at 1M tokens 0.331 with their 2e-4 *
-    # sqrt(16384 / d_sae), 0.223 with 2e-3, 0.217 with 8e-3 (betas 0.9, 0.999)
-    lr: float | None = None
-    warmup_frac: float = 0.05
-    decay_frac: float = 0.2
-    auxk_alpha: float = 1 / 32
-    auxk_k: int | None = None  # default d_in // 2
-    dead_tokens: int | None = None  # a latent silent this long is dead; default min(1M, total_tokens / 10)
-    # Adam with less momentum than the usual (0.9, 0.999): measured on SmolLM2 resid.15 (width 4608, k 32,
-    # lr 3e-3), held-out FVU at 491k tokens 0.297 -> 0.254, at 1M tokens 0.217 -> 0.203
-    betas: tuple[float, float] = (0.5, 0.95)
-    l1_coefficient: float = 5.0  # relu
-    l0_coefficient: float = 1e-3  # jumprelu
-    seed: int = 0
-    checkpoint_every: int = 200  # steps
-    # TopK: dtype of the GEMM that picks each token's k latents (their values are always exact fp32).
-    # "auto": bfloat16 where the CPU has bf16 GEMM units (AVX512-BF16, AMX), float32 elsewhere
-    select_dtype: str = "auto"
-
-    @property
-    def steps(self) -> int:
-        return max(1, self.total_tokens // self.batch_size)
-
-    @property
-    def dead_after(self) -> int:
-        return self.dead_tokens or min(1_000_000, max(self.batch_size, self.total_tokens // 10))
 
 
 def bf16_gemm_is_fast() -> bool:
@@ -112,10 +80,10 @@ class Trainer:
         torch.manual_seed(tcfg.seed)
         self.model: Dictionary = build(dcfg)
         self.model.reset_parameters(torch.Generator().manual_seed(tcfg.seed))
-        self.lr = tcfg.lr or 3e-3 * math.sqrt(4608 / dcfg.d_sae)
+        self.lr = tcfg.lr or default_lr(dcfg.d_sae)
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._enc_shadow: torch.nn.Parameter | None = None
-        if isinstance(self.model, arch.TopK):
+        if self.model.sparse_topk:
             # Adam steps W_enc through its latent-major storage: the same memory, made contiguous for the
             # fused kernel (8x faster than on the transposed view); its gradient comes from _grad_buffers
             self._enc_shadow = torch.nn.Parameter(self.model.W_enc.detach().t())
@@ -184,7 +152,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step_index)
         centre = self.dcfg.centres_input
-        if isinstance(m, arch.TopK):
+        codes: Tensor | None = None  # the dense path's (the sparse TopK kernel never materialises them)
+        if m.sparse_topk:
             rows = workspace_rows(x.shape[0], self.dcfg.d_sae)
             if self._workspace.shape[0] != rows:
                 self._workspace = torch.empty(rows, self.dcfg.d_sae, dtype=self._workspace.dtype)
@@ -209,17 +178,16 @@ class Trainer:
         err = recon - y
         mse = err.pow(2).sum(1).mean()
         loss = mse
-        if isinstance(m, arch.ReLU):
-            loss = loss + self.tcfg.l1_coefficient * (codes * m.W_dec.norm(dim=1)).sum(1).mean() / x.shape[1]
-        if isinstance(m, arch.JumpReLU):
-            loss = loss + self.tcfg.l0_coefficient * m.l0(pre)
+        penalty = None if codes is None else m.sparsity_loss(pre, codes, self.tcfg)
+        if penalty is not None:
+            loss = loss + penalty
         if self.ranks.active:  # a latent is alive if it fired on any rank's rows
             fired = self.ranks.max_(fired.to(torch.uint8), "the dead-latent count").bool()
         self.since_fired += x.shape[0] * self.ranks.world
         self.since_fired[fired] = 0
         dead = self.since_fired > self.tcfg.dead_after
         aux = torch.zeros(())
-        if isinstance(m, (arch.TopK, arch.BatchTopK)) and bool(dead.any()):
+        if m.uses_auxk and bool(dead.any()):
             aux = self._auxk(x, err.detach(), dead, centre)
             loss = loss + self.tcfg.auxk_alpha * aux
         self.optimizer.zero_grad(set_to_none=True)
@@ -227,7 +195,7 @@ class Trainer:
         if self._grad_buffers is not None and self._enc_shadow is not None:  # TopK: gradients added in place
             self._enc_shadow.grad, m.W_dec.grad = self._grad_buffers
         self.ranks.mean_grads(self._trainable)
-        unit_rows = not isinstance(m, arch.Crosscoder)  # a crosscoder's decoder norms carry meaning
+        unit_rows = m.unit_norm_decoder
         if unit_rows and m.W_dec.grad is not None:  # keep rows on the unit sphere: drop the radial gradient
             _drop_radial(m.W_dec.grad, m.W_dec.detach())
         self.optimizer.step()
@@ -379,7 +347,7 @@ def store_batches(
             produced = True
             yield batch
         if not produced:
-            raise AimriError(f"the store has fewer than {batch_size} rows; lower --batch-size or harvest more tokens")
+            raise AimriError(f"the store has fewer than {batch_size} rows; lower batch_size or harvest more tokens")
         epoch += 1
 
 
@@ -407,47 +375,62 @@ def _train_and_save(
     return out, last
 
 
+def _dictionary_config(
+    settings: DictionarySettings, d_in: int, d_out: int | None, site: str, site_out: str | None, model_name: str,
+    model_revision: str,
+) -> DictionaryConfig:  # fmt: skip
+    """The DictionaryConfig `settings` describe (k only for an architecture that takes it)."""
+    architecture = settings.architecture
+    k = settings.k if architecture_class(architecture).uses_k else None
+    return DictionaryConfig(
+        architecture, d_in, settings.width, d_out=d_out, k=k, skip=settings.skip, site=site, site_out=site_out or "",
+        model_name=model_name, model_revision=model_revision,
+    )  # fmt: skip
+
+
+def _refuse_crosscoder(settings: DictionarySettings) -> None:
+    """The one-model trainings build a dictionary over one Subject's Sites; a crosscoder needs several."""
+    if settings.architecture == "crosscoder":
+        raise AimriError(
+            "a crosscoder reads several models on the same tokens: train it with train_crosscoder "
+            "(`mri train-crosscoder BASE MODEL`)"
+        )
+
+
 def train_from_store(
     store_path: str | Path,
     site: str,
     out: str | Path,
-    architecture: str = "topk",
-    width: int = 4608,
-    k: int | None = 32,
-    tokens: int = 2_000_000,
-    batch_size: int = 4096,
+    settings: DictionarySettings | None = None,
     site_out: str | None = None,
-    skip: bool = False,
-    lr: float | None = None,
-    seed: int = 0,
-    heldout_shards: int = 0,
     progress: bool = True,
     ranks: Group | None = None,
 ) -> tuple[Path, dict[str, float]]:
     """Train one dictionary (an SAE on `site`, or a transcoder `site` -> `site_out`) from a store; resumable.
-    The last `heldout_shards` shards are never trained on; training.json records them for `mri eval`.
-    With `ranks` (torchrun), data-parallel: each rank reads its 1/world of every batch from the store."""
+    The store's last `settings.heldout_shards` shards are never trained on; training.json records them for
+    `mri eval`. With `ranks` (torchrun), data-parallel: each rank reads its 1/world of every batch from the store."""
     from aimri.data.store import ActivationStore
 
+    settings = settings or DictionarySettings()
+    _refuse_crosscoder(settings)
     ranks = ranks or Group()
     store = ActivationStore(store_path)
+    batch_size, heldout = settings.batch_size, settings.heldout_shards
     if batch_size % ranks.world:
-        raise AimriError(f"--batch-size {batch_size} must be a multiple of the {ranks.world} ranks")
+        raise AimriError(f"batch_size {batch_size} must be a multiple of the {ranks.world} ranks")
     ranks.agree("the store (its manifest)", json.dumps(store.manifest["spec"], sort_keys=True))
-    cfg = DictionaryConfig(
-        architecture, store.d(site), width, d_out=store.d(site_out) if site_out else None,
-        k=k if architecture in ("topk", "batchtopk") else None, skip=skip, site=site, site_out=site_out or "",
-        model_name=store.spec["model"]["name"], model_revision=store.spec["model"]["revision"],
+    cfg = _dictionary_config(
+        settings, store.d(site), store.d(site_out) if site_out else None, site, site_out,
+        store.spec["model"]["name"], store.spec["model"]["revision"],
     )  # fmt: skip
     n = len(store.shards)
-    if not 0 <= heldout_shards < n:
-        raise AimriError(f"--heldout-shards {heldout_shards} must leave training data: the store has {n} shards")
+    if not 0 <= heldout < n:
+        raise AimriError(f"heldout_shards {heldout} must leave training data: the store has {n} shards")
     sites = [site] + ([site_out] if site_out else [])
     part = (ranks.rank, ranks.world)
-    batches = store_batches(store, sites, batch_size, seed, shards=list(range(n - heldout_shards)), part=part)
-    record = {"store": str(Path(store_path).resolve()), "heldout_shards": list(range(n - heldout_shards, n))}
-    tcfg = TrainConfig(total_tokens=tokens, batch_size=batch_size, lr=lr, seed=seed)
-    return _train_and_save(cfg, batches, out, tcfg, progress, record, ranks)
+    batches = store_batches(store, sites, batch_size, settings.seed, shards=list(range(n - heldout)), part=part)
+    record = {"store": str(Path(store_path).resolve()), "heldout_shards": list(range(n - heldout, n))}
+    return _train_and_save(cfg, batches, out, settings.train_config(), progress, record, ranks)
 
 
 def train_from_subject(
@@ -455,70 +438,57 @@ def train_from_subject(
     corpus: Any,
     site: str,
     out: str | Path,
-    architecture: str = "topk",
-    width: int = 4608,
-    k: int | None = 32,
-    tokens: int = 2_000_000,
-    batch_size: int = 4096,
+    settings: DictionarySettings | None = None,
     site_out: str | None = None,
-    skip: bool = False,
-    lr: float | None = None,
-    seed: int = 0,
-    context: int = 256,
     progress: bool = True,
 ) -> tuple[Path, dict[str, float]]:
-    """As `train_from_store`, but streamed from the model's forward passes (no store on disk): the corpus
-    is cycled when it holds fewer tokens than asked for; resumable (the stream replays deterministically)."""
+    """As `train_from_store`, but streamed from the model's forward passes (no store on disk; windows of
+    `settings.context` tokens): the corpus is cycled when it holds fewer tokens than asked for; resumable
+    (the stream replays deterministically)."""
     from aimri.dictionaries.stream import subject_batches
 
+    settings = settings or DictionarySettings()
+    _refuse_crosscoder(settings)
     sites = [site] + ([site_out] if site_out else [])
-    cfg = DictionaryConfig(  # site_dim checks the names before any forward pass
-        architecture, subject.site_dim(site), width, d_out=subject.site_dim(site_out) if site_out else None,
-        k=k if architecture in ("topk", "batchtopk") else None, skip=skip, site=site, site_out=site_out or "",
-        model_name=subject.name, model_revision=subject.revision,
+    cfg = _dictionary_config(  # site_dim checks the names before any forward pass
+        settings, subject.site_dim(site), subject.site_dim(site_out) if site_out else None, site, site_out,
+        subject.name, subject.revision,
     )  # fmt: skip
-    batches = subject_batches(subject, corpus, sites, batch_size=batch_size, context=context, seed=seed)
+    context = settings.context
+    batches = subject_batches(
+        subject, corpus, sites, batch_size=settings.batch_size, context=context, seed=settings.seed
+    )
     record = {"corpus": corpus.fingerprint(), "context": context}
-    tcfg = TrainConfig(total_tokens=tokens, batch_size=batch_size, lr=lr, seed=seed)
-    return _train_and_save(cfg, batches, out, tcfg, progress, record)
+    return _train_and_save(cfg, batches, out, settings.train_config(), progress, record)
 
 
 def train_transcoders(
     subject: Any,
     corpus: Any,
     out: str | Path,
-    layers: list[int] | None = None,
-    architecture: str = "topk",
-    width: int = 4608,
-    k: int | None = 32,
-    tokens: int = 1_000_000,
-    batch_size: int = 4096,
-    skip: bool = False,
-    lr: float | None = None,
-    seed: int = 0,
-    context: int = 256,
-    heldout_every: int = 50,
-    eval_windows: int = 16,
-    downstream_windows: int = 8,
+    config: TranscodersConfig | None = None,
     progress: bool = True,
     ranks: Group | None = None,
 ) -> dict[int, dict[str, Any]]:
-    """Per-layer transcoders mlp.in.L -> mlp.out.L for many layers, trained together from one pass over
-    the model's activations (no store); saved as `out`/layer-L in the SAELens layout, resumable. Every
-    `heldout_every`-th window is never trained on: metrics.json holds each layer's FVU, L0, dead fraction
-    and CE loss recovered on those windows. With `ranks` (torchrun) the layers are placed on ranks
-    (rank r trains every world-th layer from r, each from its own forward passes), not data-parallel."""
+    """Per-layer transcoders mlp.in.L -> mlp.out.L for `config.layers` (default: every layer), trained
+    together from one pass over the model's activations (no store); saved as `out`/layer-L in the SAELens
+    layout, resumable. Every `config.heldout_every`-th window is never trained on: metrics.json holds each
+    layer's FVU, L0, dead fraction and CE loss recovered on those windows. With `ranks` (torchrun) the layers
+    are placed on ranks (rank r trains every world-th layer from r, each from its own forward passes), not
+    data-parallel."""
     from aimri.dictionaries.evaluate import downstream_metrics, reconstruction_from_pairs, rows_from_windows
     from aimri.dictionaries.formats import load_dictionary, save_dictionary
     from aimri.dictionaries.stream import heldout_windows, subject_batches
     from aimri.progress import progress_bar
 
-    layers = list(range(subject.n_layers)) if layers is None else layers
+    c = config or TranscodersConfig()
+    _refuse_crosscoder(c)
+    layers = list(range(subject.n_layers)) if c.layers is None else list(c.layers)
     out = Path(out)
     settings = {
-        "model": subject.name, "revision": subject.revision, "layers": layers, "architecture": architecture,
-        "width": width, "k": k, "tokens": tokens, "batch_size": batch_size, "skip": skip, "lr": lr, "seed": seed,
-        "context": context, "heldout_every": heldout_every, "corpus": corpus.fingerprint(),
+        "model": subject.name, "revision": subject.revision, "layers": layers, "architecture": c.architecture,
+        "width": c.width, "k": c.k, "tokens": c.tokens, "batch_size": c.batch_size, "skip": c.skip, "lr": c.lr,
+        "seed": c.seed, "context": c.context, "heldout_every": c.heldout_every, "corpus": corpus.fingerprint(),
     }  # fmt: skip
     cached = out / "metrics.json"
     if cached.exists():  # finished before with these settings: nothing to redo
@@ -531,21 +501,24 @@ def train_transcoders(
     checkpoints = out / ".checkpoints" / (f"rank-{ranks.rank}-of-{ranks.world}" if ranks.active else "")
     trainers = []
     for layer in layers:
-        cfg = DictionaryConfig(
-            architecture, subject.d_model, width, d_out=subject.d_model, k=k if "topk" in architecture else None,
-            skip=skip, site=f"mlp.in.{layer}", site_out=f"mlp.out.{layer}", model_name=subject.name,
-            model_revision=subject.revision,
+        cfg = _dictionary_config(
+            c, subject.d_model, subject.d_model, f"mlp.in.{layer}", f"mlp.out.{layer}", subject.name,
+            subject.revision,
         )  # fmt: skip
-        trainers.append(Trainer(cfg, TrainConfig(total_tokens=tokens, batch_size=batch_size, lr=lr, seed=seed)))
+        trainers.append(Trainer(cfg, c.train_config()))
     sites = [s for layer in layers for s in (f"mlp.in.{layer}", f"mlp.out.{layer}")]
     batches = subject_batches(
-        subject, corpus, sites, batch_size=batch_size, context=context, seed=seed, heldout_every=heldout_every
+        subject, corpus, sites, batch_size=c.batch_size, context=c.context, seed=c.seed, heldout_every=c.heldout_every
     )
     if trainers:
         fit(trainers, batches, checkpoint_dir=checkpoints, progress=progress)
     for layer, trainer in zip(layers, trainers, strict=True):
         save_dictionary(trainer.export(), out / f"layer-{layer}")
-    held = heldout_windows(subject.tokenizer, corpus, context, heldout_every, eval_windows) if heldout_every else []
+    held = (
+        heldout_windows(subject.tokenizer, corpus, c.context, c.heldout_every, c.eval_windows)
+        if c.heldout_every
+        else []
+    )
     rows = rows_from_windows(subject, held, sites) if held and layers else {}
     metrics: dict[int, dict[str, Any]] = {}
     with progress_bar(disable=not progress) as bar:
@@ -553,12 +526,14 @@ def train_transcoders(
         for layer, trainer in zip(layers, trainers, strict=True):
             model = load_dictionary(out / f"layer-{layer}")  # what a user will load, checked as saved
             train_last = {f"train_{key}": value for key, value in trainer.last.items()}
-            metrics[layer] = {**train_last, "tokens": trainer.step_index * batch_size}
+            metrics[layer] = {**train_last, "tokens": trainer.step_index * c.batch_size}
             if held:
                 pair = [(rows[f"mlp.in.{layer}"], rows[f"mlp.out.{layer}"])]
                 metrics[layer].update(reconstruction_from_pairs(model, pair) or {})
-                if downstream_windows:
-                    metrics[layer].update(downstream_metrics(model, subject, corpus, windows=held[:downstream_windows]))
+                if c.downstream_windows:
+                    metrics[layer].update(
+                        downstream_metrics(model, subject, corpus, windows=held[: c.downstream_windows])
+                    )
             bar.update(task, advance=1)
     if ranks.active:  # every rank's layers, for the one metrics.json
         metrics = {int(k): v for part in ranks.all_gather(metrics, "collecting metrics") for k, v in part.items()}
@@ -575,28 +550,28 @@ def train_crosscoder(
     corpus: Any,
     site: str,
     out: str | Path,
-    width: int = 4608,
-    k: int = 32,
-    tokens: int = 1_000_000,
-    batch_size: int = 4096,
-    lr: float | None = None,
-    seed: int = 0,
-    context: int = 256,
+    config: CrosscoderConfig | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
     """A BatchTopK crosscoder over `site` of several Subjects (e.g. a base model and its fine-tune),
     streamed from the models on the same tokens; saved in the SAELens layout at `out`, resumable."""
     from aimri.dictionaries.stream import paired_batches
 
+    c = config or CrosscoderConfig()
+    if c.architecture != "crosscoder" or c.skip:
+        raise AimriError(
+            f"a crosscoder's settings need architecture='crosscoder' and no skip (got {c.architecture!r}, "
+            f"skip={c.skip})"
+        )
     d = subjects[0].d_model
     if any(s.d_model != d for s in subjects):
         raise AimriError(
             f"the models' {site} widths differ ({[s.d_model for s in subjects]}); a crosscoder needs equal widths"
         )
     cfg = DictionaryConfig(
-        "crosscoder", d * len(subjects), width, k=k, site=site, model_name="+".join(s.name for s in subjects),
+        "crosscoder", d * len(subjects), c.width, k=c.k, site=site, model_name="+".join(s.name for s in subjects),
         model_revision="+".join(s.revision[:12] for s in subjects), extra={"sources": len(subjects)},
     )  # fmt: skip
-    batches = paired_batches(subjects, corpus, site, batch_size=batch_size, context=context, seed=seed)
-    tcfg = TrainConfig(total_tokens=tokens, batch_size=batch_size, lr=lr, seed=seed)
-    return _train_and_save(cfg, batches, out, tcfg, progress, {"corpus": corpus.fingerprint(), "context": context})[1]
+    batches = paired_batches(subjects, corpus, site, batch_size=c.batch_size, context=c.context, seed=c.seed)
+    record = {"corpus": corpus.fingerprint(), "context": c.context}
+    return _train_and_save(cfg, batches, out, c.train_config(), progress, record)[1]

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import html
+import json
+from pathlib import Path
 from typing import Any
 
-from aimri.report.plots import line_plot
+from aimri.diagnostics.findings import FLAW_CATEGORIES
+from aimri.errors import AimriError
+from aimri.paths import atomic_write_text
+from aimri.plots import line_plot
+from aimri.run import Run
 
 CSS = """
 body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:24px auto;padding:0 16px;color:#1d2330}
@@ -108,8 +114,8 @@ def _decision(d: dict[str, Any]) -> str:
 
 
 def render_report(result: dict[str, Any], stages: dict[str, Any]) -> str:
-    from aimri.diagnostics.findings import FLAW_CATEGORIES
-
+    """The report page: `result` is findings.json's content, `stages` the anatomy, probes and decision
+    results (stage-results.json). Returns the HTML text."""
     findings = result["findings"]
     flaws = [f for f in findings if f["category"] in FLAW_CATEGORIES]
     info = [f for f in findings if f["category"] not in FLAW_CATEGORIES]
@@ -146,3 +152,19 @@ def render_report(result: dict[str, Any], stages: dict[str, Any]) -> str:
 <h2>Probes</h2>{sweeps}
 </body></html>
 """
+
+
+def write_report(scan: Path) -> Path:
+    """Render SCAN/report.html from the finished checkup's files (findings.json, stage-results.json), through
+    a temp file and a rename. Returns the report's path.
+
+    Raises AimriError when the scan has not finished (the files are missing or unreadable)."""
+    scan = Path(scan)
+    try:
+        result = json.loads(Run.findings_of(scan).read_text())
+        stages = json.loads(Run.stage_results_of(scan).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise AimriError(f"{scan} holds no finished checkup ({err}); run the checkup there first") from err
+    path = Run.report_of(scan)
+    atomic_write_text(path, render_report(result, stages))
+    return path

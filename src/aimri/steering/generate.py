@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from aimri.autointerp.llm import chat_ids
 from aimri.errors import AimriError
 from aimri.steering.interventions import Intervention, SteeringError, to_edits
+from aimri.subject.chat import chat_ids
 from aimri.subject.core import Subject
 
 
@@ -83,7 +83,7 @@ def generate(
         if len(ids) + max_new_tokens > subject.context_length:
             raise AimriError(
                 f"a prompt of {len(ids)} tokens plus {max_new_tokens} new ones exceeds {subject.name}'s context of "
-                f"{subject.context_length}: shorten it ({p[:40]!r}...) or lower --max-new-tokens"
+                f"{subject.context_length}: shorten it ({p[:40]!r}...) or lower `max_new_tokens`"
             )
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}

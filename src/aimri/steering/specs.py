@@ -1,4 +1,6 @@
-"""Intervention specs as the CLI takes them, resolved against a Subject.
+"""Steering specs: typed (`FeatureSpec`, `DirectionSpec`) for Python and the console, and the CLI's strings
+parsed into them. Resolving a spec against its dictionary and atlas happens once, in `resolve_feature`,
+whatever the front end; its errors speak of the spec's fields, not of a flag.
 
 --feature SITE/DICT#ID=VALUE      VALUE: x8 (clamp to 8 × the feature's max activation, from its
                                   atlas), 12.5 (clamp to 12.5), +4 (add 4 × its decoder row),
@@ -12,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -19,6 +22,7 @@ from torch import Tensor
 
 from aimri.dictionaries.base import Dictionary
 from aimri.errors import AimriError
+from aimri.run import Run
 from aimri.steering.interventions import DirectionEdit, FeatureEdit, SteeringError, Where
 from aimri.subject.sites import KINDS
 
@@ -26,9 +30,31 @@ _KIND = "|".join(re.escape(kind) for kind in KINDS)
 _FEATURE = re.compile(rf"^(?:(?P<site>(?:{_KIND})\.-?\d+)/)?(?P<dict>.+)#(?P<id>-?\d+)=(?P<value>\S+)$")
 
 
+FeatureMode = Literal["times_max", "clamp", "add", "off"]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """A feature edit before it is resolved: which feature of which dictionary, and how.
+
+    mode: "times_max" clamps to `value` × the feature's max activation (from its atlas), "clamp" to `value`,
+    "add" adds `value` × its decoder row, "off" ablates it (value ignored). site: the Site the user expects
+    the dictionary to read (checked against the dictionary's own; None = take the dictionary's)."""
+
+    dictionary: Path
+    feature: int
+    mode: FeatureMode
+    value: float = 0.0
+    site: str | None = None
+
+    def __str__(self) -> str:
+        value = {"times_max": f"x{self.value:g}", "clamp": f"{self.value:g}", "add": f"+{self.value:g}", "off": "off"}
+        return f"{self.site + '/' if self.site else ''}{self.dictionary}#{self.feature}={value[self.mode]}"
+
+
 @dataclass
 class FeatureChoice:
-    """A resolved --feature: the edit, the feature's max activation (its atlas's, if any) and its label."""
+    """A resolved feature spec: the edit, the feature's max activation (its atlas's, if any) and its label."""
 
     edit: FeatureEdit
     max_act: float | None
@@ -48,43 +74,67 @@ def _atlas_info(atlas_path: Path | None, dictionary: Dictionary, feature: int) -
     return float(card["max_act"] or 0.0) or None, label, atlas_path
 
 
+def resolve_feature(
+    spec: FeatureSpec, where: Where = "all", atlas: Path | None = None, cache: dict[Path, Dictionary] | None = None
+) -> FeatureChoice:
+    """The edit a spec asks for: the dictionary loaded (once per folder, through `cache`), the site and the
+    feature's range checked, a multiple of the max activation read from the atlas (`atlas`, default
+    DICTIONARY/atlas.sqlite, checked to be this dictionary's).
+
+    Raises SteeringError naming what is wrong: another site, a feature out of range, no atlas for a multiple."""
+    from aimri.dictionaries import load_dictionary
+
+    path, feature = Path(spec.dictionary), spec.feature
+    cache = {} if cache is None else cache
+    if path not in cache:
+        cache[path] = load_dictionary(path, site=spec.site or "")
+    dictionary = cache[path]
+    if spec.site and dictionary.cfg.site and spec.site != dictionary.cfg.site:
+        raise SteeringError(f"feature {spec}: {path} was trained on {dictionary.cfg.site}, not {spec.site}")
+    if not 0 <= feature < dictionary.cfg.d_sae:
+        raise SteeringError(
+            f"feature {spec}: feature {feature} is outside the dictionary (0..{dictionary.cfg.d_sae - 1})"
+        )
+    max_act, label, atlas_used = _atlas_info(atlas or Run.atlas_of(path), dictionary, feature)
+    if spec.mode == "off":
+        edit = FeatureEdit(dictionary, feature, 0.0, "clamp", where)
+    elif spec.mode == "times_max":
+        if max_act is None:
+            raise SteeringError(
+                f"feature {spec}: x{spec.value:g} is a multiple of the feature's max activation, which comes from "
+                f"its atlas; build one (`mri atlas {path}`), give the atlas, or give an absolute value (=12.5)"
+            )
+        edit = FeatureEdit(dictionary, feature, spec.value * max_act, "clamp", where)
+    else:
+        edit = FeatureEdit(dictionary, feature, spec.value, spec.mode, where)
+    return FeatureChoice(edit, max_act, label, atlas_used)
+
+
+def parse_feature_spec(text: str) -> FeatureSpec:
+    """SITE/DICT#ID=VALUE (the CLI's --feature) as a FeatureSpec. Raises SteeringError on a malformed spec."""
+    m = _FEATURE.match(text)
+    if m is None:
+        raise SteeringError(f"--feature {text!r}: write SITE/DICTIONARY#ID=VALUE, e.g. resid.15/runs/sae#812=x8")
+    value = m["value"]
+    try:
+        if value == "off":
+            mode, number = "off", 0.0
+        elif value.startswith("x"):
+            mode, number = "times_max", float(value[1:])
+        elif value.startswith("+"):
+            mode, number = "add", float(value[1:])
+        else:
+            mode, number = "clamp", float(value)
+    except ValueError:
+        raise SteeringError(f"--feature {text!r}: the value must be x<multiple>, <number>, +<number> or off") from None
+    return FeatureSpec(Path(m["dict"]), int(m["id"]), mode, number, m["site"])  # type: ignore[arg-type]
+
+
 def parse_feature(
     spec: str, where: Where = "all", atlas: Path | None = None, cache: dict[Path, Dictionary] | None = None
 ) -> FeatureChoice:
-    from aimri.dictionaries import load_dictionary
-
-    m = _FEATURE.match(spec)
-    if m is None:
-        raise SteeringError(f"--feature {spec!r}: write SITE/DICTIONARY#ID=VALUE, e.g. resid.15/runs/sae#812=x8")
-    path, feature, value = Path(m["dict"]), int(m["id"]), m["value"]
-    cache = {} if cache is None else cache
-    if path not in cache:
-        cache[path] = load_dictionary(path, site=m["site"] or "")
-    dictionary = cache[path]
-    if m["site"] and dictionary.cfg.site and m["site"] != dictionary.cfg.site:
-        raise SteeringError(f"--feature {spec!r}: {path} was trained on {dictionary.cfg.site}, not {m['site']}")
-    if not 0 <= feature < dictionary.cfg.d_sae:
-        raise SteeringError(
-            f"--feature {spec!r}: feature {feature} is outside the dictionary (0..{dictionary.cfg.d_sae - 1})"
-        )
-    max_act, label, atlas_used = _atlas_info(atlas or path / "atlas.sqlite", dictionary, feature)
-    try:
-        if value == "off":
-            edit = FeatureEdit(dictionary, feature, 0.0, "clamp", where)
-        elif value.startswith("x"):
-            if max_act is None:
-                raise SteeringError(
-                    f"--feature {spec!r}: {value} is a multiple of the feature's max activation, which comes from its "
-                    f"atlas; build one (`mri atlas {path}`), pass --atlas, or give an absolute value (=12.5)"
-                )
-            edit = FeatureEdit(dictionary, feature, float(value[1:]) * max_act, "clamp", where)
-        elif value.startswith("+"):
-            edit = FeatureEdit(dictionary, feature, float(value[1:]), "add", where)
-        else:
-            edit = FeatureEdit(dictionary, feature, float(value), "clamp", where)
-    except ValueError:
-        raise SteeringError(f"--feature {spec!r}: the value must be x<multiple>, <number>, +<number> or off") from None
-    return FeatureChoice(edit, max_act, label, atlas_used)
+    """The CLI's --feature string, parsed and resolved (`resolve_feature(parse_feature_spec(spec), ...)`)."""
+    return resolve_feature(parse_feature_spec(spec), where, atlas, cache)
 
 
 def load_vector(path: Path) -> Tensor:

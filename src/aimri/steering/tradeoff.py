@@ -10,9 +10,11 @@ vector, as in AxBench, on the same prompts.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,10 +23,12 @@ from torch import Tensor
 from aimri.autointerp.llm import ChatBackend
 from aimri.dictionaries.base import Dictionary
 from aimri.errors import AimriError
+from aimri.paths import atomic_write_text
+from aimri.plots import line_plot
 from aimri.progress import progress_bar
-from aimri.report.plots import line_plot
 from aimri.steering.generate import Generation, generate
-from aimri.steering.interventions import DirectionEdit, FeatureEdit, Intervention
+from aimri.steering.interventions import DirectionEdit, FeatureEdit, Intervention, SteeringError
+from aimri.steering.specs import FeatureChoice
 from aimri.subject.core import Subject
 
 
@@ -200,3 +204,43 @@ def sweep(
         if p.perplexity <= budget and (p.method not in best or p.presence > best[p.method].presence):
             best[p.method] = p
     return Sweep(feature, concept, points, best, perplexity_budget)
+
+
+def sweep_feature(
+    subject: Subject,
+    prompts: Sequence[str],
+    choice: FeatureChoice,
+    strengths: Sequence[float],
+    concept: str | None = None,
+    out: Path | None = None,
+    judge: ChatBackend | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> Sweep:
+    """The presence / fluency trade-off of one resolved feature (`resolve_feature`) against the diff-of-means
+    vector built from its atlas's top examples and prompting for `concept` (default: its atlas label), as in
+    AxBench (Wu et al. 2025). With `out`, writes OUT/sweep.json and OUT/curve.svg (temp file, rename).
+
+    Raises SteeringError when the feature has no atlas (its max activation and examples come from there), or
+    no concept is given and the atlas has no label."""
+    from aimri.atlas.db import Atlas
+
+    if choice.max_act is None or choice.atlas is None:
+        raise SteeringError(
+            "a sweep needs the feature's atlas (max activation and examples): build it with `mri atlas DICTIONARY`"
+        )
+    concept = concept or choice.label
+    if not concept:
+        raise SteeringError(
+            "a sweep needs the concept in words for the prompting baseline: give `concept`, or label the atlas"
+        )
+    edit = choice.edit
+    examples = Atlas(choice.atlas).examples(edit.feature, "top")
+    dom = diff_of_means(subject, edit.dictionary, edit.feature, ["".join(e["tokens"]) for e in examples])
+    result = sweep(subject, prompts, edit.dictionary, edit.feature, choice.max_act, concept, strengths, dom=dom,
+                   judge=judge, progress=progress, **options)  # fmt: skip
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "sweep.json", json.dumps(result.to_dict(), indent=1))
+        atomic_write_text(out / "curve.svg", result.plot())
+    return result

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from aimri.errors import AimriError
 from aimri.paths import aimri_home, atomic_write_text, fsync_dir
 from aimri.subject.core import Subject
+from aimri.subject.organism import OrganismError, adapter_revision, read_record
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
@@ -211,6 +213,25 @@ def _from_hub(name: str, device: str, dtype: torch.dtype, **placement: Any) -> S
     raise AimriError(f"could not load {name!r} from the Hugging Face hub ({reason}); {hint}") from err
 
 
+def model_name(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> str:
+    """The name `load(name_or_path)` gives its Subject, worked out without loading anything: the embedded name,
+    a .gguf file's stem, an organism's or a model directory's folder name (a folder holding one .gguf: that
+    file's stem), or a hub id as given ("org/name"). `aimri.run.Run.for_model` files a run under it."""
+    name = str(name_or_path)
+    if name in EMBEDDED:
+        return name
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path.stem
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        organism = (path / "organism.json").exists() or (path / "adapter" / "adapter_config.json").exists()
+        if not organism and not (path / "config.json").exists() and len(ggufs) == 1:
+            return ggufs[0].stem
+        return path.resolve().name
+    return name.removesuffix(".gguf")
+
+
 def load(
     name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
     device: str = "cpu",
@@ -232,17 +253,35 @@ def load(
     if path.is_file():
         return _from_dir(gguf_to_dir(path), path.stem, device, dtype, **placement)
     if path.is_dir() and ((path / "organism.json").exists() or (path / "adapter" / "adapter_config.json").exists()):
-        from aimri.diagnostics.organisms import load_organism
-
         return load_organism(path, device=device)
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and len(ggufs) == 1:
             return _from_dir(gguf_to_dir(ggufs[0]), ggufs[0].stem, device, dtype, **placement)
-        return _from_dir(path, path.name, device, dtype, **placement)
+        return _from_dir(path, path.resolve().name, device, dtype, **placement)
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return _from_hub(name, device, dtype, **placement)
     raise AimriError(
         f"no model {name!r}: pass one of {', '.join(EMBEDDED)}, a .gguf file, a local Hugging Face "
         "directory, or a hub id like org/name"
     )
+
+
+def load_organism(path: Path, device: str = "cpu") -> Subject:
+    """The organism as a Subject: its base model with the adapter merged in."""
+    record = read_record(path)
+    adapter = path / "adapter"
+    if not (adapter / "adapter_config.json").exists():
+        raise OrganismError(f"{path} has no adapter/adapter_config.json; rebuild it with `mri organism build`")
+    from peft import PeftModel
+
+    base = load(record["base"], device=device)
+    if record.get("base_revision") not in (None, base.revision):
+        raise OrganismError(
+            f"{path} was built on {record['base']} revision {record['base_revision'][:12]}, but that model is now "
+            f"revision {base.revision[:12]}; rebuild it with `mri organism build --force`"
+        )
+    with warnings.catch_warnings():  # peft probes a deprecated transformers attribute on load
+        warnings.simplefilter("ignore", FutureWarning)
+        merged = PeftModel.from_pretrained(base.model, str(adapter)).merge_and_unload()
+    return Subject(merged, base.tokenizer, name=path.resolve().name, revision=adapter_revision(adapter, base.revision))

@@ -14,17 +14,33 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from aimri.subject.adapters import get_module
+from aimri.subject.adapters import Adapter, get_module
 from aimri.subject.sites import Site
 
-if TYPE_CHECKING:
-    from aimri.subject.core import Subject
+
+class Tappable(Protocol):
+    """What a Tap needs of the model it hooks (a Subject is one): the HF model, its adapter, its blocks and
+    its Sites. Declared here so taps do not import the Subject that uses them."""
+
+    @property
+    def model(self) -> Any: ...
+
+    @property
+    def adapter(self) -> Adapter: ...
+
+    @property
+    def head_dim(self) -> int: ...
+
+    def site(self, name: str | Site) -> Site: ...
+
+    def layer(self, index: int) -> torch.nn.Module: ...
+
 
 EditValue: TypeAlias = "Tensor | Callable[[Tensor], Tensor]"
 Positions: TypeAlias = "int | slice | Sequence[int] | Tensor | None"
@@ -69,7 +85,7 @@ class Tap:
 
     def __init__(
         self,
-        subject: Subject,
+        subject: Tappable,
         read: Iterable[str] = (),
         edit: Mapping[str, EditValue | Edit] | Iterable[Edit] | None = None,
         stop: bool = False,

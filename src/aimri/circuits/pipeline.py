@@ -1,0 +1,99 @@
+"""Tracing a prompt to graph files, once for every front end: attribute → prune → clerps → supernodes → graph
+JSON (+ static HTML). `mri trace`, the console's "trace a prompt" and notebooks all call `trace_prompt`.
+
+Method: the local replacement model with per-layer transcoders and attribution by batched backward passes, as
+in Ameisen et al. 2025 ("Circuit Tracing") and circuit-tracer; see aimri.circuits.attribution.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aimri.circuits.attribution import Graph, attribute
+from aimri.circuits.config import TraceConfig
+from aimri.circuits.export import atlas_clerps, graph_json, render_html
+from aimri.circuits.prune import Pruned, prune, supernodes
+from aimri.circuits.replacement import ReplacementModel, load_transcoders
+from aimri.dictionaries.base import Dictionary
+from aimri.errors import AimriError
+from aimri.paths import atomic_write_text
+from aimri.subject.core import Subject
+
+Step = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class Traced:
+    """A traced prompt: the full graph, its pruning, the exported JSON and the files written."""
+
+    graph: Graph
+    pruned: Pruned
+    data: dict[str, Any]
+    path: Path
+    html: Path | None
+
+    def summary(self) -> dict[str, Any]:
+        """Sizes, scores (replacement / completeness, pruned and full), seconds and the top logits."""
+        g, p = self.graph, self.pruned
+        return {
+            "prompt_tokens": g.n_pos, "features": g.n_features, "features_expanded": g.meta["features_expanded"],
+            "edges": len(g.edge_weights), "kept_nodes": len(self.data["nodes"]), "kept_links": len(self.data["links"]),
+            "replacement": p.replacement, "completeness": p.completeness,
+            "replacement_full": p.replacement_full, "completeness_full": p.completeness_full,
+            "seconds": round(g.meta["seconds"], 1),
+            "top_logits": list(zip(g.logit_token_strings, g.logit_probs, strict=True)),
+        }  # fmt: skip
+
+
+def trace_prompt(
+    subject: Subject,
+    transcoders: Path | dict[int, Dictionary],
+    prompt: str,
+    out: Path,
+    config: TraceConfig | None = None,
+    html: Path | bool = True,
+    clerps_from: Path | None = None,
+    progress: bool = True,
+    step: Step | None = None,
+) -> Traced:
+    """Trace `prompt`'s next-token prediction and write the graph JSON (circuit-tracer / Neuronpedia format)
+    to `out`, with a static HTML rendering beside it (`html=True`: OUT with .html; a path; or False for none).
+
+    transcoders: a folder of `layer-L` transcoders (`mri train-transcoders`) or those already loaded;
+    clerps_from: the folder whose `layer-L/atlas.sqlite` label the nodes (default: the transcoder folder).
+    step: called with (stage, done, total) as attribution, pruning and writing proceed.
+    Raises AimriError for an empty prompt, settings out of range, or transcoders that do not fit the subject.
+    """
+    config = config or TraceConfig()
+    config.check()
+    if not prompt.strip():
+        raise AimriError("the prompt is empty")
+    note = step or (lambda stage, done, total: None)
+    if isinstance(transcoders, dict):
+        tcs = transcoders
+    else:
+        note("loading transcoders", 0, 1)
+        tcs, clerps_from = load_transcoders(transcoders, subject), clerps_from or Path(transcoders)
+    note("attributing", 0, 3)
+    graph = attribute(
+        ReplacementModel(subject, tcs), prompt, max_feature_nodes=config.max_feature_nodes,
+        batch_size=config.batch_size, progress=progress, constant_positions=config.constant_positions,
+    )  # fmt: skip
+    note("pruning", 1, 3)
+    pruned = prune(graph, config.node_threshold, config.edge_threshold)
+    clerps = atlas_clerps(graph, pruned, clerps_from) if clerps_from is not None else {}
+    groups = supernodes(graph, pruned.node_mask, {k: tc.W_dec.detach() for k, tc in tcs.items()}, clerps)
+    out = Path(out)
+    data = graph_json(graph, pruned, out.stem, subject.name, clerps, groups, config.node_threshold)
+    note("writing", 2, 3)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(data))
+    page = None if html is False else out.with_suffix(".html") if html is True else Path(html)
+    if page is not None:
+        atomic_write_text(page, render_html(data))
+    note("writing", 3, 3)
+    return Traced(graph, pruned, data, out, page)

@@ -1,0 +1,14 @@
+"""Reports: the checkup's self-contained HTML page, rendered from a finished scan's files."""
+
+from typing import TYPE_CHECKING
+
+from aimri.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from aimri.report.checkup_html import render_report, write_report
+    from aimri.report.scan import scan
+
+__all__ = ["render_report", "scan", "write_report"]
+__getattr__, __dir__ = lazy_exports(
+    __name__, {"render_report": ".checkup_html", "write_report": ".checkup_html", "scan": ".scan"}
+)
