@@ -25,7 +25,8 @@ import aimri
 from aimri.data.corpus import Corpus, Packing, pack
 from aimri.data.default_corpus import default_corpus_path
 from aimri.data.harvest import harvest
-from aimri.subject.loading import _smollm2_gguf, gguf_to_dir
+from aimri.subject.loading import gguf_to_dir
+from aimri.subject.names import _smollm2_gguf
 from common import emit, gemm_gflops, run_peer
 
 

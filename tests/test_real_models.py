@@ -17,7 +17,7 @@ import aimri
 from aimri.data.corpus import Corpus
 from aimri.data.harvest import harvest
 from aimri.errors import AimriError
-from aimri.subject.loading import _smollm2_gguf
+from aimri.subject.names import _smollm2_gguf
 
 pytestmark = pytest.mark.integration
 

@@ -18,6 +18,7 @@ from aimri.autointerp.config import LabelConfig
 from aimri.circuits.config import TraceConfig
 from aimri.dictionaries.config import CrosscoderConfig, DictionarySettings, TranscodersConfig
 from aimri.errors import AimriError
+from aimri.subject.names import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="AI MRI: look inside transformer language models.")
 corpus_app = typer.Typer(no_args_is_help=True, help="Build and inspect corpora.")
@@ -30,7 +31,6 @@ organism_app = typer.Typer(no_args_is_help=True, help="Build model organisms: th
 app.add_typer(organism_app, name="organism")
 console = Console(stderr=True, soft_wrap=True, highlight=False)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"  # = aimri.subject.DEFAULT_MODEL (checked by a test; importing it costs torch)
 NPROC_HELP = "start this many local ranks under torchrun (data-parallel); already under torchrun: leave out"
 
 
@@ -122,7 +122,7 @@ def harvest(
     from aimri.data.default_corpus import default_corpus_path
     from aimri.data.harvest import harvest as run_harvest
     from aimri.run import Run
-    from aimri.subject.loading import model_name
+    from aimri.subject.names import model_name
 
     ranks = _join_ranks(nproc)
     paths = corpus or [_leader_first(ranks, lambda: default_corpus_path(log=lambda m: console.print(m)))]
@@ -191,7 +191,7 @@ def train(
         import aimri
         from aimri.data.corpus import Corpus
         from aimri.data.default_corpus import default_corpus_path
-        from aimri.subject.loading import model_name
+        from aimri.subject.names import model_name
 
         if Path(source).is_dir() and not (Path(source) / "config.json").exists():
             raise AimriError(f"{source} is neither an activation store (no manifest.json) nor a model directory")
@@ -232,7 +232,7 @@ def train_transcoders_cmd(
     from aimri.data.default_corpus import default_corpus_path
     from aimri.dictionaries.train import train_transcoders
     from aimri.run import Run
-    from aimri.subject.loading import model_name
+    from aimri.subject.names import model_name
 
     ranks = _join_ranks(nproc)
     subject = _leader_first(ranks, lambda: aimri.load(model))
@@ -275,7 +275,7 @@ def train_crosscoder_cmd(
     from aimri.data.default_corpus import default_corpus_path
     from aimri.dictionaries.train import train_crosscoder
     from aimri.run import Run
-    from aimri.subject.loading import model_name
+    from aimri.subject.names import model_name
 
     if len(models) < 2:
         raise AimriError("a crosscoder needs at least two models (e.g. a base model and its fine-tune)")

@@ -100,7 +100,7 @@ def label_atlas(atlas_path: Path, config: LabelConfig | None = None, progress: b
     from aimri.autointerp.llm import ChatBackend, ChatClient, HFChat
     from aimri.autointerp.scorers import DetectionScorer, EmbeddingScorer, FuzzingScorer, SimulationScorer
     from aimri.paths import aimri_home
-    from aimri.subject.loading import DEFAULT_MODEL
+    from aimri.subject.names import DEFAULT_MODEL
 
     c = config or LabelConfig()
     backend: ChatBackend | None = None

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from aimri.errors import AimriError
 from aimri.subject.chat import Messages, chat_ids
+from aimri.subject.names import DEFAULT_MODEL
 
 Parse = Callable[[str], Any] | list[Callable[[str], Any]] | None
 
@@ -235,7 +236,7 @@ class ChatClient:
 class HFChat:
     """A Hugging Face chat model in this process (greedy decoding), e.g. the embedded SmolLM2."""
 
-    def __init__(self, model: str = "smollm2-135m-instruct") -> None:
+    def __init__(self, model: str = DEFAULT_MODEL) -> None:
         import aimri
 
         self.subject = aimri.load(model)

@@ -88,7 +88,7 @@ class Console:
                             "command": "mri train STORE --out RUN/dictionaries/NAME && mri atlas RUN/dictionaries/NAME"})  # fmt: skip
         if not self.graphs:
             missing.append({"what": "an attribution graph (graphs/NAME.json)",
-                            "command": "mri trace MODEL 'PROMPT' --out RUN/graphs/NAME.json"})  # fmt: skip
+                            "command": "mri trace MODEL 'PROMPT' (writes runs/<model>/graphs/; or --out RUN/graphs/NAME.json)"})  # fmt: skip
         if not self.findings.is_file():
             missing.append({"what": "a checkup (scan/findings.json)", "command": "mri scan MODEL --out RUN/scan"})
         atlases = []
@@ -130,7 +130,7 @@ class Console:
                 model = None
             if model:
                 return str(model)
-        from aimri.subject.loading import EMBEDDED
+        from aimri.subject.names import EMBEDDED
 
         name = self.run_dir.resolve().name
         return name if name in EMBEDDED else None  # runs/<embedded model>
@@ -224,7 +224,7 @@ class Console:
             raise RequestError(
                 "no model known for this run: start the console with a model (`mri serve RUN --model MODEL`)"
             )
-        from aimri.subject.loading import model_name
+        from aimri.subject.names import model_name
 
         if self._subject is None or self._subject.name != model_name(name):
             progress(f"loading {name}", 0, 1)

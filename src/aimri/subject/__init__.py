@@ -8,7 +8,8 @@ if TYPE_CHECKING:
     from aimri.subject.adapters import ADAPTERS, Adapter, register_adapter
     from aimri.subject.chat import chat_ids
     from aimri.subject.core import Subject
-    from aimri.subject.loading import DEFAULT_MODEL, EMBEDDED, load, model_name
+    from aimri.subject.loading import load
+    from aimri.subject.names import DEFAULT_MODEL, EMBEDDED, model_name
     from aimri.subject.sites import Site
     from aimri.subject.taps import Edit, StopForward, Tap
 
@@ -30,6 +31,6 @@ __all__ = [
 __getattr__, __dir__ = lazy_exports(
     __name__,
     {"ADAPTERS": ".adapters", "Adapter": ".adapters", "register_adapter": ".adapters", "chat_ids": ".chat",
-     "Subject": ".core", "DEFAULT_MODEL": ".loading", "EMBEDDED": ".loading", "load": ".loading",
-     "model_name": ".loading", "Site": ".sites", "Edit": ".taps", "StopForward": ".taps", "Tap": ".taps"},
+     "Subject": ".core", "DEFAULT_MODEL": ".names", "EMBEDDED": ".names", "load": ".loading",
+     "model_name": ".names", "Site": ".sites", "Edit": ".taps", "StopForward": ".taps", "Tap": ".taps"},
 )  # fmt: skip
