@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from aimri.diagnostics.findings import Finding, names_flaw
 from aimri.diagnostics.organisms import ORGANISMS, organisms_dir, read_record
 from aimri.diagnostics.probes import auroc, tpr_at_fpr
+from aimri.run import Run
 from common import emit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def main() -> None:
         seconds = run(
             [MRI, "scan", str(organisms_dir() / name), "--baseline", record["base"], "--out", str(out / name)]
         )
-        result = json.loads((out / name / "findings.json").read_text())
+        result = json.loads(Run.findings_of(out / name).read_text())
         top = Finding(**result["findings"][0])
         rows.append({
             "organism": name, "flaw": record["flaw"], "suspicion": result["suspicion"], "top_finding": top.title,

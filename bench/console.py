@@ -27,6 +27,7 @@ from aimri.console.app import Console
 from aimri.console.index import index_path
 from aimri.console.server import make_server
 from aimri.paths import aimri_home
+from aimri.run import Run
 from atlas import synthetic_atlas
 from common import emit
 
@@ -75,14 +76,14 @@ def main() -> None:
     start = time.perf_counter()
     atlas = labelled_atlas(args.features)
     log(f"atlas of {args.features:,} features ready in {time.perf_counter() - start:.1f} s")
-    run = Path(tempfile.mkdtemp(prefix="aimri-console-bench-"))
-    (run / "graphs").mkdir()
-    synthetic_graph(run / "graphs" / "big.json")
-    (run / "scan").mkdir()
+    run = Run(Path(tempfile.mkdtemp(prefix="aimri-console-bench-")))
+    run.graphs.mkdir()
+    synthetic_graph(run.graph("big"))
+    run.scan.mkdir()
     findings = [{"id": f"f{i}", "category": "harm", "title": f"finding {i}", "summary": "", "suspicion": i / 40,
                  "evidence": [{"kind": "examples", "rows": [{"prompt": "p", "answer": "a"}] * 20}]} for i in range(40)]  # fmt: skip
-    (run / "scan" / "findings.json").write_text(json.dumps({"model": "m", "suspicion": 1, "findings": findings}))
-    console = Console(run, atlases=[atlas])
+    Run.findings_of(run.scan).write_text(json.dumps({"model": "m", "suspicion": 1, "findings": findings}))
+    console = Console(run.root, atlases=[atlas])
     index_path(atlas).unlink(missing_ok=True)  # measure the one-time index build too
     start = time.perf_counter()
     console.prepare()

@@ -285,7 +285,7 @@ def test_checkup_writes_report_resumes_and_never_half_writes(
     finished = {p.stem for p in (out / "stages").glob("*.json")}
     assert {"anatomy", "refusal", "behaviour", "decision", "baseline_behaviour"} <= finished
     logs.clear()
-    from aimri.report.scan import scan  # the checkup, then its report rendered from the files it wrote
+    from aimri.report import scan  # the checkup, then its report rendered from the files it wrote
 
     result = scan(cand, out, baseline=base, log=logs.append, neutral_texts=NEUTRAL)
     assert sum("reused" in m for m in logs) == len(finished) + 2  # + the baseline's probes and refusal rates

@@ -140,7 +140,7 @@ def test_imports_follow_the_layer_order_and_make_no_circles() -> None:
     [
         ("subject/sites.py", "from aimri.cli import app\n", "subject/sites.py:{line}: aimri.subject.sites (subject) imports aimri.cli"),
         ("dictionaries/base.py", "def f():\n    from aimri.atlas.db import Atlas\n", "dictionaries/base.py:{line}"),
-        ("steering/specs.py", "import aimri.report.scan\n", "steering/specs.py:{line}"),
+        ("steering/specs.py", "import aimri.report.pipeline\n", "steering/specs.py:{line}"),
     ],
     ids=["module-level", "inside-a-function", "plain-import"],
 )  # fmt: skip
@@ -163,3 +163,20 @@ def test_a_planted_circle_is_named(tmp_path: Path) -> None:
     )
     _, circles = check(root)
     assert any("aimri.atlas.db imports aimri.atlas.build" in c for c in circles), circles
+
+
+def test_package_exports_resolve_and_shadow_no_submodule() -> None:
+    """Each package's lazily exported names resolve to what they name, and none is also a submodule's name (a
+    submodule, once imported, would replace the export on the package: `from pkg import f` would give a module)."""
+    import importlib
+    import types
+
+    for init in sorted(SRC.glob("*/__init__.py")):
+        package = importlib.import_module(f"aimri.{init.parent.name}")
+        submodules = {p.stem for p in init.parent.glob("*.py")} | {
+            p.parent.name for p in init.parent.glob("*/__init__.py")
+        }
+        for name in getattr(package, "__all__", []):
+            assert name not in submodules, f"aimri.{init.parent.name} exports {name!r}, also a submodule's name"
+            value = getattr(package, name)
+            assert not isinstance(value, types.ModuleType), f"aimri.{init.parent.name}.{name} is a module"

@@ -479,7 +479,8 @@ def steer(
         raise AimriError(f"--where {where!r}: use all, prompt or generated")
     subject = aimri.load(model)
     cache: dict = {}
-    choices = [parse_feature(f, where, atlas, cache) for f in feature]  # type: ignore[arg-type]
+    with _flags_named("atlas"):
+        choices = [parse_feature(f, where, atlas, cache) for f in feature]  # type: ignore[arg-type]
     edits = [c.edit for c in choices] + [parse_direction(d, where) for d in direction]  # type: ignore[arg-type]
     options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "chat": chat}
     if sweep is not None:
@@ -494,7 +495,8 @@ def steer(
             judge = ChatClient(judge_endpoint, judge_model, api_key=os.environ.get("OPENAI_API_KEY"))
         _steer_sweep(subject, texts, choices, sweep, concept, out, {**options, "judge": judge}, as_json, quiet)
         return
-    pairs = compare(subject, texts, edits, **options)  # type: ignore[arg-type]
+    with _flags_named("max_new_tokens"):
+        pairs = compare(subject, texts, edits, **options)  # type: ignore[arg-type]
     if as_json:
         print(json.dumps([{"prompt": a.prompt, "unsteered": a.text, "steered": b.text} for a, b in pairs]))
         return
@@ -697,7 +699,7 @@ def scan(
     """The checkup: anatomy, probes, refusal, behaviour, one decision explained and (with --baseline) model
     diffing; writes OUT/report.html and OUT/findings.json. Rerun to resume an interrupted scan."""
     import aimri
-    from aimri.report.scan import scan as run_scan
+    from aimri.report import scan as run_scan
     from aimri.run import Run
 
     subject = aimri.load(model)

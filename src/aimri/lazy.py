@@ -21,6 +21,8 @@ def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str],
         return getattr(importlib.import_module(module, package), name)
 
     def __dir__() -> list[str]:
-        return sorted(exports)
+        import sys
+
+        return sorted(set(exports) | set(vars(sys.modules[package])))
 
     return __getattr__, __dir__

@@ -12,9 +12,8 @@ console's discovery) asks a `Run` where its files go, so a model is filed under 
             atlas.sqlite              their atlases (graph node labels)
         graphs/NAME.json (+ .html)    attribution graphs (`mri trace`)
         directions/NAME.npy|.safetensors   steering vectors (probes, differences of means, ...)
-        sweeps/NAME/                  steering trade-off sweeps (`mri steer --sweep`)
         scan/                         the checkup: findings.json, stage-results.json, report.html, stages/ (`mri scan`)
-        treatments/NAME/              edited models and their records
+        treatments/NAME/              edited models and their records (reserved for `mri treat`, to come)
 
 Organisms are not per run: they are model directories cached under $AIMRI_HOME/organisms (`organisms_dir()`).
 
@@ -103,7 +102,7 @@ class Run:
     def transcoder_layer(transcoders: Path, layer: int) -> Path:
         return Path(transcoders) / f"layer-{layer}"
 
-    # -- graphs, directions, sweeps -------------------------------------------------------------------
+    # -- graphs and directions -------------------------------------------------------------------
     @property
     def graphs(self) -> Path:
         return self.root / "graphs"
@@ -114,9 +113,6 @@ class Run:
     @property
     def directions(self) -> Path:
         return self.root / "directions"
-
-    def sweep(self, name: str) -> Path:
-        return self.root / "sweeps" / name
 
     # -- the checkup and treatments --------------------------------------------------------------------
     @property

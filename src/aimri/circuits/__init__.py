@@ -9,9 +9,8 @@ from aimri.lazy import lazy_exports
 if TYPE_CHECKING:
     from aimri.circuits.attribution import Graph, attribute
     from aimri.circuits.config import TraceConfig
-    from aimri.circuits.intervene import Change, intervene
+    from aimri.circuits.intervene import Change
     from aimri.circuits.pipeline import Traced, trace_prompt
-    from aimri.circuits.prune import prune
     from aimri.circuits.replacement import ReplacementModel, load_transcoders
 
 __all__ = [
@@ -21,9 +20,7 @@ __all__ = [
     "TraceConfig",
     "Traced",
     "attribute",
-    "intervene",
     "load_transcoders",
-    "prune",
     "trace_prompt",
 ]
 __getattr__, __dir__ = lazy_exports(
@@ -36,8 +33,6 @@ __getattr__, __dir__ = lazy_exports(
         "Graph": ".attribution",
         "ReplacementModel": ".replacement",
         "load_transcoders": ".replacement",
-        "prune": ".prune",
-        "intervene": ".intervene",
         "Change": ".intervene",
     },
 )

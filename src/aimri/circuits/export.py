@@ -10,6 +10,7 @@ from typing import Any
 
 from aimri.circuits.attribution import Graph
 from aimri.circuits.prune import Pruned
+from aimri.run import Run
 
 
 def _cantor(x: int, y: int) -> int:
@@ -95,7 +96,7 @@ def atlas_clerps(graph: Graph, pruned: Pruned, folder: Path) -> dict[int, str]:
     for node in pruned.node_mask[: graph.n_features].nonzero().flatten().tolist():
         layer, _, index = (int(v) for v in graph.features[node])
         if layer not in atlases:
-            path = folder / f"layer-{layer}" / "atlas.sqlite"
+            path = Run.atlas_of(Run.transcoder_layer(folder, layer))
             atlases[layer] = Atlas(path) if path.is_file() else None
         atlas = atlases[layer]
         if atlas is not None:

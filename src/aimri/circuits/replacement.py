@@ -28,6 +28,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from aimri.dictionaries.base import Dictionary
 from aimri.errors import AimriError
+from aimri.run import Run
 from aimri.subject.adapters import get_module
 from aimri.subject.core import Subject
 
@@ -134,10 +135,10 @@ def load_transcoders(folder: str | Path, subject: Subject) -> dict[int, Dictiona
     if not folder.is_dir():
         raise AimriError(f"{folder} is not a folder of transcoders; make one with `mri train-transcoders`")
     found: dict[int, Dictionary] = {}
-    for sub in sorted(folder.glob("layer-*")):
+    for layer in range(subject.n_layers):
+        sub = Run.transcoder_layer(folder, layer)
         if (sub / "cfg.json").exists():
             tc = load_dictionary(sub)
-            layer = int(sub.name.removeprefix("layer-"))
             revision = tc.cfg.model_revision
             if revision and subject.revision != "unknown" and revision != subject.revision:
                 raise AimriError(

@@ -9,7 +9,6 @@ from aimri.lazy import lazy_exports
 if TYPE_CHECKING:
     from aimri.data.corpus import Corpus, Packing, pack
     from aimri.data.default_corpus import build_default_corpus, default_corpus_path
-    from aimri.data.harvest import harvest
     from aimri.data.store import ActivationStore
 
 __all__ = [
@@ -18,7 +17,6 @@ __all__ = [
     "Packing",
     "build_default_corpus",
     "default_corpus_path",
-    "harvest",
     "pack",
 ]
 __getattr__, __dir__ = lazy_exports(
@@ -28,7 +26,6 @@ __getattr__, __dir__ = lazy_exports(
         "Packing": ".corpus",
         "pack": ".corpus",
         "ActivationStore": ".store",
-        "harvest": ".harvest",
         "default_corpus_path": ".default_corpus",
         "build_default_corpus": ".default_corpus",
     },

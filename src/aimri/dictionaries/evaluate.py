@@ -210,7 +210,7 @@ def evaluate_dictionary(
             if shards is None:
                 raise AimriError(
                     f"{dictionary} was trained on every shard of {store}; pass a held-out store, or retrain with "
-                    "heldout_shards > 0"
+                    "`heldout_shards` > 0"
                 )
     result: dict[str, Any] = {
         "dictionary": str(dictionary),

@@ -24,6 +24,7 @@ from aimri.dictionaries.sparse import topk_autoencode, workspace_rows
 from aimri.distributed import Group
 from aimri.errors import AimriError
 from aimri.paths import atomic_write_text, fsync_dir
+from aimri.run import Run
 
 # one site's rows, (input, output) rows, or rows of many sites by name (one pass feeding many dictionaries)
 Batch = Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]
@@ -347,7 +348,7 @@ def store_batches(
             produced = True
             yield batch
         if not produced:
-            raise AimriError(f"the store has fewer than {batch_size} rows; lower batch_size or harvest more tokens")
+            raise AimriError(f"the store has fewer than {batch_size} rows; lower `batch_size` or harvest more tokens")
         epoch += 1
 
 
@@ -417,7 +418,7 @@ def train_from_store(
     store = ActivationStore(store_path)
     batch_size, heldout = settings.batch_size, settings.heldout_shards
     if batch_size % ranks.world:
-        raise AimriError(f"batch_size {batch_size} must be a multiple of the {ranks.world} ranks")
+        raise AimriError(f"`batch_size` {batch_size} must be a multiple of the {ranks.world} ranks")
     ranks.agree("the store (its manifest)", json.dumps(store.manifest["spec"], sort_keys=True))
     cfg = _dictionary_config(
         settings, store.d(site), store.d(site_out) if site_out else None, site, site_out,
@@ -425,7 +426,7 @@ def train_from_store(
     )  # fmt: skip
     n = len(store.shards)
     if not 0 <= heldout < n:
-        raise AimriError(f"heldout_shards {heldout} must leave training data: the store has {n} shards")
+        raise AimriError(f"`heldout_shards` {heldout} must leave training data: the store has {n} shards")
     sites = [site] + ([site_out] if site_out else [])
     part = (ranks.rank, ranks.world)
     batches = store_batches(store, sites, batch_size, settings.seed, shards=list(range(n - heldout)), part=part)
@@ -493,7 +494,7 @@ def train_transcoders(
     cached = out / "metrics.json"
     if cached.exists():  # finished before with these settings: nothing to redo
         record = json.loads(cached.read_text())
-        if record.get("settings") == settings and all((out / f"layer-{layer}").is_dir() for layer in layers):
+        if record.get("settings") == settings and all(Run.transcoder_layer(out, layer).is_dir() for layer in layers):
             return {int(layer): m for layer, m in record["layers"].items()}
     ranks = ranks or Group()
     ranks.agree("the transcoder settings (model revision, corpus, layers)", json.dumps(settings, sort_keys=True))
@@ -513,7 +514,7 @@ def train_transcoders(
     if trainers:
         fit(trainers, batches, checkpoint_dir=checkpoints, progress=progress)
     for layer, trainer in zip(layers, trainers, strict=True):
-        save_dictionary(trainer.export(), out / f"layer-{layer}")
+        save_dictionary(trainer.export(), Run.transcoder_layer(out, layer))
     held = (
         heldout_windows(subject.tokenizer, corpus, c.context, c.heldout_every, c.eval_windows)
         if c.heldout_every
@@ -524,7 +525,7 @@ def train_transcoders(
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task("evaluate", total=len(layers), rate="")
         for layer, trainer in zip(layers, trainers, strict=True):
-            model = load_dictionary(out / f"layer-{layer}")  # what a user will load, checked as saved
+            model = load_dictionary(Run.transcoder_layer(out, layer))  # what a user will load, checked as saved
             train_last = {f"train_{key}": value for key, value in trainer.last.items()}
             metrics[layer] = {**train_last, "tokens": trainer.step_index * c.batch_size}
             if held:

@@ -6,9 +6,9 @@ from aimri.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from aimri.report.checkup_html import render_report, write_report
-    from aimri.report.scan import scan
+    from aimri.report.pipeline import scan
 
 __all__ = ["render_report", "scan", "write_report"]
 __getattr__, __dir__ = lazy_exports(
-    __name__, {"render_report": ".checkup_html", "write_report": ".checkup_html", "scan": ".scan"}
+    __name__, {"render_report": ".checkup_html", "write_report": ".checkup_html", "scan": ".pipeline"}
 )

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from aimri.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from aimri.steering.generate import compare, generate
+    from aimri.steering.generate import compare
     from aimri.steering.interventions import DirectionEdit, FeatureEdit, ablate
     from aimri.steering.specs import FeatureSpec, load_vector, parse_feature_spec, resolve_feature
     from aimri.steering.tradeoff import sweep, sweep_feature
@@ -18,7 +18,6 @@ __all__ = [
     "FeatureSpec",
     "ablate",
     "compare",
-    "generate",
     "load_vector",
     "parse_feature_spec",
     "resolve_feature",
@@ -35,7 +34,6 @@ __getattr__, __dir__ = lazy_exports(
         "resolve_feature": ".specs",
         "parse_feature_spec": ".specs",
         "load_vector": ".specs",
-        "generate": ".generate",
         "compare": ".generate",
         "sweep": ".tradeoff",
         "sweep_feature": ".tradeoff",

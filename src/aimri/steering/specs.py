@@ -102,7 +102,7 @@ def resolve_feature(
         if max_act is None:
             raise SteeringError(
                 f"feature {spec}: x{spec.value:g} is a multiple of the feature's max activation, which comes from "
-                f"its atlas; build one (`mri atlas {path}`), give the atlas, or give an absolute value (=12.5)"
+                f"its atlas; build one (`mri atlas {path}`), give `atlas`, or give an absolute value (=12.5)"
             )
         edit = FeatureEdit(dictionary, feature, spec.value * max_act, "clamp", where)
     else:
