@@ -122,12 +122,11 @@ def harvest(
     from aimri.data.default_corpus import default_corpus_path
     from aimri.data.harvest import harvest as run_harvest
     from aimri.run import Run
-    from aimri.subject.names import model_name
 
     ranks = _join_ranks(nproc)
     paths = corpus or [_leader_first(ranks, lambda: default_corpus_path(log=lambda m: console.print(m)))]
     subject = _leader_first(ranks, lambda: aimri.load(model))
-    out = out or Run.for_model(model_name(model)).store
+    out = out or Run.for_model(subject.name).store
     with _flags_named("site", "context", "out", "text_field", "corpus"):
         store = run_harvest(
             subject, Corpus.from_paths(paths, text_field=text_field), site, out, context=context, batch_size=batch_size,
@@ -191,13 +190,12 @@ def train(
         import aimri
         from aimri.data.corpus import Corpus
         from aimri.data.default_corpus import default_corpus_path
-        from aimri.subject.names import model_name
 
         if Path(source).is_dir() and not (Path(source) / "config.json").exists():
             raise AimriError(f"{source} is neither an activation store (no manifest.json) nor a model directory")
         subject = aimri.load(source)
         paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
-        out = out or Run.for_model(model_name(source)).dictionary(name)
+        out = out or Run.for_model(subject.name).dictionary(name)
         with _flags_named("batch_size"):
             path, metrics = train_from_subject(
                 subject, Corpus.from_paths(paths), site, out, settings, site_out, progress=not quiet
@@ -232,7 +230,6 @@ def train_transcoders_cmd(
     from aimri.data.default_corpus import default_corpus_path
     from aimri.dictionaries.train import train_transcoders
     from aimri.run import Run
-    from aimri.subject.names import model_name
 
     ranks = _join_ranks(nproc)
     subject = _leader_first(ranks, lambda: aimri.load(model))
@@ -240,7 +237,7 @@ def train_transcoders_cmd(
         layers=None if layers == "all" else [int(x) for x in layers.split(",")], width=width, k=k, tokens=tokens,
         batch_size=batch_size, skip=skip, context=context,
     )  # fmt: skip
-    out = out or Run.for_model(model_name(model)).transcoders
+    out = out or Run.for_model(subject.name).transcoders
     paths = corpus or [_leader_first(ranks, lambda: default_corpus_path(log=lambda m: console.print(m)))]
     with _flags_named("batch_size"):
         metrics = train_transcoders(subject, Corpus.from_paths(paths), out, config, progress=not quiet, ranks=ranks)
@@ -275,13 +272,12 @@ def train_crosscoder_cmd(
     from aimri.data.default_corpus import default_corpus_path
     from aimri.dictionaries.train import train_crosscoder
     from aimri.run import Run
-    from aimri.subject.names import model_name
 
     if len(models) < 2:
         raise AimriError("a crosscoder needs at least two models (e.g. a base model and its fine-tune)")
     config = CrosscoderConfig(width=width, k=k, tokens=tokens, batch_size=batch_size, context=context)
-    out = out or Run.for_model(model_name(models[-1])).dictionary(f"crosscoder-{site}-w{width}-k{k}")
     subjects = [aimri.load(m) for m in models]
+    out = out or Run.for_model(subjects[-1].name).dictionary(f"crosscoder-{site}-w{width}-k{k}")
     paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
     with _flags_named("batch_size"):
         last = train_crosscoder(subjects, Corpus.from_paths(paths), site, out, config, progress=not quiet)
@@ -564,15 +560,13 @@ def trace(
     import aimri
     from aimri.circuits.intervene import intervene as run_intervention
     from aimri.circuits.intervene import parse_change
-    from aimri.circuits.pipeline import trace_prompt
+    from aimri.circuits.pipeline import check_trace, trace_prompt
     from aimri.circuits.replacement import load_transcoders
     from aimri.run import Run, prompt_slug
 
     config = TraceConfig(node_threshold, edge_threshold, max_feature_nodes, batch_size, constant_positions)
     with _flags_named(*(f.name for f in dataclasses.fields(TraceConfig))):
-        config.check()
-        if not prompt.strip():
-            raise AimriError("the prompt is empty")
+        check_trace(prompt, config)
     changes = [parse_change(c) for c in intervene]
     subject = aimri.load(model)
     run = Run.for_model(subject.name)

@@ -49,6 +49,13 @@ class Traced:
         }  # fmt: skip
 
 
+def check_trace(prompt: str, config: TraceConfig) -> None:
+    """Raises AimriError for an empty prompt or settings out of range (callers check before loading a model)."""
+    config.check()
+    if not prompt.strip():
+        raise AimriError("the prompt is empty")
+
+
 def trace_prompt(
     subject: Subject,
     transcoders: Path | dict[int, Dictionary],
@@ -69,9 +76,7 @@ def trace_prompt(
     Raises AimriError for an empty prompt, settings out of range, or transcoders that do not fit the subject.
     """
     config = config or TraceConfig()
-    config.check()
-    if not prompt.strip():
-        raise AimriError("the prompt is empty")
+    check_trace(prompt, config)
     note = step or (lambda stage, done, total: None)
     if isinstance(transcoders, dict):
         tcs = transcoders

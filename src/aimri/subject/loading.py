@@ -19,7 +19,7 @@ import torch
 from aimri.errors import AimriError
 from aimri.paths import aimri_home, atomic_write_text, fsync_dir
 from aimri.subject.core import Subject
-from aimri.subject.names import DEFAULT_MODEL, EMBEDDED
+from aimri.subject.names import DEFAULT_MODEL, EMBEDDED, model_name
 from aimri.subject.organism import OrganismError, adapter_revision, read_record
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
@@ -192,19 +192,20 @@ def load(
     with `offload_folder` for "disk"); taps work the same on it (accelerate's hooks wrap the modules).
     """
     name = str(name_or_path)
+    called = model_name(name)  # the Subject's name: one rule, shared with the run directory's
     placement = {"device_map": device_map, "offload_folder": offload_folder} if device_map is not None else {}
     if name in EMBEDDED:
-        return _from_dir(gguf_to_dir(EMBEDDED[name]()), name, device, dtype, **placement)
+        return _from_dir(gguf_to_dir(EMBEDDED[name]()), called, device, dtype, **placement)
     path = Path(name).expanduser()
     if path.is_file():
-        return _from_dir(gguf_to_dir(path), path.stem, device, dtype, **placement)
+        return _from_dir(gguf_to_dir(path), called, device, dtype, **placement)
     if path.is_dir() and ((path / "organism.json").exists() or (path / "adapter" / "adapter_config.json").exists()):
         return load_organism(path, device=device)
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and len(ggufs) == 1:
-            return _from_dir(gguf_to_dir(ggufs[0]), ggufs[0].stem, device, dtype, **placement)
-        return _from_dir(path, path.resolve().name, device, dtype, **placement)
+            return _from_dir(gguf_to_dir(ggufs[0]), called, device, dtype, **placement)
+        return _from_dir(path, called, device, dtype, **placement)
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return _from_hub(name, device, dtype, **placement)
     raise AimriError(
@@ -230,4 +231,4 @@ def load_organism(path: Path, device: str = "cpu") -> Subject:
     with warnings.catch_warnings():  # peft probes a deprecated transformers attribute on load
         warnings.simplefilter("ignore", FutureWarning)
         merged = PeftModel.from_pretrained(base.model, str(adapter)).merge_and_unload()
-    return Subject(merged, base.tokenizer, name=path.resolve().name, revision=adapter_revision(adapter, base.revision))
+    return Subject(merged, base.tokenizer, name=model_name(path), revision=adapter_revision(adapter, base.revision))
