@@ -11,6 +11,7 @@ from tests.helpers import random_transcoders, tiny_subject
 from aimri import Subject
 from aimri.circuits.replacement import ReplacementModel
 from aimri.dictionaries.base import DictionaryConfig, build
+from aimri.dictionaries.match import prompt_ids
 from aimri.errors import AimriError
 
 
@@ -232,7 +233,7 @@ def test_cli_trace_writes_graph_json_and_html(tiny_lm_dir: str, tmp_path) -> Non
     data = json.loads((tmp_path / "g" / "graph.json").read_text())
     assert {"metadata", "qParams", "nodes", "links"} <= set(data)
     kinds = {n["feature_type"] for n in data["nodes"]}
-    assert {"embedding", "logit"} <= kinds and data["metadata"]["prompt_tokens"][0] == "The"
+    assert {"embedding", "logit"} <= kinds and data["metadata"]["prompt_tokens"][:2] == ["<|endoftext|>", "The"]
     ids = {n["node_id"] for n in data["nodes"]}
     assert all(link["source"] in ids and link["target"] in ids for link in data["links"])
     assert (tmp_path / "g" / "graph.html").read_text().startswith("<!doctype html>")
@@ -261,6 +262,14 @@ def test_replacement_on_the_default_model_is_exact_and_attributes() -> None:
     sources, _ = graph.row(graph.logit_start)
     kinds = {graph.kind(s) for s in sources.tolist()}
     assert kinds == {"feature", "error", "embedding"} and graph.meta["features_expanded"] == 16
+    # a text prompt opens as the harvest's windows do (<|endoftext|>, which SmolLM2's tokenizer does not add):
+    # the BOS is the attention sink, and the prompt's first word is an ordinary position with nodes
+    opened = prompt_ids(subject.tokenizer, "The capital of the state containing Dallas is", model.transcoders.values())
+    assert opened == [subject.tokenizer.convert_tokens_to_ids("<|endoftext|>"), *ids]
+    bare = subject.run(torch.tensor([ids]), read=["resid.15"])["resid.15"][0].norm(dim=-1)
+    norms = subject.run(torch.tensor([opened]), read=["resid.15"])["resid.15"][0].norm(dim=-1)
+    assert bare[0] > 20 * bare[1:].median()  # bare: the first word is the sink
+    assert norms[0] > 20 * norms[2:].median() and norms[1] < 3 * norms[2:].median()
 
 
 @pytest.mark.integration

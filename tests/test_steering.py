@@ -133,7 +133,7 @@ def test_bad_interventions_say_what_is_wrong(subject: aimri.Subject) -> None:
         to_edits(subject, [FeatureEdit(sae, 2, 4.0), ablate(sae, 2)])
     with pytest.raises(SiteError, match="unknown site|resid"):
         to_edits(subject, [FeatureEdit(tied_sae(32, 16, "resid.9"), 0, 1.0)])
-    with pytest.raises(SteeringError, match="trained on another model"):
+    with pytest.raises(SteeringError, match="belongs to another model"):
         to_edits(subject, [FeatureEdit(tied_sae(64, 16, "resid.1"), 0, 1.0)])
     with pytest.raises(SteeringError, match="cannot edit resid.1"):
         to_edits(subject, [DirectionEdit("resid.1", torch.ones(5))])

@@ -180,7 +180,7 @@ def train(
         store = Path(source)
         out = out or Run.dictionary_beside(store, name)
         with _flags_named("batch_size", "heldout_shards"):
-            path, metrics = train_from_store(store, site, out, settings, site_out, progress=not quiet, ranks=ranks)
+            path, _ = train_from_store(store, site, out, settings, site_out, progress=not quiet, ranks=ranks)
     elif ranks.active:
         raise AimriError(
             "data-parallel training reads an activation store: harvest one first (`mri harvest` under torchrun "
@@ -197,13 +197,23 @@ def train(
         paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
         out = out or Run.for_model(subject.name).dictionary(name)
         with _flags_named("batch_size"):
-            path, metrics = train_from_subject(
+            path, _ = train_from_subject(
                 subject, Corpus.from_paths(paths), site, out, settings, site_out, progress=not quiet
             )
     if ranks.leader:
-        console.print(
-            f"[green]saved[/] {path}  fvu={metrics.get('fvu', float('nan')):.4f} l0={metrics.get('l0', 0):.1f} dead={metrics.get('dead_frac', 0):.3f}"
+        console.print(f"[green]saved[/] {path}  {_saved_figures(path)}")
+
+
+def _saved_figures(path: Path) -> str:
+    """The saved dictionary's figures from its training.json: on held-out rows where there are some, else on the
+    last training batch (never the training-mode figures, which a BatchTopK's saved form does not reproduce)."""
+    info = json.loads((path / "training.json").read_text())
+    held, last = info.get("heldout_saved"), info.get("saved_last_batch") or {}
+    if held:
+        return (
+            f"held-out ({held['rows']:,} rows): fvu={held['fvu']:.4f} l0={held['l0']:.1f} dead={held['dead_frac']:.3f}"
         )
+    return f"as saved, on the last batch: fvu={last.get('fvu', float('nan')):.4f} l0={last.get('l0', 0):.1f} (no held-out rows)"
 
 
 @app.command("train-transcoders")
@@ -280,8 +290,8 @@ def train_crosscoder_cmd(
     out = out or Run.for_model(subjects[-1].name).dictionary(f"crosscoder-{site}-w{width}-k{k}")
     paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
     with _flags_named("batch_size"):
-        last = train_crosscoder(subjects, Corpus.from_paths(paths), site, out, config, progress=not quiet)
-    console.print(f"[green]saved[/] {out}  fvu={last.get('fvu', float('nan')):.4f} l0={last.get('l0', 0):.1f}")
+        train_crosscoder(subjects, Corpus.from_paths(paths), site, out, config, progress=not quiet)
+    console.print(f"[green]saved[/] {out}  {_saved_figures(out)}")
 
 
 @app.command("eval")
@@ -298,6 +308,9 @@ def eval_(
         list[Path], typer.Option(help="corpus for downstream windows (default: the default corpus)")
     ] = [],  # noqa: B006
     windows: Annotated[int, typer.Option(help="held-out windows for the downstream CE/KL (0 = skip)")] = 32,
+    allow_other_model: Annotated[
+        bool, typer.Option(help="use a dictionary trained on another model (a deliberate transfer)")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Reconstruction (L0, FVU, cosine, dead, density) and downstream (CE loss recovered, KL) metrics."""
@@ -305,7 +318,13 @@ def eval_(
 
     with _flags_named("heldout_shards"):
         result = evaluate_dictionary(
-            dictionary, store, model=model, corpus=corpus or None, windows=windows, log=lambda m: console.print(m)
+            dictionary,
+            store,
+            model=model,
+            corpus=corpus or None,
+            windows=windows,
+            log=lambda m: console.print(m),
+            allow_other_model=allow_other_model,
         )
     if as_json:
         print(json.dumps(result))
@@ -333,6 +352,9 @@ def atlas(
         ),
     ] = None,
     jsonl: Annotated[Path | None, typer.Option(help="also export Neuronpedia-style feature JSONL here")] = None,
+    allow_other_model: Annotated[
+        bool, typer.Option(help="use a dictionary trained on another model (a deliberate transfer)")
+    ] = False,
     quiet: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """Per-feature statistics, examples, logit effects, neighbours and co-firing, in one SQLite atlas."""
@@ -357,7 +379,7 @@ def atlas(
         out = out or Run.for_model(subject.name).neuron_atlas(int(neurons or 0))
     paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
     result = build_atlas(sae, subject, Corpus.from_paths(paths), out, tokens=tokens, context=context, top_n=top,
-                         dictionary_name=name, progress=not quiet)  # fmt: skip
+                         dictionary_name=name, progress=not quiet, allow_other_model=allow_other_model)  # fmt: skip
     console.print(f"[green]wrote[/] {out}: {result.n_features:,} features over {result.meta['tokens']:,} tokens")
     if jsonl:
         console.print(f"[green]wrote[/] {result.export_jsonl(jsonl)}")
@@ -454,6 +476,9 @@ def steer(
         str | None, typer.Option(help="with --sweep: an OpenAI-compatible endpoint whose model judges on-topic")
     ] = None,
     judge_model: Annotated[str | None, typer.Option(help="the model name the judge endpoint serves")] = None,
+    allow_other_model: Annotated[
+        bool, typer.Option(help="steer with a dictionary trained on another model (a deliberate transfer)")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     quiet: Annotated[bool, typer.Option()] = False,
 ) -> None:
@@ -478,7 +503,8 @@ def steer(
     with _flags_named("atlas"):
         choices = [parse_feature(f, where, atlas, cache) for f in feature]  # type: ignore[arg-type]
     edits = [c.edit for c in choices] + [parse_direction(d, where) for d in direction]  # type: ignore[arg-type]
-    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "chat": chat}
+    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "chat": chat,
+               "allow_other_model": allow_other_model}  # fmt: skip
     if sweep is not None:
         judge = None
         if judge_endpoint:
@@ -554,6 +580,9 @@ def trace(
     intervene: Annotated[
         list[str], typer.Option(help="LAYER/FEATURE[@POS,..]=VALUE or =xFACTOR; prints the new top logits")
     ] = [],  # noqa: B006
+    allow_other_model: Annotated[
+        bool, typer.Option(help="use transcoders trained on another model (a deliberate transfer)")
+    ] = False,
     quiet: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """Attribution graph of a prompt through per-layer transcoders: pruned, scored, exported, rendered."""
@@ -571,7 +600,7 @@ def trace(
     subject = aimri.load(model)
     run = Run.for_model(subject.name)
     folder = transcoders or run.transcoders
-    tcs = load_transcoders(folder, subject)
+    tcs = load_transcoders(folder, subject, allow_other_model)
     traced = trace_prompt(subject, tcs, prompt, out or run.graph(prompt_slug(prompt)), config, html=html or True,
                           clerps_from=folder, progress=not quiet)  # fmt: skip
     data = traced.data

@@ -21,6 +21,7 @@ from aimri.atlas.db import Atlas
 from aimri.atlas.mine import HIST_EDGES, Mined, mine
 from aimri.data.corpus import Corpus
 from aimri.dictionaries.base import Dictionary, dictionary_sha
+from aimri.dictionaries.match import check_model
 from aimri.paths import fsync_dir
 from aimri.subject.core import Subject
 
@@ -126,7 +127,12 @@ def build_atlas(
     dictionary_name: str = "",
     seed: int = 0,
     progress: bool = True,
+    allow_other_model: bool = False,
 ) -> Atlas:
+    """Mine `dictionary`'s features over `tokens` tokens of `corpus` run through `subject` and write the atlas
+    (SQLite) at `out` (temp file, rename). Raises AimriError when the dictionary was trained on another model
+    (aimri.dictionaries.match.check_model; `allow_other_model` for a deliberate transfer)."""
+    check_model(dictionary, subject, allow_other_model)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".atlas-", dir=out.parent))

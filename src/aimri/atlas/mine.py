@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from aimri.data.corpus import Corpus, Packing, pack
+from aimri.data.corpus import Corpus, pack
 from aimri.data.harvest import keep_rows
 from aimri.dictionaries.base import Dictionary
+from aimri.dictionaries.match import packing_for
 from aimri.errors import AimriError
 from aimri.progress import progress_bar
 from aimri.subject.core import Subject
@@ -116,7 +117,7 @@ def mine(
     if subject.site_dim(site) != cfg.d_in:
         raise AimriError(f"{site} is {subject.site_dim(site)} wide; the dictionary expects d_in={cfg.d_in}")
     F = cfg.d_sae
-    packing = Packing.for_tokenizer(subject.tokenizer, context)
+    packing = packing_for(dictionary, subject.tokenizer, context)  # windows open as the dictionary's training ones
     n_windows = max(1, tokens // context)
     workdir.mkdir(parents=True, exist_ok=True)
     ids_path, codes_path = workdir / "windows.i32", workdir / "codes.idx"
@@ -142,7 +143,9 @@ def mine(
             valid = torch.from_numpy(np.stack([w.valid for w in group]))
             acts = subject.run(ids, att, read=[site])
             valid = keep_rows(acts, [site], valid, sink_ratio, "the atlas")
-            codes = dictionary.encode(acts[site].reshape(B * context, -1).float()).reshape(B, context, F)
+            # the dictionary computes in its dtype (a bf16 model's activations are cast to it), statistics in fp32
+            codes = dictionary.encode(acts[site].reshape(B * context, -1).to(dictionary.W_enc)).float()
+            codes = codes.reshape(B, context, F)
             codes = codes * valid[..., None]
             if not torch.isfinite(codes).all():
                 raise AimriError(f"the dictionary produced NaN/inf codes at windows {done}..{done + B}")

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from aimri.circuits.replacement import ReplacementModel
+from aimri.dictionaries.match import prompt_ids
 from aimri.errors import AimriError
 from aimri.progress import progress_bar
 
@@ -131,12 +132,14 @@ def attribute(
     outputs act like biases, so they have no feature or error nodes (their token embeddings stay nodes).
     Position 0 is the attention sink, whose residual is ~100x any other: the harvest leaves it out, so no
     transcoder was trained there and its "features" would be artefacts (and holding it keeps our graphs
-    comparable with circuit-tracer's)."""
+    comparable with circuit-tracer's).
+
+    A text prompt opens as the transcoders' training windows did (their recorded BOS, see
+    aimri.dictionaries.match.prompt_ids), so with the default `constant_positions=1` the held position is that
+    BOS and every word of the prompt gets nodes; token ids are used as given."""
     subject = model.subject
     tok = subject.tokenizer
-    if isinstance(prompt, str) and tok is None:
-        raise AimriError("this subject has no tokenizer: give the prompt as token ids")
-    ids = list(prompt) if isinstance(prompt, list) else list(tok(prompt)["input_ids"])
+    ids = list(prompt) if isinstance(prompt, list) else prompt_ids(tok, prompt, model.transcoders.values())
 
     def text(i: list[int]) -> str:
         return tok.decode(i) if tok is not None else " ".join(map(str, i))
@@ -202,7 +205,7 @@ def attribute(
                 quantities.append(row[logit_tokens[t - graph.logit_start]] - row.mean())
             else:
                 layer, pos, idx = (int(v) for v in features[t])
-                quantities.append(run.mlp_inputs[layer][b, pos].float() @ W_enc[layer][:, idx])
+                quantities.append(run.mlp_inputs[layer][b, pos].float() @ W_enc[layer][:, idx].float())
         leaves = [run.embeddings, *(run.codes[layer] for layer in range(L)), *(run.errors[layer] for layer in range(L))]
         grads = torch.autograd.grad(torch.stack(quantities).sum(), leaves, allow_unused=True, retain_graph=True)
         grads = tuple(None if g is None else g[:B] for g in grads)  # copies past B carry no target

@@ -76,7 +76,7 @@ def graph_json(
     return {
         "metadata": {
             "slug": slug, "scan": scan, "transcoder_list": [], "prompt_tokens": graph.token_strings,
-            "prompt": graph.prompt, "node_threshold": node_threshold, "schema_version": 1,
+            "prompt_ids": list(graph.tokens), "prompt": graph.prompt, "node_threshold": node_threshold, "schema_version": 1,
             "info": {"generator": "aimri", "replacement_score": pruned.replacement,
                      "completeness_score": pruned.completeness, "replacement_score_full": pruned.replacement_full,
                      "completeness_score_full": pruned.completeness_full, **graph.meta},

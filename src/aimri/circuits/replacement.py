@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from transformers.modeling_utils import AttentionInterface
 
 from aimri.dictionaries.base import Dictionary
+from aimri.dictionaries.match import check_model
 from aimri.errors import AimriError
 from aimri.run import Run
 from aimri.subject.adapters import get_module
@@ -95,6 +96,17 @@ def _norm_modules(subject: Subject) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _norm_tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """(rtol, atol) for matching a norm's output recomputed in fp32 against the model's own in `dtype`: a
+    few units in the last place of `dtype`, never tighter than fp32's (1e-3, 1e-4)."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    return max(1e-3, 4 * eps), max(1e-4, 4 * eps)
+
+
 def _frozen_norm(name: str, module: nn.Module):  # type: ignore[no-untyped-def]
     """(pre-hook, hook): the norm runs on a detached input (autograd records nothing of it) and its output
     is replaced by the same values computed linearly from the real input, the denominator held constant."""
@@ -112,23 +124,31 @@ def _frozen_norm(name: str, module: nn.Module):  # type: ignore[no-untyped-def]
         if isinstance(mod, nn.LayerNorm):
             centred = xf - xf.mean(-1, keepdim=True)
             scale = torch.rsqrt(centred.detach().pow(2).mean(-1, keepdim=True) + eps)
-            candidates = [centred * scale * (weight if weight is not None else 1) + (bias if bias is not None else 0)]
+            lin = centred * scale
+            if weight is not None:
+                lin = lin * weight.float()
+            candidates = [lin if bias is None else lin + bias.float()]
         else:
             normed = xf * torch.rsqrt(xf.detach().pow(2).mean(-1, keepdim=True) + eps)
             candidates = [normed] if weight is None else [normed * weight.float(), normed * (1.0 + weight.float())]
+        # a half-precision norm rounds once or twice (Llama: normed.to(dtype) * weight; Gemma: the product):
+        # the tolerance is a few units of the output dtype's last place, never below fp32's
+        rtol, atol = _norm_tolerance(out.dtype)
+        target = out.detach().float()
         for lin in candidates:
-            lin = lin.to(out.dtype)
-            if torch.allclose(lin.detach(), out, rtol=1e-3, atol=1e-4):
-                return out + (lin - lin.detach())
+            if torch.allclose(lin.detach(), target, rtol=rtol, atol=atol):
+                return out + (lin - lin.detach()).to(out.dtype)
         raise AimriError(
-            f"cannot freeze the norm {name} ({type(mod).__name__}): its convention is not RMSNorm or LayerNorm"
+            f"cannot freeze the norm {name} ({type(mod).__name__}, {_dtype_name(out.dtype)}): neither the RMSNorm nor "
+            f"the LayerNorm convention reproduces its {_dtype_name(out.dtype)} output (rtol {rtol:g})"
         )
 
     return pre, hook
 
 
-def load_transcoders(folder: str | Path, subject: Subject) -> dict[int, Dictionary]:
-    """Transcoders saved by `mri train-transcoders` (FOLDER/layer-L), checked against the subject."""
+def load_transcoders(folder: str | Path, subject: Subject, allow_other_model: bool = False) -> dict[int, Dictionary]:
+    """Transcoders saved by `mri train-transcoders` (FOLDER/layer-L), checked against the subject: trained on
+    this model (aimri.dictionaries.match.check_model; `allow_other_model` for a deliberate transfer)."""
     from aimri.dictionaries import load_dictionary
 
     folder = Path(folder)
@@ -139,11 +159,7 @@ def load_transcoders(folder: str | Path, subject: Subject) -> dict[int, Dictiona
         sub = Run.transcoder_layer(folder, layer)
         if (sub / "cfg.json").exists():
             tc = load_dictionary(sub)
-            revision = tc.cfg.model_revision
-            if revision and subject.revision != "unknown" and revision != subject.revision:
-                raise AimriError(
-                    f"{sub} was trained on another model (revision {revision[:12]}, not {subject.revision[:12]})"
-                )
+            check_model(tc, subject, allow_other_model, sub)
             found[layer] = tc
     if not found:
         raise AimriError(f"{folder} holds no transcoders (expected layer-0 ... layer-{subject.n_layers - 1})")
@@ -224,21 +240,23 @@ class ReplacementModel:
             x = state["inputs"][layer]
             batched = state["batched"]
             copies, seq = x.shape[0], x.shape[1]
+            # the transcoder computes in its own dtype and the node values are fp32, whatever the model's dtype
+            # (a bf16 model with fp32 transcoders); the reconstruction is cast back to the model's
             with torch.no_grad():  # every copy holds the same prompt: encode one, copy the activations
-                codes = tc.encode(x[0].detach().float())
+                codes = tc.encode(x[0].detach().to(tc.W_enc)).float()
                 pos, idx = codes.nonzero(as_tuple=True)  # position-major, as embedding_bag's bags
                 values = codes[pos, idx]
                 counts = torch.bincount(pos, minlength=seq)
                 starts = counts.cumsum(0) - counts
-                offsets = (starts[None] + len(idx) * torch.arange(copies)[:, None]).flatten()
+                offsets = (starts[None] + len(idx) * torch.arange(copies, device=pos.device)[:, None]).flatten()
             leaf = (values.expand(copies, -1).clone() if batched else values).requires_grad_(True)
             # sum of activation x decoder row per position: the gradient reaches only the active features
             recon = F.embedding_bag(idx.repeat(copies), tc.W_dec.detach().float(), offsets, mode="sum",
                                     per_sample_weights=leaf.reshape(-1)).view(copies, seq, -1)  # fmt: skip
-            recon = recon + tc.b_dec.detach()
+            recon = recon + tc.b_dec.detach().float()
             if tc.W_skip is not None:
-                recon = recon + x.float() @ tc.W_skip.detach()
-            recon = recon.to(true.dtype)
+                recon = recon + (x.to(tc.W_skip) @ tc.W_skip.detach()).float()
+            recon = recon.to(true)
             error = (true - recon).detach()
             error = (error if batched else error[0]).requires_grad_(True)  # the error node, a leaf too
             state.setdefault("codes", {})[layer] = leaf

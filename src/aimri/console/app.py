@@ -235,7 +235,7 @@ class Console:
     def steer(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
         from aimri.steering.generate import compare
         from aimri.steering.interventions import DirectionEdit
-        from aimri.steering.specs import FeatureSpec, load_vector, resolve_feature
+        from aimri.steering.specs import FeatureSpec, load_vector, resolve_feature, vector_model
 
         prompt = request.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
@@ -283,7 +283,14 @@ class Console:
                         "steer: a direction needs a site (e.g. resid.15) and a strength in -10000..10000"
                     )
                 site = subject.site(site).name  # unknown sites: the nearest valid names, as an error
-                edits.append(DirectionEdit(site, load_vector(self.directions[name]), float(strength), where="all"))
+                path = self.directions[name]
+                found_in, revision = vector_model(path)
+                vector = load_vector(path)
+                edits.append(
+                    DirectionEdit(
+                        site, vector, float(strength), where="all", model_name=found_in, model_revision=revision
+                    )
+                )
                 described.append({"direction": name, "site": site, "strength": strength})
             progress("generating", 0, 2)
             plain, steered = compare(subject, [prompt], edits, max_new_tokens=tokens)[0]
@@ -293,6 +300,7 @@ class Console:
     def intervene(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
         from aimri.circuits.intervene import Change, intervene
         from aimri.circuits.replacement import load_transcoders
+        from aimri.dictionaries.match import prompt_ids
 
         data = self.graph(str(request.get("graph", "")))
         changes_in = request.get("changes")
@@ -318,7 +326,12 @@ class Console:
             if self._tcs is None:
                 progress("loading transcoders", 0, 1)
                 self._tcs = load_transcoders(self.transcoders, subject)
-            ids = list(subject.tokenizer(data["metadata"]["prompt"])["input_ids"])
+            recorded = data["metadata"].get("prompt_ids")  # the graph's own tokens (older graphs: re-open the text)
+            ids = (
+                list(recorded)
+                if recorded
+                else prompt_ids(subject.tokenizer, data["metadata"]["prompt"], self._tcs.values())
+            )
             progress("running", 0, 1)
             result = intervene(subject, self._tcs, ids, changes)
             progress("running", 1, 1)

@@ -16,15 +16,17 @@ from aimri.subject.core import Subject
 
 
 def unembed(subject: Subject, resid: Tensor) -> Tensor:
-    """Logits from a residual: the model's final norm and unembedding (the logit lens)."""
+    """Logits from a residual [..., d_model] (any dtype; computed in the model's): the model's final norm and
+    unembedding (the logit lens), [..., vocab] in fp32."""
     model: Any = subject.model
+    resid = resid.to(model.get_output_embeddings().weight)
     norm = model.model.norm if hasattr(model, "model") and hasattr(model.model, "norm") else None
     if norm is None:
         norm = getattr(getattr(model, "transformer", None), "ln_f", None) or getattr(
             getattr(model, "gpt_neox", None), "final_layer_norm", None
         )
     h = norm(resid) if norm is not None else resid
-    return model.get_output_embeddings()(h)
+    return model.get_output_embeddings()(h).float()
 
 
 @torch.no_grad()

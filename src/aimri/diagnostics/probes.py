@@ -116,8 +116,8 @@ class Probe:
     sweep: list[LayerScore] = field(default_factory=list)
 
     def score(self, acts: Tensor) -> Tensor:
-        """acts: [n, d] residuals at this probe's layer."""
-        return acts.float() @ self.direction + self.bias
+        """acts: [n, d] residuals at this probe's layer, in any dtype (a bf16 model's): scored in the direction's."""
+        return acts.to(self.direction) @ self.direction + self.bias
 
     def summary(self) -> dict[str, Any]:
         return {

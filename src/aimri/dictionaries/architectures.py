@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -12,6 +13,8 @@ from aimri.dictionaries.base import Dictionary, DictionaryConfig, build, registe
 from aimri.errors import AimriError
 
 if TYPE_CHECKING:
+    from typing_extensions import Self
+
     from aimri.dictionaries.config import TrainConfig
 
 
@@ -69,47 +72,78 @@ class JumpReLU(_Thresholded):
 
 @register("batchtopk")
 class BatchTopK(_Thresholded):
-    """Training: keep the batch's k x batch largest activations; inference: JumpReLU with per-latent
-    thresholds learned during training (each latent's running minimum selected activation)."""
+    """Training: keep the batch's k x batch largest activations. Inference: one global threshold, the running
+    average of each training batch's smallest selected activation (its k x batch-th largest), so a token keeps
+    the activations above it and the dictionary keeps k per token on average; saved as a JumpReLU whose every
+    latent has that threshold.
+
+    The rule is SAELens' (sae_lens/saes/batchtopk_sae.py: `BatchTopKTrainingSAE.update_topk_threshold`, an
+    exponential moving average at rate `topk_threshold_lr` = 0.01 of the smallest positive selected activation,
+    and `process_state_dict_for_saving_inference`, `threshold` = that value for every latent);
+    dictionary_learning's BatchTopKSAE (trainers/batch_top_k.py, `update_threshold`) is the same at rate 0.001.
+    One change: the average is bias-corrected as Adam's moments are (SAELens starts it at 0, so its threshold is
+    too low and the inference L0 too high until ~1/rate batches have passed): after one batch it is that batch's
+    value, so the inference L0 is about k from the first step.
+
+    The average lives in two buffers (`score_average`, `score_weight`: not saved with the dictionary, kept in
+    the Trainer's checkpoints and averaged across data-parallel ranks after every step, so each rank holds the
+    mean of the ranks' batch values); `threshold` is derived from them when the model leaves training mode."""
 
     uses_k = True
     uses_auxk = True
-    saved_architecture = "jumprelu"  # the inference form: JumpReLU with the learned thresholds
+    saved_architecture = "jumprelu"  # the inference form: JumpReLU with the global threshold on every latent
+    threshold_rate: float = 0.01  # SAELens' topk_threshold_lr
+    score_average: Tensor  # sum of rate-weighted batch values (an EMA started at 0)
+    score_weight: Tensor  # the same EMA of 1s: score_average / score_weight is the bias-corrected average
 
     def __init__(self, cfg: DictionaryConfig) -> None:
         if cfg.k is None:
-            raise AimriError("a batchtopk dictionary needs k (e.g. --k 32)")
+            raise AimriError(f"a {type(self).architecture} dictionary needs k (e.g. --k 32)")
         super().__init__(cfg)
         self.threshold.requires_grad_(False)
-        self.threshold.fill_(float("inf"))
+        self.register_buffer("score_average", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("score_weight", torch.zeros((), dtype=torch.float64), persistent=False)
 
     def activate(self, pre: Tensor) -> Tensor:
         if not self.training:
             return self.jump(pre)
-        flat = pre.relu().flatten()
-        vals, idx = flat.topk(min((self.cfg.k or 1) * pre.shape[0], flat.numel()), sorted=False)
-        codes = torch.zeros_like(flat).scatter_(0, idx, vals).view_as(pre)
-        self._track_thresholds(codes)
-        return codes
+        acts = pre.relu()
+        return self._select(acts, acts)
+
+    def _select(self, acts: Tensor, score: Tensor) -> Tensor:
+        """The batch's k x rows activations of largest `score`; their smallest positive score feeds the average."""
+        flat = score.flatten()
+        idx = flat.topk(min((self.cfg.k or 1) * acts.shape[0], flat.numel()), sorted=False).indices
+        vals = acts.flatten()[idx]
+        with torch.no_grad():
+            chosen = flat[idx][vals > 0]
+            if chosen.numel():  # (SAELens skips a batch with no positive activation too)
+                rate = self.threshold_rate
+                self.score_average.mul_(1 - rate).add_(rate * chosen.min().double())
+                self.score_weight.mul_(1 - rate).add_(rate)
+        return torch.zeros_like(flat).scatter(0, idx, vals).view_as(acts)
+
+    def global_threshold(self) -> float | None:
+        """The bias-corrected average of the batches' smallest selected score; None before any batch."""
+        weight = float(self.score_weight)
+        return float(self.score_average) / weight if weight > 0 else None
 
     @torch.no_grad()
-    def _track_thresholds(self, codes: Tensor) -> None:
-        """Per-latent minimum positive selected activation, smoothed: the inference thresholds."""
-        chosen = torch.where(codes > 0, codes, torch.full_like(codes, float("inf"))).amin(0)
-        seen = torch.isfinite(chosen)
-        old = self.threshold.data
-        fresh = seen & ~torch.isfinite(old)
-        old[fresh] = chosen[fresh]
-        keep = seen & ~fresh
-        old[keep] = 0.99 * old[keep] + 0.01 * chosen[keep]
+    def refresh_threshold(self) -> None:
+        """Set the per-latent inference `threshold` from the global one (kept as it is without statistics, as
+        in a dictionary loaded from its files)."""
+        value = self.global_threshold()
+        if value is not None:
+            self.threshold.fill_(value)
+
+    def train(self, mode: bool = True) -> Self:
+        if not mode:  # leaving training: the inference threshold from the average as it now stands
+            self.refresh_threshold()
+        return super().train(mode)
 
     def saved_tensors(self) -> dict[str, Tensor]:
-        """A latent never selected has no threshold yet (inf): saved with the largest learned one."""
-        tensors = super().saved_tensors()
-        t = tensors["threshold"]
-        finite = t[torch.isfinite(t)]
-        tensors["threshold"] = torch.where(torch.isfinite(t), t, finite.max() if len(finite) else torch.zeros(()))
-        return tensors
+        self.refresh_threshold()
+        return super().saved_tensors()
 
 
 @register("relu")
@@ -166,7 +200,7 @@ class Crosscoder(BatchTopK):
     in the base model and large in the fine-tune is a concept the fine-tune added."""
 
     unit_norm_decoder = False  # decoder norms carry meaning
-    saved_architecture = "crosscoder"  # its thresholds make it a crosscoder at inference still
+    saved_architecture = "crosscoder"  # inference: a threshold per latent, the global one over its norm sum
 
     def __init__(self, cfg: DictionaryConfig) -> None:
         sources = int(cfg.extra.get("sources", 2))
@@ -188,11 +222,20 @@ class Crosscoder(BatchTopK):
         if not self.training:
             return self.jump(pre)
         acts = pre.relu()
-        score = (acts * self.source_norms().sum(1)).flatten()
-        idx = score.topk(min((self.cfg.k or 1) * pre.shape[0], score.numel()), sorted=False).indices
-        codes = torch.zeros_like(acts).flatten().scatter_(0, idx, acts.flatten()[idx]).view_as(acts)
-        self._track_thresholds(codes)
-        return codes
+        return self._select(acts, acts * self.source_norms().sum(1))
+
+    @torch.no_grad()
+    def refresh_threshold(self) -> None:
+        """The global threshold is on activation x decoder-norm sum: on the activation it is, per latent, the
+        global one over that latent's norm sum (a latent with no decoder never fires, as in training). Saved
+        so, a crosscoder loaded from its files selects as the one trained: the activations are unchanged by the
+        scale folded in at export, and the thresholds are taken from the norms they were learned against."""
+        value = self.global_threshold()
+        if value is not None:
+            norms = self.source_norms().sum(1)
+            self.threshold.copy_(
+                torch.where(norms > 0, value / norms.clamp_min(1e-30), torch.full_like(norms, math.inf))
+            )
 
 
 @register("identity")

@@ -19,10 +19,16 @@ from torch import Tensor, nn
 from aimri.errors import AimriError
 
 if TYPE_CHECKING:
+    from typing_extensions import Self
+
     from aimri.dictionaries.config import TrainConfig
 
 ARCHITECTURES: dict[str, type[Dictionary]] = {}
 D = TypeVar("D", bound="Dictionary")
+# SAELens' `normalize_activations` values a Dictionary computes (the others are folded into the weights or
+# refused when a file is loaded: aimri.dictionaries.formats)
+NORMALISATIONS = ("none", "constant_norm_rescale", "layer_norm")
+LAYER_NORM_EPS = 1e-5  # SAELens' run_time_activation_ln_in: x / (std + eps)
 
 
 def register(name: str) -> Callable[[type[D]], type[D]]:
@@ -51,6 +57,12 @@ class DictionaryConfig:
     model_name: str = ""
     model_revision: str = ""
     apply_b_dec_to_input: bool = True  # SAEs: encode x - b_dec (Gemma Scope's JumpReLU SAEs do not)
+    # SAEs: SAELens' per-token input normalisation, one of NORMALISATIONS (`Dictionary.normalisation`)
+    normalize_activations: str = "none"
+    # how the training windows opened (SAELens' metadata.prepend_bos): a prompt fed to this dictionary opens
+    # the same way (aimri.dictionaries.prompts.prompt_ids). bos_id None: not recorded, the tokenizer's packing rule
+    prepend_bos: bool = True
+    bos_id: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -97,6 +109,15 @@ class Dictionary(nn.Module):
             raise AimriError(f"dictionary dimensions must be positive (d_in={cfg.d_in}, d_sae={cfg.d_sae})")
         if cfg.k is not None and not 0 < cfg.k <= cfg.d_sae:
             raise AimriError(f"k={cfg.k} must be between 1 and the width d_sae={cfg.d_sae}")
+        if cfg.normalize_activations not in NORMALISATIONS:
+            raise AimriError(
+                f"`normalize_activations`={cfg.normalize_activations!r} is not one of {', '.join(NORMALISATIONS)}"
+            )
+        if cfg.normalize_activations != "none" and (cfg.is_transcoder or cfg.skip):
+            raise AimriError(
+                f"`normalize_activations`={cfg.normalize_activations!r} is for SAEs; a transcoder or skip "
+                "connection reads its input as it is"
+            )
         self.cfg = cfg
         d_out = cfg.out_dim
         # [d_in, d_sae] as the field reads it, stored as the transpose of a contiguous [d_sae, d_in]: each
@@ -120,7 +141,32 @@ class Dictionary(nn.Module):
                 self.W_enc.copy_(e / e.norm(dim=0, keepdim=True))
 
     # -- the interface -------------------------------------------------------------------------
+    def normalisation(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Per token of x, the (shift, scale_in, scale_out) of the dictionary's `normalize_activations`: it
+        encodes (x - shift) * scale_in and its reconstruction y returns to x's scale as y * scale_out + shift.
+        None for "none" (x is read as it is). SAELens' formulas (sae_lens/saes/sae.py,
+        `SAE._setup_activation_normalization`; `process_sae_in` applies them before the b_dec centring):
+
+        - constant_norm_rescale: shift 0, scale_in = sqrt(d_in) / ||x||, scale_out = 1 / scale_in;
+        - layer_norm: shift = mean(x), scale_in = 1 / (std(x) + 1e-5), scale_out = std(x), std with Bessel's
+          correction (torch.std); the output is not divided by the eps.
+
+        So codes come from the normalised input, and a code's decoder row adds W_dec[i] * scale_out at that
+        token in x's space."""
+        return None if self.cfg.normalize_activations == "none" else self._normalisation(x)
+
+    def _normalisation(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.cfg.normalize_activations == "constant_norm_rescale":
+            scale_in = self.cfg.d_in**0.5 / x.norm(dim=-1, keepdim=True)
+            return torch.zeros_like(scale_in), scale_in, 1 / scale_in
+        mean = x.mean(dim=-1, keepdim=True)
+        std = (x - mean).std(dim=-1, keepdim=True)
+        return mean, 1 / (std + LAYER_NORM_EPS), std
+
     def pre_acts(self, x: Tensor) -> Tensor:
+        if self.cfg.normalize_activations != "none":
+            shift, scale_in, _ = self._normalisation(x)
+            x = (x - shift) * scale_in
         centred = x - self.b_dec if self.cfg.centres_input else x
         return centred @ self.W_enc + self.b_enc
 
@@ -131,7 +177,17 @@ class Dictionary(nn.Module):
         return self.activate(self.pre_acts(x))
 
     def decode(self, codes: Tensor, x: Tensor | None = None) -> Tensor:
+        """codes @ W_dec + b_dec (+ x @ W_skip), returned to x's scale when the dictionary normalises its
+        input (`normalisation`): then, as with a skip connection, decode needs the input x the codes came from."""
         out = codes @ self.W_dec + self.b_dec
+        if self.cfg.normalize_activations != "none":
+            if x is None:
+                raise AimriError(
+                    f"this dictionary normalises its input (normalize_activations={self.cfg.normalize_activations!r}): "
+                    "decode(codes, x) needs the input x to return to its scale"
+                )
+            shift, _, scale_out = self._normalisation(x)
+            out = out * scale_out + shift
         if self.W_skip is not None:
             if x is None:
                 raise AimriError("this transcoder has a skip connection: decode(codes, x) needs the input x")
@@ -140,6 +196,16 @@ class Dictionary(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x), x)
+
+    def train(self, mode: bool = True) -> Self:
+        """Training mode; refused for a dictionary that normalises its input, which AI MRI reads but does not
+        train (the Trainer's reconstruction is codes @ W_dec + b_dec, in the normalised space)."""
+        if mode and self.cfg.normalize_activations != "none":
+            raise AimriError(
+                f"a dictionary with normalize_activations={self.cfg.normalize_activations!r} is inference-only "
+                "in AI MRI; train one without it"
+            )
+        return super().train(mode)
 
     # -- training and saving hooks ---------------------------------------------------------------
     def sparsity_loss(self, pre: Tensor, codes: Tensor, tcfg: TrainConfig) -> Tensor | None:

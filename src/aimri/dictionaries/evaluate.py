@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aimri.data.corpus import Corpus, Packing, Window, pack
+from aimri.data.corpus import Corpus, Window, pack
 from aimri.data.harvest import keep_rows
 from aimri.data.store import ActivationStore
 from aimri.dictionaries.base import Dictionary
+from aimri.dictionaries.match import check_model, packing_for
 from aimri.errors import AimriError
 from aimri.subject.core import Subject
 from aimri.subject.taps import Edit
@@ -61,22 +62,25 @@ def reconstruction_metrics(
 def reconstruction_from_pairs(
     dictionary: Dictionary, pairs: Iterable[tuple[Tensor, Tensor]], max_rows: int = 200_000
 ) -> dict[str, Any] | None:
-    """The reconstruction statistics over (input, target) row batches; None when there are no rows."""
+    """The reconstruction statistics over (input, target) row batches; None when there are no rows. Rows in
+    another dtype than the dictionary's (a bf16 model's) are cast to it; the statistics are summed in fp32."""
     dictionary.eval()
     fired = torch.zeros(dictionary.d_sae, dtype=torch.int64)
     sse = cos_sum = l0_sum = 0.0
     rows = 0
     sum_y = sum_y2 = None
     for x, y in pairs:
+        x = x.to(dictionary.W_enc)
         codes = dictionary.encode(x)
-        recon = dictionary.decode(codes, x)
+        recon = dictionary.decode(codes, x).float()
+        y = y.to(recon)
         sse += float((recon - y).pow(2).sum())
         sum_y = y.sum(0).double() if sum_y is None else sum_y + y.sum(0).double()
         sum_y2 = y.pow(2).sum(0).double() if sum_y2 is None else sum_y2 + y.pow(2).sum(0).double()
         cos_sum += float(F.cosine_similarity(recon, y, dim=1).sum())
         active = codes > 0
         l0_sum += float(active.sum())
-        fired += active.sum(0)
+        fired += active.sum(0).cpu()
         rows += len(x)
         if rows >= max_rows:
             break
@@ -99,7 +103,7 @@ def reconstruction_from_pairs(
 def rows_from_windows(
     subject: Subject, windows: list[Window], sites: list[str], batch_size: int = 8, sink_ratio: float = 20.0
 ) -> dict[str, Tensor]:
-    """{site: [rows, d]}: the Subject's activations on `windows`, kept by the harvest's rule."""
+    """{site: [rows, d]}: the Subject's activations on `windows`, kept by the harvest's rule, in fp32."""
     names = [subject.site(s).name for s in sites]
     parts: dict[str, list[Tensor]] = {n: [] for n in names}
     for start in range(0, len(windows), batch_size):
@@ -109,7 +113,7 @@ def rows_from_windows(
         acts = subject.run(ids, att, read=names)
         valid = keep_rows(acts, names, torch.from_numpy(np.stack([w.valid for w in group])), sink_ratio, "evaluation")
         for n in names:
-            parts[n].append(acts[n][valid])
+            parts[n].append(acts[n][valid].float())
     return {n: torch.cat(p) if p else torch.zeros(0, subject.site_dim(n)) for n, p in parts.items()}
 
 
@@ -128,12 +132,15 @@ def downstream_metrics(
     """CE of next-token prediction with the dictionary spliced in (its error term dropped) vs the clean
     model vs the site zero-ablated, over held-out windows (those after the first `skip_windows`), and the
     KL from clean to spliced. Splicing skips position 0 and attention-sink tokens, as the harvest does.
-    `windows`, when given, are used instead (e.g. a training stream's held-out windows)."""
+    `windows`, when given, are used instead (e.g. a training stream's held-out windows).
+
+    A half-precision model (bf16, fp16) is evaluated in its own dtype: the dictionary computes in its dtype on
+    the activations cast to it, its splice is cast back to the model's, and the losses are summed in fp32."""
     cfg = dictionary.cfg
     site_in = subject.site(cfg.site).name
     site_out = subject.site(cfg.site_out).name if cfg.is_transcoder else site_in
     if windows is None:
-        packing = Packing.for_tokenizer(subject.tokenizer, context)
+        packing = packing_for(dictionary, subject.tokenizer, context)  # opened as its training windows were
         windows = list(
             itertools.islice(pack(corpus, subject.tokenizer, packing), skip_windows, skip_windows + n_windows)
         )
@@ -151,18 +158,30 @@ def downstream_metrics(
         valid = keep_rows(clean, [site_in], valid, sink_ratio, "the downstream evaluation")
         inputs = clean[site_in]
 
-        def splice(y: Tensor, inputs: Tensor = inputs) -> Tensor:
-            return dictionary.decode(dictionary.encode(inputs), inputs) if cfg.is_transcoder else dictionary(y)
+        def splice(y: Tensor, inputs: Tensor = inputs, valid: Tensor = valid) -> Tensor:
+            # the dictionary computes in its own dtype; its reconstruction goes back in the model's
+            x = (inputs if cfg.is_transcoder else y).to(dictionary.W_enc)
+            recon = dictionary.decode(dictionary.encode(x), x)
+            out = recon.to(y)
+            lost = ~torch.isfinite(out) & torch.isfinite(recon.to(out.device)) & valid.to(out.device)[..., None]
+            if bool(lost.any()):  # finite in the dictionary's dtype, out of the model's range
+                raise AimriError(
+                    f"the dictionary's reconstruction at {site_out} overflows the model's "
+                    f"{str(y.dtype).removeprefix('torch.')} (largest value {torch.finfo(y.dtype).max:g}); "
+                    "evaluate it on the model loaded in float32"
+                )
+            return out
 
         spliced = subject.run(ids, att, edit=[Edit(site_out, splice, positions=valid)], stop=False)["logits"]
         zero = subject.run(ids, att, edit=[Edit(site_out, torch.zeros(()), positions=valid)], stop=False)["logits"]
-        targets = ids[:, 1:]
-        mask = (att[:, 1:] > 0) & valid[:, :-1]
-        for name, logits in (("clean", clean["logits"]), ("spliced", spliced), ("zero", zero)):
+        logits_of = {"clean": clean["logits"].float(), "spliced": spliced.float(), "zero": zero.float()}
+        targets = ids[:, 1:].to(spliced.device)
+        mask = ((att[:, 1:] > 0) & valid[:, :-1].cpu()).to(spliced.device)
+        for name, logits in logits_of.items():
             ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
             totals[name] += float(ce[mask].sum())
-        logp_clean = clean["logits"][:, :-1].log_softmax(-1)
-        logp_spliced = spliced[:, :-1].log_softmax(-1)
+        logp_clean = logits_of["clean"][:, :-1].log_softmax(-1)
+        logp_spliced = logits_of["spliced"][:, :-1].log_softmax(-1)
         kl = (logp_clean.exp() * (logp_clean - logp_spliced)).sum(-1)
         totals["kl"] += float(kl[mask].sum())
         count += int(mask.sum())
@@ -185,6 +204,7 @@ def evaluate_dictionary(
     corpus: list[Path] | None = None,
     windows: int = 32,
     log: Callable[[str], None] = print,
+    allow_other_model: bool = False,
 ) -> dict[str, Any]:
     """A saved dictionary's reconstruction metrics (L0, FVU, cosine, dead fraction, firing density) on the
     rows of `store`, and, unless `windows` is 0, its downstream metrics (CE loss recovered, KL) on that many
@@ -193,7 +213,10 @@ def evaluate_dictionary(
     When `store` is the store the dictionary was trained on (its training.json says so), only the shards
     held out of training are read; a dictionary trained on every shard of it is refused. `model` defaults
     to the store's model; `corpus` to the default corpus, past the windows the store was harvested from
-    (`log` reports building the default corpus on first use)."""
+    (`log` reports building the default corpus on first use).
+
+    Raises AimriError when the store or `model` is another model than the dictionary was trained on
+    (aimri.dictionaries.match.check_model; `allow_other_model` for a deliberate transfer)."""
     from aimri.data.default_corpus import default_corpus_path
     from aimri.dictionaries.formats import load_dictionary
     from aimri.subject.loading import load
@@ -201,6 +224,14 @@ def evaluate_dictionary(
     dictionary, store = Path(dictionary), Path(store)
     sae = load_dictionary(dictionary)
     held_out = ActivationStore(store)
+    harvested = held_out.spec["model"]
+    recorded = sae.cfg.model_revision
+    if recorded and not allow_other_model and harvested.get("revision") not in (None, "unknown", recorded):
+        raise AimriError(
+            f"{store} was harvested from {harvested.get('name')} (revision {str(harvested.get('revision'))[:12]}) but "
+            f"{dictionary} was trained on {sae.cfg.model_name or 'another model'} (revision {recorded[:12]}); use a "
+            "store of that model, or pass --allow-other-model (allow_other_model=True) for a deliberate transfer"
+        )
     shards = None
     info = dictionary / "training.json"
     if info.exists():
@@ -219,6 +250,7 @@ def evaluate_dictionary(
     }
     if windows:
         subject = load(model or held_out.spec["model"]["name"])
+        check_model(sae, subject, allow_other_model, dictionary)
         paths = corpus or [default_corpus_path(log=log)]
         context = int(held_out.spec["packing"]["context"])
         skip = int(held_out.spec.get("max_windows") or 0) if not corpus else 0

@@ -96,8 +96,8 @@ def subject_batches(
     window is left out (see `heldout_windows`)."""
     names = [subject.site(s).name for s in sites]
 
-    def read(ids: Tensor, att: Tensor) -> dict[str, Tensor]:
-        return subject.run(ids, att, read=names)
+    def read(ids: Tensor, att: Tensor) -> dict[str, Tensor]:  # fp32 rows from any model dtype: training is fp32
+        return {k: v.float() for k, v in subject.run(ids, att, read=names).items()}
 
     options = (batch_size, context, forward_batch, buffer_rows, seed, sink_ratio, heldout_every)
     return _stream(subject.tokenizer, corpus, read, names, *options)
@@ -121,7 +121,7 @@ def paired_batches(
     names = [f"{i}:{name}" for i in range(len(subjects))]
 
     def read(ids: Tensor, att: Tensor) -> dict[str, Tensor]:
-        return {n: s.run(ids, att, read=[name])[name] for n, s in zip(names, subjects, strict=True)}
+        return {n: s.run(ids, att, read=[name])[name].float() for n, s in zip(names, subjects, strict=True)}
 
     options = (batch_size, context, forward_batch, buffer_rows, seed, sink_ratio)
     stream = _stream(subjects[0].tokenizer, corpus, read, names, *options)

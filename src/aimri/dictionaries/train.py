@@ -9,7 +9,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from aimri.data.corpus import Packing
 from aimri.dictionaries.base import Dictionary, DictionaryConfig, architecture_class, build
 from aimri.dictionaries.config import CrosscoderConfig, DictionarySettings, TranscodersConfig, default_lr
 from aimri.dictionaries.config import TrainConfig as TrainConfig  # defined torch-free there; re-exported
@@ -71,7 +72,11 @@ class Trainer:
     Data-parallel with a `ranks` Group: each rank steps on its slice of the global batch; gradients are
     averaged across ranks (one in-place all-reduce per tensor), the first batch is gathered whole for the input scale
     and b_dec, and dead-latent counts see every rank's tokens — so every rank holds the same weights, those
-    a single process would reach on the whole batch (up to float summation order)."""
+    a single process would reach on the whole batch (up to float summation order).
+
+    A model's buffers are running statistics of the training batches, not parameters (BatchTopK's threshold
+    average): checkpoints keep them, and after every step their floating-point ones are averaged across ranks,
+    so every rank holds the same."""
 
     def __init__(self, dcfg: DictionaryConfig, tcfg: TrainConfig, ranks: Group | None = None) -> None:
         if dcfg.k is not None and dcfg.k > dcfg.d_sae:
@@ -203,6 +208,7 @@ class Trainer:
         if unit_rows:
             with torch.no_grad():
                 m.W_dec.div_(m.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+        self._average_statistics()
         total = (y - y.mean(0)).pow(2).sum(1).mean()
         figures = torch.tensor([float(loss.detach()), float(mse.detach()), float(total), l0], dtype=torch.float64)
         loss_v, mse_v, total_v, l0 = (self.ranks.sum_(figures, "the step's metrics") / self.ranks.world).tolist()
@@ -216,6 +222,17 @@ class Trainer:
             "auxk": float(aux.detach()),
         }
         return self.last
+
+    def _average_statistics(self) -> None:
+        """Data-parallel: each floating-point buffer becomes the ranks' mean (one all-reduce for all of them)."""
+        stats = [b for b in self.model.buffers() if b.is_floating_point()]
+        if not self.ranks.active or not stats:
+            return
+        flat = self.ranks.sum_(torch.cat([b.detach().double().flatten() for b in stats]), "the running statistics")
+        flat /= self.ranks.world
+        with torch.no_grad():
+            for b, part in zip(stats, flat.split([b.numel() for b in stats]), strict=True):
+                b.copy_(part.view_as(b))
 
     def _auxk(self, x: Tensor, residual: Tensor, dead: Tensor, centre: bool) -> Tensor:
         """Reconstruct the main error from the top dead latents (Gao et al.), normalised by its variance,
@@ -240,6 +257,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
+            "buffers": {name: b.clone() for name, b in self.model.named_buffers()},  # non-persistent ones too
             "optimizer": self.optimizer.state_dict(),
             "step": self.step_index,
             "since_fired": self.since_fired,
@@ -267,6 +285,9 @@ class Trainer:
         if state["dictionary_config"] != self.dcfg.to_dict() or state["train_config"] != asdict(self.tcfg):
             raise AimriError(f"{path} was written with other settings; rerun with the original ones or delete it")
         self.model.load_state_dict(state["model"])
+        with torch.no_grad():
+            for name, value in state.get("buffers", {}).items():  # (a checkpoint from before buffers were kept: none)
+                self.model.get_buffer(name).copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_index = int(state["step"])
         self.since_fired = state["since_fired"]
@@ -275,9 +296,11 @@ class Trainer:
 
     # -- the folded, inference-ready dictionary ------------------------------------------------------
     def export(self) -> Dictionary:
-        """A copy that takes raw (unscaled) activations: the scale factors folded into the weights."""
+        """A copy that takes raw (unscaled) activations: the scale factors folded into the weights; in its
+        inference form (what the model derives on leaving training mode, e.g. BatchTopK's threshold)."""
         cfg = self.dcfg
         out = build(cfg)
+        self.model.eval()  # (the next step puts it back in training mode)
         out.load_state_dict(self.model.state_dict())
         s_in, s_out = self.scale_in, self.scale_out
         with torch.no_grad():
@@ -352,23 +375,63 @@ def store_batches(
         epoch += 1
 
 
+# held-out rows the saved dictionary is evaluated on after training (training.json's `heldout_saved`)
+HELDOUT_ROWS = 8192
+_FIGURES = ("rows", "l0", "fvu", "cosine", "dead_frac")  # of evaluate.reconstruction_from_pairs, as `mri eval` has them
+_FIGURES_NOTE = (
+    "train_last_batch: the training step's own figures (training-mode codes); saved_last_batch and heldout_saved: "
+    "the saved dictionary as loaded from its files, as `mri eval` computes them, on the last training batch and "
+    "on rows never trained on"
+)
+
+
 def _train_and_save(
     cfg: DictionaryConfig, batches: Iterable[Batch], out: str | Path, tcfg: TrainConfig, progress: bool,
     record: dict[str, Any], ranks: Group | None = None,
+    heldout: Callable[[Dictionary], dict[str, Any] | None] | None = None, no_heldout: str = "",
 ) -> tuple[Path, dict[str, float]]:  # fmt: skip
     """Train one dictionary (checkpoints in `out`.checkpoints), save it scale-folded in the SAELens layout
-    at `out`, and record how in `out`/training.json (rank 0 writes; the ranks' weights are the same)."""
-    from aimri.dictionaries.formats import save_dictionary
+    at `out`, and record how in `out`/training.json (rank 0 writes; the ranks' weights are the same).
+
+    training.json's figures come in named sets, since a dictionary can read differently in training and as
+    saved (BatchTopK selects per batch in training and thresholds at inference):
+      train_last_batch  the last training step's own (training-mode codes; dead_frac: latents silent for more
+                        than the Trainer's dead_after tokens);
+      saved_last_batch  the SAVED dictionary, loaded back from its files, on that same batch (no dead_frac:
+                        one batch is too few rows to call a latent dead);
+      heldout_saved     the saved dictionary on up to HELDOUT_ROWS rows never trained on (`heldout` evaluates
+                        it there), or null with `heldout_note` saying why there are none (`no_heldout`).
+    The saved figures are computed as `mri eval` computes them (evaluate.reconstruction_from_pairs; dead_frac:
+    latents that never fired on those rows). Returns the path and the last training step's metrics."""
+    from aimri.dictionaries.evaluate import reconstruction_from_pairs
+    from aimri.dictionaries.formats import load_dictionary, save_dictionary
 
     ranks = ranks or Group()
     trainer = Trainer(cfg, tcfg, ranks)
     out = Path(out)
+    last_batch: list[Batch] = []
+
+    def remembered() -> Iterator[Batch]:  # the last batch fit takes is the one it last trained on
+        for batch in batches:
+            last_batch[:] = [batch]
+            yield batch
+
     start = time.perf_counter()
-    last = fit([trainer], batches, checkpoint_dir=out.with_name(out.name + ".checkpoints"), progress=progress)[0]
+    last = fit([trainer], remembered(), checkpoint_dir=out.with_name(out.name + ".checkpoints"), progress=progress)[0]
     record = {**record, "seconds": round(time.perf_counter() - start, 3)}
     if ranks.leader:
         save_dictionary(trainer.export(), out)
-        info = {**last, "tokens": trainer.step_index * tcfg.batch_size, "scale_in": trainer.scale_in, **record}
+        saved = load_dictionary(out)  # what a user will load, checked as saved
+        figures: dict[str, Any] = {"step": last.get("step", trainer.step_index), "figures_note": _FIGURES_NOTE}
+        figures["train_last_batch"] = {k: v for k, v in last.items() if k != "step"}
+        if last_batch:
+            on_batch = reconstruction_from_pairs(saved, [_split(last_batch[0], cfg)]) or {}
+            figures["saved_last_batch"] = {k: on_batch[k] for k in _FIGURES if k in on_batch and k != "dead_frac"}
+        held = heldout(saved) if heldout is not None else None
+        figures["heldout_saved"] = {k: held[k] for k in _FIGURES if k in held} if held else None
+        if not held:
+            figures["heldout_note"] = no_heldout or "no rows were held out of training"
+        info = {**figures, "tokens": trainer.step_index * tcfg.batch_size, "scale_in": trainer.scale_in, **record}
         if ranks.active:
             info["ranks"] = ranks.world
         atomic_write_text(out / "training.json", json.dumps(info, indent=1))
@@ -378,14 +441,15 @@ def _train_and_save(
 
 def _dictionary_config(
     settings: DictionarySettings, d_in: int, d_out: int | None, site: str, site_out: str | None, model_name: str,
-    model_revision: str,
+    model_revision: str, bos_id: int | None,
 ) -> DictionaryConfig:  # fmt: skip
-    """The DictionaryConfig `settings` describe (k only for an architecture that takes it)."""
+    """The DictionaryConfig `settings` describe (k only for an architecture that takes it); `bos_id`: the
+    token the training windows open with (None: they open with the first text token)."""
     architecture = settings.architecture
     k = settings.k if architecture_class(architecture).uses_k else None
     return DictionaryConfig(
         architecture, d_in, settings.width, d_out=d_out, k=k, skip=settings.skip, site=site, site_out=site_out or "",
-        model_name=model_name, model_revision=model_revision,
+        model_name=model_name, model_revision=model_revision, prepend_bos=bos_id is not None, bos_id=bos_id,
     )  # fmt: skip
 
 
@@ -422,7 +486,7 @@ def train_from_store(
     ranks.agree("the store (its manifest)", json.dumps(store.manifest["spec"], sort_keys=True))
     cfg = _dictionary_config(
         settings, store.d(site), store.d(site_out) if site_out else None, site, site_out,
-        store.spec["model"]["name"], store.spec["model"]["revision"],
+        store.spec["model"]["name"], store.spec["model"]["revision"], store.spec.get("packing", {}).get("bos_id"),
     )  # fmt: skip
     n = len(store.shards)
     if not 0 <= heldout < n:
@@ -430,8 +494,16 @@ def train_from_store(
     sites = [site] + ([site_out] if site_out else [])
     part = (ranks.rank, ranks.world)
     batches = store_batches(store, sites, batch_size, settings.seed, shards=list(range(n - heldout)), part=part)
-    record = {"store": str(Path(store_path).resolve()), "heldout_shards": list(range(n - heldout, n))}
-    return _train_and_save(cfg, batches, out, settings.train_config(), progress, record, ranks)
+    held = list(range(n - heldout, n))
+    record = {"store": str(Path(store_path).resolve()), "heldout_shards": held}
+
+    def evaluate(saved: Dictionary) -> dict[str, Any] | None:
+        from aimri.dictionaries.evaluate import reconstruction_metrics
+
+        return reconstruction_metrics(saved, store, max_rows=HELDOUT_ROWS, shards=held) if held else None
+
+    why = "every shard of the store was trained on: set `heldout_shards` (`--heldout-shards`) to keep some out"
+    return _train_and_save(cfg, batches, out, settings.train_config(), progress, record, ranks, evaluate, why)
 
 
 def train_from_subject(
@@ -453,14 +525,18 @@ def train_from_subject(
     sites = [site] + ([site_out] if site_out else [])
     cfg = _dictionary_config(  # site_dim checks the names before any forward pass
         settings, subject.site_dim(site), subject.site_dim(site_out) if site_out else None, site, site_out,
-        subject.name, subject.revision,
+        subject.name, subject.revision, Packing.for_tokenizer(subject.tokenizer, settings.context).bos_id,
     )  # fmt: skip
     context = settings.context
     batches = subject_batches(
         subject, corpus, sites, batch_size=settings.batch_size, context=context, seed=settings.seed
     )
     record = {"corpus": corpus.fingerprint(), "context": context}
-    return _train_and_save(cfg, batches, out, settings.train_config(), progress, record)
+    why = (
+        "streamed from the model, cycling the corpus: no window was held out of training (`mri eval` on a store "
+        "harvested from other text measures it)"
+    )
+    return _train_and_save(cfg, batches, out, settings.train_config(), progress, record, no_heldout=why)
 
 
 def train_transcoders(
@@ -500,11 +576,11 @@ def train_transcoders(
     ranks.agree("the transcoder settings (model revision, corpus, layers)", json.dumps(settings, sort_keys=True))
     all_layers, layers = layers, layers[ranks.rank :: ranks.world]
     checkpoints = out / ".checkpoints" / (f"rank-{ranks.rank}-of-{ranks.world}" if ranks.active else "")
-    trainers = []
+    trainers, bos_id = [], Packing.for_tokenizer(subject.tokenizer, c.context).bos_id
     for layer in layers:
         cfg = _dictionary_config(
             c, subject.d_model, subject.d_model, f"mlp.in.{layer}", f"mlp.out.{layer}", subject.name,
-            subject.revision,
+            subject.revision, bos_id,
         )  # fmt: skip
         trainers.append(Trainer(cfg, c.train_config()))
     sites = [s for layer in layers for s in (f"mlp.in.{layer}", f"mlp.out.{layer}")]
@@ -572,7 +648,9 @@ def train_crosscoder(
     cfg = DictionaryConfig(
         "crosscoder", d * len(subjects), c.width, k=c.k, site=site, model_name="+".join(s.name for s in subjects),
         model_revision="+".join(s.revision[:12] for s in subjects), extra={"sources": len(subjects)},
+        bos_id=Packing.for_tokenizer(subjects[0].tokenizer, c.context).bos_id,
     )  # fmt: skip
     batches = paired_batches(subjects, corpus, site, batch_size=c.batch_size, context=c.context, seed=c.seed)
     record = {"corpus": corpus.fingerprint(), "context": c.context}
-    return _train_and_save(cfg, batches, out, c.train_config(), progress, record)[1]
+    why = "streamed from the models, cycling the corpus: no window was held out of training"
+    return _train_and_save(cfg, batches, out, c.train_config(), progress, record, no_heldout=why)[1]

@@ -9,7 +9,7 @@ from aimri.lazy import lazy_exports
 if TYPE_CHECKING:
     from aimri.steering.generate import compare
     from aimri.steering.interventions import DirectionEdit, FeatureEdit, ablate
-    from aimri.steering.specs import FeatureSpec, load_vector, parse_feature_spec, resolve_feature
+    from aimri.steering.specs import FeatureSpec, load_vector, parse_feature_spec, resolve_feature, save_vector
     from aimri.steering.tradeoff import sweep, sweep_feature
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "load_vector",
     "parse_feature_spec",
     "resolve_feature",
+    "save_vector",
     "sweep",
     "sweep_feature",
 ]
@@ -34,6 +35,7 @@ __getattr__, __dir__ = lazy_exports(
         "resolve_feature": ".specs",
         "parse_feature_spec": ".specs",
         "load_vector": ".specs",
+        "save_vector": ".specs",
         "compare": ".generate",
         "sweep": ".tradeoff",
         "sweep_feature": ".tradeoff",

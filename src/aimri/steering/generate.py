@@ -13,8 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from aimri.dictionaries.match import open_ids
+from aimri.dictionaries.match import opening as opening_of
 from aimri.errors import AimriError
-from aimri.steering.interventions import Intervention, SteeringError, to_edits
+from aimri.steering.interventions import FeatureEdit, Intervention, SteeringError, to_edits
 from aimri.subject.chat import chat_ids
 from aimri.subject.core import Subject
 
@@ -27,16 +29,28 @@ class Generation:
     completion_ids: list[int]
 
 
-def prompt_ids(subject: Subject, prompt: str, chat: bool | None = None, system: str | None = None) -> list[int]:
-    """Token ids for a prompt: through the chat template when the tokenizer has one (unless chat=False)."""
+def prompt_ids(
+    subject: Subject, prompt: str, chat: bool | None = None, system: str | None = None, opening: Sequence[int] = ()
+) -> list[int]:
+    """Token ids for a prompt: through the chat template when the tokenizer has one (unless chat=False),
+    opened with `opening` unless they already start with it (`dictionary_opening`)."""
     tok = subject.tokenizer
     if chat is None:
         chat = bool(getattr(tok, "chat_template", None))
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return chat_ids(tok, messages)
+        return open_ids(chat_ids(tok, messages), opening)
     text = f"{system}\n\n{prompt}" if system else prompt
-    return list(tok(text)["input_ids"])
+    return open_ids(tok(text)["input_ids"], opening)
+
+
+def dictionary_opening(subject: Subject, interventions: Sequence[Intervention]) -> list[int]:
+    """The tokens a prompt opens with for the dictionaries these interventions read (their recorded BOS: the
+    activations they see must start as their training windows did); [] for direction edits only."""
+    dictionaries = list(
+        {id(iv.dictionary): iv.dictionary for iv in interventions if isinstance(iv, FeatureEdit)}.values()
+    )
+    return opening_of(dictionaries, subject.tokenizer) if dictionaries else []
 
 
 def _finite_logits(interventions: Sequence[Intervention]) -> Callable[..., None]:
@@ -71,14 +85,23 @@ def generate(
     chat: bool | None = None,
     system: str | None = None,
     batch_size: int = 16,
+    opening: Sequence[int] | None = None,
+    allow_other_model: bool = False,
 ) -> list[Generation]:
     """Complete each prompt with the interventions applied (greedy at temperature 0, else sampled with
-    `seed`, so a steered and an unsteered run draw the same random numbers)."""
+    `seed`, so a steered and an unsteered run draw the same random numbers).
+
+    Prompts open with `opening` (default: `dictionary_opening(subject, interventions)`, the BOS the features'
+    dictionaries were trained with; pass the same to an unsteered run you compare with, as `compare` does).
+    Raises AimriError for no prompts or a prompt too long, SteeringError for an intervention that does not fit
+    the subject (a dictionary trained on another model: `allow_other_model` for a deliberate transfer)."""
     if not prompts:
         raise AimriError("no prompts given")
     tok = subject.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    encoded = [prompt_ids(subject, p, chat, system) for p in prompts]
+    if opening is None:
+        opening = dictionary_opening(subject, interventions)
+    encoded = [prompt_ids(subject, p, chat, system, opening) for p in prompts]
     for p, ids in zip(prompts, encoded, strict=True):
         if len(ids) + max_new_tokens > subject.context_length:
             raise AimriError(
@@ -94,7 +117,7 @@ def generate(
     for start in range(0, len(prompts), batch_size):
         rows = encoded[start : start + batch_size]
         ids, mask = _batch(rows, pad_id)
-        edits = to_edits(subject, interventions, prompt_len=ids.shape[1])
+        edits = to_edits(subject, interventions, prompt_len=ids.shape[1], allow_other_model=allow_other_model)
         torch.manual_seed(seed + start)
         guard = subject.model.register_forward_hook(_finite_logits(interventions))
         try:
@@ -119,7 +142,9 @@ def generate(
 def compare(
     subject: Subject, prompts: Sequence[str], interventions: Sequence[Intervention], **options: object
 ) -> list[tuple[Generation, Generation]]:
-    """(unsteered, steered) completions for each prompt, with the same decoding and seed."""
+    """(unsteered, steered) completions for each prompt, with the same decoding, seed and prompt tokens (opened
+    for the interventions' dictionaries in both runs)."""
+    options = {"opening": dictionary_opening(subject, interventions), **options}
+    steered = generate(subject, prompts, interventions, **options)  # type: ignore[arg-type]  (checked first)
     plain = generate(subject, prompts, (), **options)  # type: ignore[arg-type]
-    steered = generate(subject, prompts, interventions, **options)  # type: ignore[arg-type]
     return list(zip(plain, steered, strict=True))

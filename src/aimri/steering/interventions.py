@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from aimri.dictionaries.base import Dictionary
+from aimri.dictionaries.match import check_model
 from aimri.errors import AimriError
 from aimri.subject.core import Subject
 from aimri.subject.taps import Edit, Positions
@@ -56,6 +57,10 @@ class DirectionEdit:
     mode: Literal["add", "ablate"] = "add"
     mean: float = 0.0
     where: Where = "all"
+    # the model the direction was found in, where its file records it (safetensors metadata): checked like a
+    # dictionary's (another model's direction is refused unless the transfer is asked for)
+    model_name: str = ""
+    model_revision: str = ""
 
     def describe(self) -> str:
         return f"{self.site}:{self.mode}{'' if self.mode == 'ablate' else f'×{self.strength:g}'}"
@@ -82,11 +87,13 @@ def _positions(where: Where, prompt_len: int | None) -> Positions:
 
 def _check_finite(x: Tensor, what: str, site: str) -> Tensor:
     if not bool(torch.isfinite(x).all()):
-        raise SteeringError(f"{what} produced NaN/inf activations at {site}; lower its strength")
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        limit = f" (the model computes in {str(x.dtype).removeprefix('torch.')}, largest value {torch.finfo(x.dtype).max:g})"
+        raise SteeringError(f"{what} produced NaN/inf activations at {site}{limit if half else ''}; lower its strength")
     return x
 
 
-def _check(subject: Subject, interventions: Sequence[Intervention]) -> None:
+def _check(subject: Subject, interventions: Sequence[Intervention], allow_other_model: bool = False) -> None:
     seen: dict[tuple[int, int], str] = {}
     for iv in interventions:
         if isinstance(iv, DirectionEdit):
@@ -99,6 +106,12 @@ def _check(subject: Subject, interventions: Sequence[Intervention]) -> None:
                 raise SteeringError(f"cannot ablate a zero vector at {iv.site}")
             if not bool(torch.isfinite(iv.vector).all()) or not torch.isfinite(torch.tensor(iv.strength)):
                 raise SteeringError(f"the direction or strength for {iv.site} is NaN/inf")
+            if iv.model_revision and subject.revision not in ("unknown", iv.model_revision) and not allow_other_model:
+                raise SteeringError(
+                    f"the direction for {iv.site} was found in {iv.model_name or 'another model'} (revision "
+                    f"{iv.model_revision[:12]}), not in {subject.name} (revision {subject.revision[:12]}); pass "
+                    "--allow-other-model (allow_other_model=True) for a deliberate transfer"
+                )
             continue
         cfg = iv.dictionary.cfg
         if not cfg.site:
@@ -106,11 +119,10 @@ def _check(subject: Subject, interventions: Sequence[Intervention]) -> None:
         subject.site(cfg.site)  # a site the model lacks raises SiteError here
         if cfg.site_out:
             subject.site(cfg.site_out)
-        if subject.site_dim(cfg.site) != cfg.d_in:
-            raise SteeringError(
-                f"the dictionary reads {cfg.d_in}-wide activations but {cfg.site} on {subject.name} is "
-                f"{subject.site_dim(cfg.site)} wide: it was trained on another model"
-            )
+        try:
+            check_model(cfg, subject, allow_other_model, f"the dictionary of {iv.describe()}")
+        except AimriError as err:
+            raise SteeringError(str(err)) from None
         if not 0 <= iv.feature < cfg.d_sae:
             raise SteeringError(f"feature {iv.feature} is outside the dictionary (0..{cfg.d_sae - 1})")
         if not torch.isfinite(torch.tensor(iv.value)):
@@ -136,8 +148,9 @@ def _direction_fn(iv: DirectionEdit) -> Callable[[Tensor], Tensor]:
     unit = iv.vector / iv.vector.norm()
 
     def ablate_(x: Tensor) -> Tensor:
-        u = unit.to(x)
-        return _check_finite(x - ((x @ u) - iv.mean)[..., None] * u, what, iv.site)
+        # in fp32, rounded once to the model's dtype: a bf16 projection would leave a part of the direction behind
+        xf, u = x.float(), unit.to(x.device, torch.float32)
+        return _check_finite((xf - ((xf @ u) - iv.mean)[..., None] * u).to(x.dtype), what, iv.site)
 
     return ablate_
 
@@ -145,7 +158,8 @@ def _direction_fn(iv: DirectionEdit) -> Callable[[Tensor], Tensor]:
 def _feature_edits(dictionary: Dictionary, group: list[FeatureEdit], prompt_len: int | None) -> list[Edit]:
     """One dictionary's feature edits. Codes are read from the input site once per forward, before any of
     these edits; each adds its delta·W_dec[i] at its own positions at the dictionary's output site (the
-    input site for an SAE, the MLP output for a transcoder)."""
+    input site for an SAE, the MLP output for a transcoder), times the token's output scale for an SAE that
+    normalises its input (SAELens' normalize_activations: `Dictionary.normalisation`)."""
     cfg = dictionary.cfg
     site_out = cfg.site_out or cfg.site
     features = torch.tensor([iv.feature for iv in group])
@@ -153,10 +167,12 @@ def _feature_edits(dictionary: Dictionary, group: list[FeatureEdit], prompt_len:
 
     def codes_of(x: Tensor) -> Tensor:
         with torch.no_grad():
-            return dictionary.encode(x.float())[..., features]
+            return dictionary.encode(x.to(dictionary.W_enc))[..., features]  # in the dictionary's dtype
 
     def read_input(x: Tensor) -> Tensor:
         state["codes"] = codes_of(x)
+        norm = dictionary.normalisation(x.to(dictionary.W_enc))  # a normalising SAE decodes in a per-token scale
+        state["scale_out"] = norm[2] if norm is not None else torch.ones((), dtype=dictionary.W_enc.dtype)
         return x
 
     edits = [Edit(cfg.site, read_input)]  # first at its site, so every edit below sees unedited codes
@@ -171,15 +187,21 @@ def _feature_edits(dictionary: Dictionary, group: list[FeatureEdit], prompt_len:
                 delta = (iv.value - 1.0) * current
             else:
                 delta = torch.full_like(current, iv.value)
-            return _check_finite(x + (delta[..., None] * direction).to(x), iv.describe(), site_out)
+            step = delta[..., None] * direction * state["scale_out"]  # W_dec[i] in x's scale (normalising SAEs)
+            return _check_finite(x + step.to(x), iv.describe(), site_out)
 
         edits.append(Edit(site_out, edit, _positions(iv.where, prompt_len)))
     return edits
 
 
-def to_edits(subject: Subject, interventions: Sequence[Intervention], prompt_len: int | None = None) -> list[Edit]:
-    """Tap edits for a list of interventions, after checking them against the subject."""
-    _check(subject, interventions)
+def to_edits(
+    subject: Subject, interventions: Sequence[Intervention], prompt_len: int | None = None,
+    allow_other_model: bool = False,
+) -> list[Edit]:  # fmt: skip
+    """Tap edits for a list of interventions, after checking them against the subject: a feature's dictionary
+    must have been trained on this model (aimri.dictionaries.match.check_model; `allow_other_model` for a
+    deliberate transfer)."""
+    _check(subject, interventions, allow_other_model)
     edits: list[Edit] = []
     groups: dict[int, list[FeatureEdit]] = {}
     for iv in interventions:

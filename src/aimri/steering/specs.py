@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from torch import Tensor
 
 from aimri.dictionaries.base import Dictionary
 from aimri.errors import AimriError
+from aimri.paths import atomic_write_bytes
 from aimri.run import Run
 from aimri.steering.interventions import DirectionEdit, FeatureEdit, SteeringError, Where
 from aimri.subject.sites import KINDS
@@ -158,15 +159,38 @@ def load_vector(path: Path) -> Tensor:
     return vector.reshape(-1)
 
 
+def vector_model(path: Path) -> tuple[str, str]:
+    """The model a direction file records it was found in: (model_name, model_revision) from a .safetensors
+    file's metadata (as `save_vector` writes it); ("", "") for a .npy file or none recorded."""
+    if path.suffix != ".safetensors":
+        return "", ""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return meta.get("model_name", ""), meta.get("model_revision", "")
+
+
+def save_vector(vector: Tensor, path: Path, subject: Any = None) -> Path:
+    """Write a direction [d] as .safetensors (tensor "direction"), recording the Subject it was found in so
+    steering another model with it is refused (temp file, rename)."""
+    from safetensors.torch import save
+
+    meta = {"model_name": subject.name, "model_revision": subject.revision} if subject is not None else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, save({"direction": vector.detach().float().reshape(-1).contiguous()}, metadata=meta))
+    return path
+
+
 def parse_direction(spec: str, where: Where = "all") -> DirectionEdit:
     site, eq, rest = spec.partition("=")
     file, _, strength = rest.rpartition("@") if "@" in rest else (rest, "", "1")
     if not eq or not file:
         raise SteeringError(f"--direction {spec!r}: write SITE=FILE@STRENGTH or SITE=FILE@ablate")
-    vector = load_vector(Path(file))
+    vector, (name, revision) = load_vector(Path(file)), vector_model(Path(file))
     if strength == "ablate":
-        return DirectionEdit(site, vector, mode="ablate", where=where)
+        return DirectionEdit(site, vector, mode="ablate", where=where, model_name=name, model_revision=revision)
     try:
-        return DirectionEdit(site, vector, float(strength), where=where)
+        return DirectionEdit(site, vector, float(strength), where=where, model_name=name, model_revision=revision)
     except ValueError:
         raise SteeringError(f"--direction {spec!r}: the strength must be a number or 'ablate'") from None

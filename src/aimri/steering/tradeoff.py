@@ -22,6 +22,7 @@ from torch import Tensor
 
 from aimri.autointerp.llm import ChatBackend
 from aimri.dictionaries.base import Dictionary
+from aimri.dictionaries.match import check_model, opening, prompt_ids
 from aimri.errors import AimriError
 from aimri.paths import atomic_write_text
 from aimri.plots import line_plot
@@ -135,7 +136,7 @@ def diff_of_means(
     n_pos = n_neg = 0
     norms = 0.0
     for text in texts:
-        ids = subject.tokenizer(text)["input_ids"][:context]
+        ids = prompt_ids(subject.tokenizer, text, dictionary)[:context]  # opened as its training windows were
         acts = subject.run(torch.tensor([ids]), read=list(dict.fromkeys([cfg.site, site_out])))
         with torch.no_grad():
             on = dictionary.encode(acts[cfg.site][0].float())[:, feature] > 0
@@ -173,6 +174,7 @@ def sweep(
     diff-of-means direction `dom` = (vector, mean norm) at strength × mean norm, or prompt for `concept`.
     The best point per method has the most presence at perplexity ≤ budget × the unsteered perplexity."""
     runs: list[tuple[str, float, Callable[[], list[Generation]]]] = []
+    options = {"opening": opening(dictionary, subject.tokenizer), **options}  # every run: the same prompt tokens
 
     def steered(ivs: list[Intervention], **extra: Any) -> Callable[[], list[Generation]]:
         return lambda: generate(subject, prompts, ivs, max_new_tokens=max_new_tokens, **{**options, **extra})
@@ -235,6 +237,9 @@ def sweep_feature(
             "a sweep needs the concept in words for the prompting baseline: give `concept`, or label the atlas"
         )
     edit = choice.edit
+    check_model(
+        edit.dictionary, subject, bool(options.get("allow_other_model")), f"the dictionary of {edit.describe()}"
+    )
     examples = Atlas(choice.atlas).examples(edit.feature, "top")
     dom = diff_of_means(subject, edit.dictionary, edit.feature, ["".join(e["tokens"]) for e in examples])
     result = sweep(subject, prompts, edit.dictionary, edit.feature, choice.max_act, concept, strengths, dom=dom,

@@ -99,7 +99,13 @@ class Subject:
         grad: bool = False,
     ) -> dict[str, Tensor]:
         """One forward pass that returns the read Sites' activations ([batch, seq, d]); with
-        `stop=False` the logits are returned too, under the key "logits"."""
+        `stop=False` the logits are returned too, under the key "logits" ([batch, seq, vocab]).
+
+        `input_ids` is [batch, seq]; `attention_mask` [batch, seq] has 1 = token, 0 = padding. Padded batches
+        are exact: with left or right padding, each row's real tokens get the activations and logits of that
+        prompt run alone (to float rounding), for every supported architecture (position ids are derived
+        from the mask, see Tap.forward). Padding positions hold meaningless values and are never edited.
+        """
         read = list(read)
         if input_ids.shape[-1] > self.context_length:
             raise AimriError(

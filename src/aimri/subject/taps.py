@@ -8,6 +8,12 @@ A tap never re-implements the model: with no edits, logits are bitwise those of 
 
 With `stop=True` the forward pass ends right after the deepest Site the tap needs (the model call
 raises StopForward, which the `with` block swallows), so later layers and the unembedding cost nothing.
+
+Padded batches: call the model through `t.forward(input_ids=..., attention_mask=...)` (Subject.run does):
+input_ids [batch, seq], attention_mask [batch, seq] with 1 = token, 0 = padding, left or right. It derives
+`position_ids = cumsum(mask) - 1` when none are given, so each row's real tokens have exactly the activations
+and logits of that prompt run alone (to float rounding) for every supported architecture, GPT-2's absolute
+positions included; the result is plain HF's for those position ids.
 """
 
 from __future__ import annotations
@@ -72,6 +78,24 @@ def _as_edits(edit: Mapping[str, EditValue | Edit] | Iterable[Edit] | None) -> l
     return edits
 
 
+def positions_from_mask(attention_mask: Any, seq: int | None) -> Tensor | None:
+    """Position ids [batch, seq] that number each row's real tokens 0, 1, 2, ... (padding gets 0), from a
+    [batch, past + seq] attention mask (1 = token, 0 = padding); None when the mask is not such a tensor."""
+    if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2 or not seq:
+        return None
+    if attention_mask.shape[1] < seq:
+        return None  # not a mask over these tokens; leave it to the model to complain
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    return positions[:, -seq:]
+
+
+def _seq_len(args: tuple, kwargs: dict) -> int | None:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    return int(ids.shape[1]) if isinstance(ids, Tensor) and ids.dim() >= 2 else None
+
+
 def _first(out: Any) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
@@ -81,7 +105,12 @@ def _replace_first(out: Any, new: Tensor) -> Any:
 
 
 class Tap:
-    """Context manager holding hooks for one set of reads and edits; see module docstring."""
+    """Context manager holding hooks for one set of reads and edits; see module docstring.
+
+    Run the model with `forward` (input_ids [batch, seq], attention_mask [batch, seq], 1 = token,
+    0 = padding): padded batches are exact, left or right, for every architecture. Padding positions
+    are never edited.
+    """
 
     def __init__(
         self,
@@ -111,7 +140,20 @@ class Tap:
         return {k: (v[0] if len(v) == 1 else torch.cat(v, dim=1)) for k, v in self._records.items() if v}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the model inside this tap; returns None when the pass was stopped early."""
+        """Call the model inside this tap; returns None when the pass was stopped early.
+
+        Padded batches are exact: given `attention_mask` ([batch, seq], 1 = token, 0 = padding; with a
+        cache, [batch, past + seq]) and no `position_ids`, each row's real tokens are placed at positions
+        0, 1, 2, ... (`position_ids = cumsum(mask) - 1`), so with left or right padding every architecture,
+        absolute-position ones (GPT-2) included, computes each row's real tokens as it would the prompt alone
+        (to float rounding). Pass `attention_mask` by keyword (HF models order positional arguments
+        differently); `position_ids` the caller gives are used as they are. Calling `subject.model(...)`
+        directly inside the tap is plain HF, which derives no positions from the mask.
+        """
+        if len(args) <= 1 and kwargs.get("position_ids") is None:
+            positions = positions_from_mask(kwargs.get("attention_mask"), _seq_len(args, kwargs))
+            if positions is not None:
+                kwargs["position_ids"] = positions
         try:
             return self.subject.model(*args, **kwargs)
         except StopForward:
@@ -210,7 +252,8 @@ class Tap:
 
     def _process(self, site: Site, x: Tensor) -> Tensor:
         for e in self._edits.get(site, ()):
-            new = e.value(x) if callable(e.value) else torch.broadcast_to(e.value.to(x), x.shape)
+            # an edit computed in another dtype (an fp32 vector on a bf16 model) goes back in the model's
+            new = (e.value(x) if callable(e.value) else torch.broadcast_to(e.value, x.shape)).to(x)
             mask = self._position_mask(e.positions, x)
             x = new if mask is None else torch.where(mask[..., None], new, x)
         if site in self._read:
