@@ -74,13 +74,14 @@ def one(transcoders: Path, length: int, max_feature_nodes: int) -> dict:
     from aimri.circuits.replacement import ReplacementModel, load_transcoders
     from aimri.data.corpus import Corpus
     from aimri.data.default_corpus import default_corpus_path
+    from aimri.dictionaries.match import opening
 
     subject = aimri.load()
     model = ReplacementModel(subject, load_transcoders(transcoders, subject))
     corpus = Corpus.from_paths([default_corpus_path()])
-    ids: list[int] = []
+    ids: list[int] = opening(model.transcoders.values(), subject.tokenizer)  # as the training windows open
     for doc in corpus.documents():
-        ids += subject.tokenizer(doc.text)["input_ids"]
+        ids += subject.tokenizer(doc.text, add_special_tokens=False)["input_ids"]
         if len(ids) >= length:
             break
     counter = FlopCount()  # counts the GEMM and attention FLOPs of every pass
@@ -112,6 +113,7 @@ def factual_path(subject, transcoders: dict, max_feature_nodes: int = 256, group
     from aimri.circuits.intervene import Change, intervene
     from aimri.circuits.prune import prune
     from aimri.circuits.replacement import ReplacementModel
+    from aimri.dictionaries.match import prompt_ids
 
     graph = attribute(ReplacementModel(subject, transcoders), FACTUAL["prompt"], max_feature_nodes=max_feature_nodes,
                       progress=False)  # fmt: skip
@@ -132,11 +134,11 @@ def factual_path(subject, transcoders: dict, max_feature_nodes: int = 256, group
 
     readings = []
     for text in FACTUAL["probes"]:
-        ids = subject.tokenizer(text)["input_ids"]
+        ids = prompt_ids(subject.tokenizer, text, transcoders[layer])  # opened as its training windows were
         with torch.no_grad():
             x = subject.run(torch.tensor([ids]), read=[f"mlp.in.{layer}"])[f"mlp.in.{layer}"][0]
             acts = transcoders[layer].encode(x.float())[:, index]
-        strongest = int(acts[1:].argmax()) + 1  # position 0 is the sink
+        strongest = int(acts[1:].argmax()) + 1  # position 0 is the sink (the BOS)
         readings.append({"text": text, "strongest_token": subject.tokenizer.decode([ids[strongest]]),
                          "activation": round(float(acts[strongest]), 3)})  # fmt: skip
     dropped = (at & ~pruned.node_mask[: graph.n_features]).nonzero().flatten()
@@ -163,13 +165,15 @@ def compare_with_circuit_tracer(
 
     from aimri.circuits.attribution import attribute
     from aimri.circuits.replacement import ReplacementModel
+    from aimri.dictionaries.match import opening
     from common import run_peer
 
-    ids = subject.tokenizer("The capital of the state containing Dallas is the city of")["input_ids"]
+    text = subject.tokenizer("The capital of the state containing Dallas is the city of", add_special_tokens=False)
+    ids = text["input_ids"]
     while len(ids) < length:
         ids = ids + ids
-    bos = subject.tokenizer.bos_token_id
-    ids = ([bos] if bos is not None else []) + ids[-(length - (bos is not None)) :]  # circuit-tracer wants BOS first
+    bos = opening(tcs.values(), subject.tokenizer)  # the transcoders' BOS; circuit-tracer holds position 0 too
+    ids = bos + ids[-(length - len(bos)) :]
     work = Path(tempfile.mkdtemp(prefix="aimri-trace-bench-"))
     (work / "ids.json").write_text(json.dumps(ids))
     model_dir = str(subject.model.name_or_path)

@@ -95,12 +95,18 @@ def _feature_path(
     subject: Subject, ids: list[int], a: int, b: int, folder: Path, max_feature_nodes: int
 ) -> list[dict[str, Any]]:
     """The transcoder features with the largest direct effect on the two options' logits, from the
-    attribution graph (circuits): the feature-level path behind the decision."""
+    attribution graph (circuits): the feature-level path behind the decision. The prompt is opened as the
+    transcoders' training windows were (their recorded BOS); positions are reported in `ids`."""
     from aimri.circuits.attribution import attribute
     from aimri.circuits.replacement import ReplacementModel, load_transcoders
+    from aimri.dictionaries.match import open_ids, opening
 
     model = ReplacementModel(subject, load_transcoders(folder, subject))
-    graph = attribute(model, ids, max_feature_nodes=max_feature_nodes, progress=False)
+    opened = open_ids(ids, opening(model.transcoders.values(), subject.tokenizer))
+    shift = len(opened) - len(ids)
+    graph = attribute(
+        model, opened, max_feature_nodes=max_feature_nodes, progress=False, constant_positions=max(1, shift)
+    )
     logit_ids = list(graph.logit_tokens)
     rows = []
     for option, token in (("a", a), ("b", b)):
@@ -110,5 +116,5 @@ def _feature_path(
         sel = (graph.edge_targets == node) & (graph.edge_sources < graph.n_features)
         for src, wgt in zip(graph.edge_sources[sel].tolist(), graph.edge_weights[sel].tolist(), strict=True):
             layer, pos, idx = graph.features[src].tolist()
-            rows.append({"option": option, "layer": layer, "position": pos, "feature": idx, "weight": wgt})
+            rows.append({"option": option, "layer": layer, "position": pos - shift, "feature": idx, "weight": wgt})
     return sorted(rows, key=lambda r: -abs(r["weight"]))[:15]

@@ -213,6 +213,10 @@ class Dictionary(nn.Module):
         (the Trainer's scaled inputs); None: none, the architecture is sparse by construction."""
         return None
 
+    def calibrate(self, x: Tensor) -> None:
+        """Saving: fit inference-only settings to training rows x [rows, d_in] with the final weights, just
+        before the Trainer exports (BatchTopK: its threshold); by default nothing."""
+
     def saved_tensors(self) -> dict[str, Tensor]:
         """Saving: the tensors `save_dictionary` writes (copies), in the inference form `saved_architecture`
         names; by default the parameters as they are."""

@@ -4,7 +4,8 @@ params.npz.
 
 Weights: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_out], b_dec [d_out], plus `threshold`
 (JumpReLU; an architecture may save an inference form instead of itself, as BatchTopK is saved as JumpReLU
-with its learned thresholds: `Dictionary.saved_architecture` and `saved_tensors`) and `W_skip` (skip transcoders).
+with its one global threshold on every latent, as SAELens converts it: `Dictionary.saved_architecture` and
+`saved_tensors`) and `W_skip` (skip transcoders).
 cfg.json carries SAELens' keys (architecture, d_in, d_sae, k, apply_b_dec_to_input, normalize_activations,
 metadata.hook_name, ...) and ours under `aimri`, so both libraries can read it.
 

@@ -402,7 +402,9 @@ def _train_and_save(
       heldout_saved     the saved dictionary on up to HELDOUT_ROWS rows never trained on (`heldout` evaluates
                         it there), or null with `heldout_note` saying why there are none (`no_heldout`).
     The saved figures are computed as `mri eval` computes them (evaluate.reconstruction_from_pairs; dead_frac:
-    latents that never fired on those rows). Returns the path and the last training step's metrics."""
+    latents that never fired on those rows). Before saving, the dictionary's inference-only settings are fitted
+    to the final weights on the next batch of the stream, one no step trained on (`Dictionary.calibrate`:
+    BatchTopK's threshold). Returns the path and the last training step's metrics."""
     from aimri.dictionaries.evaluate import reconstruction_from_pairs
     from aimri.dictionaries.formats import load_dictionary, save_dictionary
 
@@ -410,9 +412,10 @@ def _train_and_save(
     trainer = Trainer(cfg, tcfg, ranks)
     out = Path(out)
     last_batch: list[Batch] = []
+    source = iter(batches)
 
     def remembered() -> Iterator[Batch]:  # the last batch fit takes is the one it last trained on
-        for batch in batches:
+        for batch in source:
             last_batch[:] = [batch]
             yield batch
 
@@ -420,7 +423,7 @@ def _train_and_save(
     last = fit([trainer], remembered(), checkpoint_dir=out.with_name(out.name + ".checkpoints"), progress=progress)[0]
     record = {**record, "seconds": round(time.perf_counter() - start, 3)}
     if ranks.leader:
-        save_dictionary(trainer.export(), out)
+        save_dictionary(calibrated(trainer.export(), next(source, None), cfg), out)
         saved = load_dictionary(out)  # what a user will load, checked as saved
         figures: dict[str, Any] = {"step": last.get("step", trainer.step_index), "figures_note": _FIGURES_NOTE}
         figures["train_last_batch"] = {k: v for k, v in last.items() if k != "step"}
@@ -437,6 +440,16 @@ def _train_and_save(
         atomic_write_text(out / "training.json", json.dumps(info, indent=1))
     ranks.barrier("saving the dictionary")
     return out, last
+
+
+def calibrated(model: Dictionary, batch: Batch | None, cfg: DictionaryConfig) -> Dictionary:
+    """`model` (an exported, raw-scale dictionary) with its inference-only settings fitted on `batch`, rows
+    no training step saw under these weights (`Dictionary.calibrate`; BatchTopK: the global threshold = that
+    batch's (k x rows)-th largest activation, so the saved dictionary keeps k per token from the first steps,
+    where SAELens' running average lags the moving weights). Without a batch, `model` as it is."""
+    if batch is not None:
+        model.calibrate(_split(batch, cfg)[0])
+    return model
 
 
 def _dictionary_config(
@@ -589,8 +602,9 @@ def train_transcoders(
     )
     if trainers:
         fit(trainers, batches, checkpoint_dir=checkpoints, progress=progress)
+    fresh = next(batches, None) if trainers else None  # rows no step trained on: the inference form's calibration
     for layer, trainer in zip(layers, trainers, strict=True):
-        save_dictionary(trainer.export(), Run.transcoder_layer(out, layer))
+        save_dictionary(calibrated(trainer.export(), fresh, trainer.dcfg), Run.transcoder_layer(out, layer))
     held = (
         heldout_windows(subject.tokenizer, corpus, c.context, c.heldout_every, c.eval_windows)
         if c.heldout_every
