@@ -224,3 +224,59 @@ def test_a_normalising_sae_is_steered_in_the_activations_scale(subject: aimri.Su
     a = sae.encode(x)[-1, feature]
     expected = x[-1] + (target - a) * sae.W_dec[feature] * x[-1].norm() / subject.d_model**0.5
     assert torch.allclose(y[-1], expected, atol=1e-4)
+
+
+def test_a_sae_lens_file_reads_its_hook_as_a_site_and_runs(subject: aimri.Subject, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    sae = _sae(subject)
+    folder = tmp_path / "sl"
+    folder.mkdir()
+    save_file(
+        {k: v.detach().contiguous() for k, v in sae.state_dict().items()}, str(folder / "sae_weights.safetensors")
+    )
+    cfg = {"architecture": "standard", "d_in": subject.d_model, "d_sae": 16, "apply_b_dec_to_input": True,
+           "normalize_activations": "none", "metadata": {"hook_name": "blocks.1.hook_resid_post"}}  # fmt: skip
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    loaded = load_dictionary(folder)
+    assert loaded.cfg.site == "resid.1"
+    assert generate(subject, ["The lighthouse"], [FeatureEdit(loaded, 3, 2.0, "add")], max_new_tokens=2, chat=False)
+    cfg["metadata"]["hook_name"] = "blocks.0.hook_resid_pre"
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    assert load_dictionary(folder).cfg.site == "resid.-1"
+    assert load_dictionary(folder, site="resid.2").cfg.site == "resid.2"  # `site` overrides the file's
+    cfg["metadata"]["hook_name"] = "blocks.1.hook_resid_mid"
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(AimriError, match="metadata.hook_name"):
+        load_dictionary(folder)
+
+
+def test_a_crosscoder_is_not_steered_on_one_model(subject: aimri.Subject) -> None:
+    cc = build(DictionaryConfig("crosscoder", 2 * subject.d_model, 16, k=2, site="resid.1", extra={"sources": 2}))
+    with pytest.raises(AimriError, match="crosscoder over 2 models"):
+        generate(subject, ["The lighthouse"], [FeatureEdit(cc, 0, 1.0)], max_new_tokens=1, chat=False)
+    check_model(cc, subject, sources=2)
+
+
+def test_a_checkpoint_from_before_the_new_fields_resumes(tmp_path: Path) -> None:
+    from aimri.dictionaries.config import TrainConfig
+    from aimri.dictionaries.train import Trainer
+
+    cfg = DictionaryConfig("batchtopk", 8, 16, k=2, site="resid.1")
+    trainer = Trainer(cfg, TrainConfig(total_tokens=64, batch_size=32))
+    trainer.step(torch.randn(32, 8))
+    trainer.save_checkpoint(tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    for key in ("prepend_bos", "bos_id", "normalize_activations"):
+        del state["dictionary_config"][key]  # as written before these fields existed
+    state["model"]["threshold"][:3] = float("inf")  # the old per-latent rule: latents never selected
+    torch.save(state, tmp_path / "old.pt")
+    resumed = Trainer(
+        DictionaryConfig("batchtopk", 8, 16, k=2, site="resid.1", bos_id=0), TrainConfig(total_tokens=64, batch_size=32)
+    )
+    resumed.load_checkpoint(tmp_path / "old.pt")
+    assert resumed.step_index == 1 and bool(torch.isfinite(resumed.model.threshold).all())
+    with pytest.raises(AimriError, match="other settings"):
+        Trainer(DictionaryConfig("batchtopk", 8, 32, k=2), TrainConfig(total_tokens=64, batch_size=32)).load_checkpoint(
+            tmp_path / "old.pt"
+        )

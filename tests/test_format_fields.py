@@ -89,7 +89,7 @@ def test_sae_lens_pre6_topk_runs_k_latents(tmp_path: Path) -> None:
     model = load_dictionary(folder)
     with torch.no_grad():
         assert ((model.encode(x) > 0).sum(-1) == K).all()
-    assert model.cfg.site == HOOK  # the pre-6 top-level hook_name
+    assert model.cfg.site == "resid.2"  # the pre-6 top-level hook_name, read as our Site
 
 
 def test_sae_lens_pre6_relu_with_finetuning_scaling_factor(tmp_path: Path) -> None:
@@ -106,7 +106,7 @@ def test_sae_lens_pre6_relu_with_finetuning_scaling_factor(tmp_path: Path) -> No
     folder = _sae_lens_folder(tmp_path / "d", cfg, w | {"scaling_factor": s})
     codes = ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]).relu()
     _assert_runs_as(folder, codes, (codes * s) @ w["W_dec"] + w["b_dec"], x)
-    assert load_dictionary(folder).cfg.site == HOOK
+    assert load_dictionary(folder).cfg.site == "resid.2"
 
 
 def test_sae_lens_6_topk_rescaled_by_decoder_norms(tmp_path: Path) -> None:

@@ -74,7 +74,7 @@ def test_sae_lens_loads_in_ours(arch: str, tmp_path: Path) -> None:
     with torch.no_grad():
         assert np.allclose(ours.encode(x).numpy(), theirs["codes"], atol=1e-5)
         assert np.allclose(ours(x).numpy(), theirs["recon"], atol=1e-5)
-    assert ours.cfg.site == "blocks.3.hook_resid_post"
+    assert ours.cfg.site == "resid.3"  # its metadata.hook_name, read as our Site
 
 
 @pytest.mark.parametrize("transcode", [False, True], ids=["sae", "skip-transcoder"])

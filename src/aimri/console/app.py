@@ -300,7 +300,6 @@ class Console:
     def intervene(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
         from aimri.circuits.intervene import Change, intervene
         from aimri.circuits.replacement import load_transcoders
-        from aimri.dictionaries.match import prompt_ids
 
         data = self.graph(str(request.get("graph", "")))
         changes_in = request.get("changes")
@@ -326,12 +325,11 @@ class Console:
             if self._tcs is None:
                 progress("loading transcoders", 0, 1)
                 self._tcs = load_transcoders(self.transcoders, subject)
-            recorded = data["metadata"].get("prompt_ids")  # the graph's own tokens (older graphs: re-open the text)
-            ids = (
-                list(recorded)
-                if recorded
-                else prompt_ids(subject.tokenizer, data["metadata"]["prompt"], self._tcs.values())
-            )
+            ids = data["metadata"].get("prompt_ids")  # the graph's own tokens
+            if not ids:  # a graph written before they were recorded: it tokenized the bare prompt
+                ids = list(subject.tokenizer(data["metadata"]["prompt"])["input_ids"])
+                if len(ids) != len(data["metadata"].get("prompt_tokens", ids)):
+                    raise RequestError("intervene: this graph's tokens cannot be recovered; trace the prompt again")
             progress("running", 0, 1)
             result = intervene(subject, self._tcs, ids, changes)
             progress("running", 1, 1)

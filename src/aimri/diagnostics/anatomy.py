@@ -19,7 +19,7 @@ def unembed(subject: Subject, resid: Tensor) -> Tensor:
     """Logits from a residual [..., d_model] (any dtype; computed in the model's): the model's final norm and
     unembedding (the logit lens), [..., vocab] in fp32."""
     model: Any = subject.model
-    resid = resid.to(model.get_output_embeddings().weight)
+    resid = resid.to(dtype=model.get_output_embeddings().weight.dtype)  # (accelerate's hooks place it)
     norm = model.model.norm if hasattr(model, "model") and hasattr(model.model, "norm") else None
     if norm is None:
         norm = getattr(getattr(model, "transformer", None), "ln_f", None) or getattr(

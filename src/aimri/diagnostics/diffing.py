@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from aimri.diagnostics.anatomy import unembed
+from aimri.dictionaries.match import check_model
 from aimri.errors import AimriError
 from aimri.steering.generate import Generation, generate
 from aimri.subject.core import Subject
@@ -274,14 +275,14 @@ def feature_shifts(
     site = dictionary.cfg.site
     if not site:
         raise DiffError("the dictionary records no site; load it with load_dictionary(path, site=...)")
-    if baseline.site_dim(site) != dictionary.cfg.d_in:
-        raise DiffError(
-            f"the dictionary reads {dictionary.cfg.d_in}-wide activations but {site} is {baseline.site_dim(site)} wide"
-        )
+    try:
+        check_model(dictionary, baseline, source="the dictionary given to the model diffing")  # the baseline's
+    except AimriError as err:
+        raise DiffError(str(err)) from None
     means = []
     for who in (candidate, baseline):
-        acts = who.run(windows, read=[site])[site][:, 1:].float()
-        means.append(dictionary.encode(acts.reshape(-1, acts.shape[-1])).mean(0))
+        acts = who.run(windows, read=[site])[site][:, 1:].to(dictionary.W_enc)  # in the dictionary's dtype
+        means.append(dictionary.encode(acts.reshape(-1, acts.shape[-1])).float().mean(0))
     shift = means[0] - means[1]
     rows = []
     for i in shift.abs().topk(min(top, len(shift))).indices.tolist():
@@ -308,11 +309,19 @@ def crosscoder_latents(
     site = crosscoder.cfg.site
     if getattr(crosscoder, "sources", 0) != 2 or crosscoder.cfg.d_in != 2 * baseline.site_dim(site):
         raise DiffError("give a crosscoder of two models (baseline, candidate) over a site of this width")
+    recorded = (crosscoder.cfg.model_revision or "").split("+")
+    given = [who.revision[:12] for who in (baseline, candidate)]
+    if len(recorded) == 2 and "unknown" not in given and recorded != given:
+        order = "in the other order" if recorded == given[::-1] else "on other models"
+        raise DiffError(
+            f"the crosscoder was trained {order} ({crosscoder.cfg.model_name}: revisions {'+'.join(recorded)}, "
+            f"sources baseline+candidate = {'+'.join(given)}); train it with `mri train-crosscoder BASE CANDIDATE`"
+        )
     acts = [
-        who.run(windows, read=[site])[site][:, 1:].float().reshape(-1, baseline.d_model)
+        who.run(windows, read=[site])[site][:, 1:].to(crosscoder.W_enc).reshape(-1, baseline.d_model)
         for who in (baseline, candidate)
     ]
-    mean = crosscoder.encode(torch.cat(acts, -1)).mean(0)
+    mean = crosscoder.encode(torch.cat(acts, -1)).float().mean(0)
     rel = crosscoder.relative_norm(1)
     idx = (rel > exclusive).nonzero().flatten()
     order = idx[mean[idx].argsort(descending=True)][:top]

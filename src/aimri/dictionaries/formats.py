@@ -62,6 +62,31 @@ _SPARSIFY_FIELDS = {
 _GEMMA_SCOPE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
 
+_FROM_HOOK = {"hook_resid_post": "resid", "hook_mlp_out": "mlp.out", "hook_attn_out": "attn.out",
+              "ln2.hook_normalized": "mlp.in", "hook_mlp_in": "mlp.in"}  # fmt: skip
+
+
+def site_of_hook(hook: str, cfg_file: Path, key: str = "metadata.hook_name") -> str:
+    """A TransformerLens hook name (SAELens' metadata.hook_name) -> our Site name: blocks.L.hook_resid_post ->
+    resid.L, blocks.L.hook_resid_pre -> resid.(L-1) (resid.-1: the embeddings), hook_mlp_out -> mlp.out.L,
+    hook_attn_out -> attn.out.L, ln2.hook_normalized / hook_mlp_in -> mlp.in.L. Our own names pass through.
+
+    Raises AimriError naming the field for a hook AI MRI does not tap (hook_resid_mid, hook_z, ...)."""
+    if not hook.startswith("blocks."):
+        return hook  # ours already ("resid.15"), or none
+    _, layer, rest = hook.split(".", 2)
+    if not layer.isdigit():
+        raise _refused(cfg_file, key, hook, "is not a TransformerLens hook name AI MRI reads (blocks.L.hook_...)")
+    if rest == "hook_resid_pre":
+        return f"resid.{int(layer) - 1}"
+    if rest not in _FROM_HOOK:
+        raise _refused(
+            cfg_file, key, hook, f"is a hook AI MRI does not tap (it reads {', '.join(sorted(_FROM_HOOK))}, "
+            "hook_resid_pre); load it with load_dictionary(path, site=...) naming the equivalent Site",
+        )  # fmt: skip
+    return f"{_FROM_HOOK[rest]}.{layer}"
+
+
 def hook_name(site: str) -> str:
     """Our Site name -> the TransformerLens hook name SAELens metadata uses."""
     parts = site.split(".")
@@ -256,7 +281,7 @@ def _activation_scaler(folder: Path) -> float | None:
     return float(factor) if isinstance(factor, int | float) and not isinstance(factor, bool) else None
 
 
-def _sae_lens_config(folder: Path, raw: dict[str, Any], tensors: dict[str, Tensor]) -> DictionaryConfig:
+def _sae_lens_config(folder: Path, raw: dict[str, Any], tensors: dict[str, Tensor], site: str = "") -> DictionaryConfig:
     """The configuration of a SAELens folder (6.x or pre-6 schema, as sae_lens/loading/pretrained_sae_loaders.py
     `handle_pre_6_0_config` reads the latter), with the fields whose maths is a fixed change of the weights
     folded into `tensors` (in place)."""
@@ -352,10 +377,16 @@ def _sae_lens_config(folder: Path, raw: dict[str, Any], tensors: dict[str, Tenso
         )  # fmt: skip
 
     _fold_weights(cfg_file, raw, name, architecture, tensors, scaling)
+    site_in = site or site_of_hook(hook, cfg_file)
+    hook_out = field("hook_name_out", default="")
+    if hook_out:
+        site_out = site_of_hook(hook_out, cfg_file, "metadata.hook_name_out")
+    else:  # a transcoder naming no output: the MLP's output beside its input
+        site_out = site_in.replace("mlp.in.", "mlp.out.") if site_in.startswith("mlp.in.") else f"{site_in}.out"
     return DictionaryConfig(
         architecture=architecture, d_in=raw["d_in"], d_sae=raw["d_sae"], d_out=d_out,
-        k=k if architecture == "topk" else None, skip=name in _SKIP_TRANSCODERS, site=hook,
-        site_out=field("hook_name_out", default=f"{hook}.out") if transcoder else "",
+        k=k if architecture == "topk" else None, skip=name in _SKIP_TRANSCODERS, site=site_in,
+        site_out=site_out if transcoder else "",
         model_name=field("model_name", default=""), apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
         normalize_activations=norm, prepend_bos=bool(field("prepend_bos", default=True)),
     )  # fmt: skip
@@ -460,5 +491,5 @@ def load_dictionary(path: str | Path, site: str = "") -> Dictionary:
             )  # fmt: skip
         cfg = DictionaryConfig(**ours)
     else:
-        cfg = _sae_lens_config(path, raw, tensors)
+        cfg = _sae_lens_config(path, raw, tensors, site)
     return _checked(cfg, tensors, weights_file)

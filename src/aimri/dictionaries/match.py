@@ -20,14 +20,17 @@ from aimri.errors import AimriError
 
 
 def check_model(
-    dictionary: Dictionary | DictionaryConfig, subject: Any, allow_other_model: bool = False, source: object = ""
-) -> None:
+    dictionary: Dictionary | DictionaryConfig, subject: Any, allow_other_model: bool = False, source: object = "",
+    sources: int = 1,
+) -> None:  # fmt: skip
     """Refuse a dictionary trained on another model than `subject` (a Subject).
 
     The recorded `model_revision` (a content hash of the weights) must equal `subject.revision` where both are
     known; the widths must fit always. `allow_other_model=True` (the CLI's --allow-other-model) lets a
     deliberate transfer through (e.g. a base model's SAE on its fine-tune) — the widths are still checked.
-    A crosscoder (recorded over several models, "a+b") fits any of them.
+    A crosscoder reads `sources` models at once (its input is their activations side by side): pass how many
+    the caller feeds it; read on one model (sources=1) it is refused by its width. Its recorded revisions
+    ("a+b") fit any of its models.
 
     Raises AimriError naming both models and the override."""
     cfg = dictionary.cfg if isinstance(dictionary, Dictionary) else dictionary
@@ -37,11 +40,15 @@ def check_model(
             width = subject.site_dim(cfg.site)
         except AimriError as err:
             raise AimriError(f"{what} reads {cfg.site}, which {subject.name} has not ({err})") from None
-        crosscoder = "+" in (cfg.model_revision or "")
-        sources = int(cfg.extra.get("sources", 1)) if crosscoder else 1
         if cfg.d_in != width * sources:
+            if cfg.d_in == width * int(cfg.extra.get("sources", 0)):
+                raise AimriError(
+                    f"{what} is a crosscoder over {cfg.extra['sources']} models: it reads them side by side, not "
+                    f"{subject.name} alone (use it in the checkup's model diffing: `mri scan --crosscoder`)"
+                )
             raise AimriError(
-                f"{what} is {cfg.d_in} wide but {subject.name}'s {cfg.site} is {width}: it belongs to another model"
+                f"{what} is {cfg.d_in} wide but {subject.name}'s {cfg.site} is {width * sources}: it belongs to "
+                "another model"
             )
     recorded, revision = cfg.model_revision or "", getattr(subject, "revision", "unknown") or "unknown"
     if not recorded or revision == "unknown" or allow_other_model:

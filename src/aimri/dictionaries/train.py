@@ -10,7 +10,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -282,9 +282,22 @@ class Trainer:
             state = torch.load(path, weights_only=True)
         except Exception as err:
             raise AimriError(f"{path} is not a readable checkpoint ({err}); delete it to start over") from err
-        if state["dictionary_config"] != self.dcfg.to_dict() or state["train_config"] != asdict(self.tcfg):
+        # fields added since a checkpoint was written read as their defaults; how prompts open is not training
+        saved, ours = {**_CONFIG_DEFAULTS, **state["dictionary_config"]}, self.dcfg.to_dict()
+        for key in ("prepend_bos", "bos_id"):
+            saved.pop(key, None)
+            ours.pop(key, None)
+        if saved != ours or state["train_config"] != asdict(self.tcfg):
             raise AimriError(f"{path} was written with other settings; rerun with the original ones or delete it")
-        self.model.load_state_dict(state["model"])
+        model_state = dict(state["model"])
+        if (
+            "threshold" in model_state
+        ):  # (BatchTopK checkpoints before the global threshold held inf for unseen latents)
+            t = model_state["threshold"]
+            model_state["threshold"] = torch.where(
+                torch.isfinite(t), t, t[torch.isfinite(t)].max() if bool(torch.isfinite(t).any()) else torch.zeros(())
+            )
+        self.model.load_state_dict(model_state)
         with torch.no_grad():
             for name, value in state.get("buffers", {}).items():  # (a checkpoint from before buffers were kept: none)
                 self.model.get_buffer(name).copy_(value)
@@ -311,6 +324,11 @@ class Trainer:
                 out.W_skip.mul_(s_in / s_out)
         out.eval()
         return out
+
+
+_CONFIG_DEFAULTS = {
+    f.name: f.default for f in fields(DictionaryConfig) if f.default is not MISSING
+}  # a checkpoint's missing config fields
 
 
 def fit(
@@ -501,6 +519,8 @@ def train_from_store(
         settings, store.d(site), store.d(site_out) if site_out else None, site, site_out,
         store.spec["model"]["name"], store.spec["model"]["revision"], store.spec.get("packing", {}).get("bos_id"),
     )  # fmt: skip
+    if "packing" not in store.spec:  # not recorded: prompts open by the tokenizer's rule, not "no BOS"
+        cfg.prepend_bos, cfg.bos_id = True, None
     n = len(store.shards)
     if not 0 <= heldout < n:
         raise AimriError(f"`heldout_shards` {heldout} must leave training data: the store has {n} shards")

@@ -96,7 +96,7 @@ def measure(
         out = subject.run(ids, read=[cfg.site], stop=False)
         start = len(prompt)
         with torch.no_grad():
-            codes = dictionary.encode(out[cfg.site][0, start:].float())[:, feature]
+            codes = dictionary.encode(out[cfg.site][0, start:].to(dictionary.W_enc))[:, feature].float()
         presences.append(float((codes / scale).clamp(0, 1).mean()))
         fired += int((codes > 0).sum())
         logp = out["logits"][0, start - 1 : -1].float().log_softmax(-1)
@@ -139,7 +139,7 @@ def diff_of_means(
         ids = prompt_ids(subject.tokenizer, text, dictionary)[:context]  # opened as its training windows were
         acts = subject.run(torch.tensor([ids]), read=list(dict.fromkeys([cfg.site, site_out])))
         with torch.no_grad():
-            on = dictionary.encode(acts[cfg.site][0].float())[:, feature] > 0
+            on = dictionary.encode(acts[cfg.site][0].to(dictionary.W_enc))[:, feature] > 0
         x = acts[site_out][0].float()
         on[0] = False
         off = ~on
