@@ -83,7 +83,8 @@ class BatchTopK(_Thresholded):
     dictionary_learning's BatchTopKSAE (trainers/batch_top_k.py, `update_threshold`) is the same at rate 0.001.
     One change: the average is bias-corrected as Adam's moments are (SAELens starts it at 0, so its threshold is
     too low and the inference L0 too high until ~1/rate batches have passed): after one batch it is that batch's
-    value, so the inference L0 is about k from the first step.
+    value, so the inference L0 is about k from the first step. The pipelines that save a dictionary then
+    `calibrate` that threshold with the final weights on a batch no step trained on (train.calibrated).
 
     The average lives in two buffers (`score_average`, `score_weight`: not saved with the dictionary, kept in
     the Trainer's checkpoints and averaged across data-parallel ranks after every step, so each rank holds the

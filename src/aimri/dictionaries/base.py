@@ -153,9 +153,8 @@ class Dictionary(nn.Module):
 
         So codes come from the normalised input, and a code's decoder row adds W_dec[i] * scale_out at that
         token in x's space."""
-        return None if self.cfg.normalize_activations == "none" else self._normalisation(x)
-
-    def _normalisation(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.cfg.normalize_activations == "none":
+            return None
         if self.cfg.normalize_activations == "constant_norm_rescale":
             scale_in = self.cfg.d_in**0.5 / x.norm(dim=-1, keepdim=True)
             return torch.zeros_like(scale_in), scale_in, 1 / scale_in
@@ -164,8 +163,9 @@ class Dictionary(nn.Module):
         return mean, 1 / (std + LAYER_NORM_EPS), std
 
     def pre_acts(self, x: Tensor) -> Tensor:
-        if self.cfg.normalize_activations != "none":
-            shift, scale_in, _ = self._normalisation(x)
+        norm = self.normalisation(x)
+        if norm is not None:
+            shift, scale_in, _ = norm
             x = (x - shift) * scale_in
         centred = x - self.b_dec if self.cfg.centres_input else x
         return centred @ self.W_enc + self.b_enc
@@ -186,7 +186,7 @@ class Dictionary(nn.Module):
                     f"this dictionary normalises its input (normalize_activations={self.cfg.normalize_activations!r}): "
                     "decode(codes, x) needs the input x to return to its scale"
                 )
-            shift, _, scale_out = self._normalisation(x)
+            shift, _, scale_out = self.normalisation(x)  # type: ignore[misc]  (not None: normalising)
             out = out * scale_out + shift
         if self.W_skip is not None:
             if x is None:

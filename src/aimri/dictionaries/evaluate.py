@@ -19,7 +19,7 @@ from aimri.data.corpus import Corpus, Window, pack
 from aimri.data.harvest import keep_rows
 from aimri.data.store import ActivationStore
 from aimri.dictionaries.base import Dictionary
-from aimri.dictionaries.match import check_model, packing_for
+from aimri.dictionaries.match import check_model, check_revision, packing_for
 from aimri.errors import AimriError
 from aimri.subject.core import Subject
 from aimri.subject.taps import Edit
@@ -224,14 +224,10 @@ def evaluate_dictionary(
     dictionary, store = Path(dictionary), Path(store)
     sae = load_dictionary(dictionary)
     held_out = ActivationStore(store)
-    harvested = held_out.spec["model"]
-    recorded = sae.cfg.model_revision
-    if recorded and not allow_other_model and harvested.get("revision") not in (None, "unknown", recorded):
-        raise AimriError(
-            f"{store} was harvested from {harvested.get('name')} (revision {str(harvested.get('revision'))[:12]}) but "
-            f"{dictionary} was trained on {sae.cfg.model_name or 'another model'} (revision {recorded[:12]}); use a "
-            "store of that model, or pass --allow-other-model (allow_other_model=True) for a deliberate transfer"
-        )
+    harvested = held_out.spec["model"]  # the store's rows must be the dictionary's model's
+    check_revision(f"{store} was harvested from", str(harvested.get("name")), str(harvested.get("revision") or ""),
+                   f"the model {dictionary} was trained on, {sae.cfg.model_name or '?'}", sae.cfg.model_revision,
+                   allow_other_model)  # fmt: skip
     shards = None
     info = dictionary / "training.json"
     if info.exists():

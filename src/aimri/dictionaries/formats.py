@@ -62,8 +62,10 @@ _SPARSIFY_FIELDS = {
 _GEMMA_SCOPE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
 
-_FROM_HOOK = {"hook_resid_post": "resid", "hook_mlp_out": "mlp.out", "hook_attn_out": "attn.out",
-              "ln2.hook_normalized": "mlp.in", "hook_mlp_in": "mlp.in"}  # fmt: skip
+# our Site kind -> the TransformerLens hook (SAELens' metadata.hook_name) in block L, and back
+_HOOKS = {"resid": "hook_resid_post", "mlp.in": "ln2.hook_normalized", "mlp.out": "hook_mlp_out",
+          "attn.out": "hook_attn_out"}  # fmt: skip
+_FROM_HOOK = {hook: kind for kind, hook in _HOOKS.items()} | {"hook_mlp_in": "mlp.in"}
 
 
 def site_of_hook(hook: str, cfg_file: Path, key: str = "metadata.hook_name") -> str:
@@ -89,19 +91,10 @@ def site_of_hook(hook: str, cfg_file: Path, key: str = "metadata.hook_name") -> 
 
 def hook_name(site: str) -> str:
     """Our Site name -> the TransformerLens hook name SAELens metadata uses."""
-    parts = site.split(".")
-    kind, layer = ".".join(parts[:-1]), parts[-1]
-    names = {
-        "resid": "hook_resid_post",
-        "mlp.in": "ln2.hook_normalized",
-        "mlp.out": "hook_mlp_out",
-        "attn.out": "hook_attn_out",
-    }
-    if site.startswith(("blocks.", "hook_")):  # a TransformerLens hook name already (a SAELens file's, as read)
-        return site
+    kind, _, layer = site.rpartition(".")
     if kind == "resid" and layer == "-1":
         return "blocks.0.hook_resid_pre"
-    return f"blocks.{layer}.{names.get(kind, kind)}"
+    return f"blocks.{layer}.{_HOOKS.get(kind, kind)}"
 
 
 def save_dictionary(model: Dictionary, path: str | Path) -> Path:

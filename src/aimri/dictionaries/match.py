@@ -50,18 +50,26 @@ def check_model(
                 f"{what} is {cfg.d_in} wide but {subject.name}'s {cfg.site} is {width * sources}: it belongs to "
                 "another model"
             )
-    recorded, revision = cfg.model_revision or "", getattr(subject, "revision", "unknown") or "unknown"
+    check_revision(f"{what} was trained on", cfg.model_name, cfg.model_revision, subject.name,
+                   getattr(subject, "revision", "unknown"), allow_other_model)  # fmt: skip
+
+
+def check_revision(
+    what: str, trained_name: str, trained_revision: str, name: str, revision: str, allow_other_model: bool = False
+) -> None:
+    """The one identity rule for everything made from a model (a dictionary, a store's rows, a direction): the
+    recorded revision (a content hash of the weights) must equal the model's where both are known; a
+    crosscoder's "a+b" (12 characters each) fits any of its models. `what` starts the message ("X was trained
+    on"). Raises AimriError naming both models and the override, unless `allow_other_model`."""
+    recorded, revision = trained_revision or "", revision or "unknown"
     if not recorded or revision == "unknown" or allow_other_model:
         return
-    if "+" in recorded:  # a crosscoder records every source's revision (12 characters each)
-        if any(revision.startswith(part) for part in recorded.split("+")):
-            return
-    elif recorded == revision:
+    if recorded == revision or ("+" in recorded and any(revision.startswith(p) for p in recorded.split("+"))):
         return
     raise AimriError(
-        f"{what} was trained on {cfg.model_name or 'another model'} (revision {recorded[:12]}), not on {subject.name} "
-        f"(revision {revision[:12]}); use the dictionary trained on this model, or pass --allow-other-model "
-        "(allow_other_model=True) for a deliberate transfer"
+        f"{what} {trained_name or 'another model'} (revision {recorded[:12]}), not {name} (revision "
+        f"{revision[:12]}); use one made from this model, or pass --allow-other-model (allow_other_model=True) "
+        "for a deliberate transfer"
     )
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from aimri.dictionaries.base import Dictionary
-from aimri.dictionaries.match import check_model
+from aimri.dictionaries.match import check_model, check_revision
 from aimri.errors import AimriError
 from aimri.subject.core import Subject
 from aimri.subject.taps import Edit, Positions
@@ -106,12 +106,11 @@ def _check(subject: Subject, interventions: Sequence[Intervention], allow_other_
                 raise SteeringError(f"cannot ablate a zero vector at {iv.site}")
             if not bool(torch.isfinite(iv.vector).all()) or not torch.isfinite(torch.tensor(iv.strength)):
                 raise SteeringError(f"the direction or strength for {iv.site} is NaN/inf")
-            if iv.model_revision and subject.revision not in ("unknown", iv.model_revision) and not allow_other_model:
-                raise SteeringError(
-                    f"the direction for {iv.site} was found in {iv.model_name or 'another model'} (revision "
-                    f"{iv.model_revision[:12]}), not in {subject.name} (revision {subject.revision[:12]}); pass "
-                    "--allow-other-model (allow_other_model=True) for a deliberate transfer"
-                )
+            try:
+                check_revision(f"the direction for {iv.site} was found in", iv.model_name, iv.model_revision,
+                               subject.name, subject.revision, allow_other_model)  # fmt: skip
+            except AimriError as err:
+                raise SteeringError(str(err)) from None
             continue
         cfg = iv.dictionary.cfg
         if not cfg.site:
@@ -165,14 +164,12 @@ def _feature_edits(dictionary: Dictionary, group: list[FeatureEdit], prompt_len:
     features = torch.tensor([iv.feature for iv in group])
     state: dict[str, Tensor] = {}
 
-    def codes_of(x: Tensor) -> Tensor:
-        with torch.no_grad():
-            return dictionary.encode(x.to(dictionary.W_enc))[..., features]  # in the dictionary's dtype
-
     def read_input(x: Tensor) -> Tensor:
-        state["codes"] = codes_of(x)
-        norm = dictionary.normalisation(x.to(dictionary.W_enc))  # a normalising SAE decodes in a per-token scale
-        state["scale_out"] = norm[2] if norm is not None else torch.ones((), dtype=dictionary.W_enc.dtype)
+        with torch.no_grad():
+            xd = x.to(dictionary.W_enc)  # the dictionary computes in its own dtype
+            state["codes"] = dictionary.encode(xd)[..., features]
+            norm = dictionary.normalisation(xd)  # a normalising SAE decodes in a per-token scale
+            state["scale_out"] = norm[2] if norm is not None else torch.ones((), dtype=xd.dtype)
         return x
 
     edits = [Edit(cfg.site, read_input)]  # first at its site, so every edit below sees unedited codes
