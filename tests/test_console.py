@@ -199,7 +199,7 @@ def test_graph_from_a_newer_schema_and_empty_runs(run_dir: dict[str, Any], tmp_p
         assert code == 422 and "schema version 99" in body["error"]
         code, st = s.get("/api/status")
         assert {m["what"].split(" (")[0] for m in st["missing"]} == {"a feature atlas", "a checkup"}
-        assert any("mri atlas" in m["command"] for m in st["missing"])
+        assert any(m["command"].startswith("mri features ") for m in st["missing"])
         code, body = s.get("/api/checkup")
         assert code == 404 and "mri scan" in body["error"]
     finally:
@@ -208,6 +208,8 @@ def test_graph_from_a_newer_schema_and_empty_runs(run_dir: dict[str, Any], tmp_p
     try:
         code, st = empty.get("/api/status")
         assert code == 200 and len(st["missing"]) == 4
+        graph = next(m["command"] for m in st["missing"] if m["what"].startswith("an attribution graph"))
+        assert "mri train-transcoders MODEL --tokens 600000 (once: 1 h 35 min" in graph and "mri trace MODEL" in graph
     finally:
         empty.close()
 
@@ -337,5 +339,9 @@ def test_pages_in_a_real_browser(served: Served, run_dir: dict[str, Any]) -> Non
 
         page.goto(served.url + "/#/feature/0/999999")
         expect(page.locator(".error")).to_contain_text("does not exist")
+        page.goto(served.url + "/#/feature/detector/0")  # the report's links name the dictionary, not its place
+        expect(page.locator("#feature-title")).to_contain_text("#0")
+        page.goto(served.url + "/#/feature/no-such-dictionary/0")
+        expect(page.locator(".error")).to_contain_text("no atlas named no-such-dictionary")
         browser.close()
     assert errors == []

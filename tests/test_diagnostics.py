@@ -287,9 +287,10 @@ def test_checkup_writes_report_resumes_and_never_half_writes(
     logs.clear()
     from aimri.report import scan  # the checkup, then its report rendered from the files it wrote
 
-    result = scan(cand, out, baseline=base, log=logs.append, neutral_texts=NEUTRAL)
+    result = scan(cand, out, baseline=base, log=logs.append, neutral_texts=NEUTRAL, features=False)
     assert sum("reused" in m for m in logs) == len(finished) + 2  # + the baseline's probes and refusal rates
     assert (out / "report.html").read_text().startswith("<!doctype html>")
+    assert "Features were skipped (--no-features). Add them with `mri features" in (out / "report.html").read_text()
     saved = json.loads((out / "findings.json").read_text())
     assert saved["suspicion"] == result["suspicion"] and 0 <= saved["suspicion"] <= 1
     ids = [f["id"] for f in saved["findings"]]
@@ -302,6 +303,36 @@ def test_checkup_writes_report_resumes_and_never_half_writes(
         cand, tmp_path / "scan", baseline=_perturbed(base, seed=2), log=logs.append, neutral_texts=NEUTRAL
     )
     assert not any("reused" in m for m in logs)
+
+
+def test_scan_cites_the_baselines_labelled_features(long_lm_dir: str, tmp_path: Path) -> None:
+    """With a baseline, the baseline's default feature set is built (small here), installed in the scan's run
+    directory and cited: features per battery category, per probe, for the decision, and the candidate's
+    answers against the baseline's; the report links each feature to its card in the console."""
+    import shutil
+
+    from aimri.features import FeaturesConfig, feature_set_dir
+    from aimri.report import scan
+
+    small = FeaturesConfig(budget=64 * 32 * 4, context=64, width=128, k=8, epochs=2, batch_size=256,
+                           heldout_shards=1, scored=5, ce_windows=2)  # fmt: skip
+    base = aimri.load(long_lm_dir)
+    cand = _perturbed(base)
+    shutil.rmtree(feature_set_dir(base, small), ignore_errors=True)
+    out = tmp_path / "run" / "scan"
+    result = scan(cand, out, baseline=base, log=lambda m: None, neutral_texts=NEUTRAL, features=small, progress=False)
+    name = small.name_for(base)
+    assert (tmp_path / "run" / "dictionaries" / name / "atlas.sqlite").is_file()  # installed beside the scan
+    stage = json.loads((out / "stages" / "features.json").read_text())["data"]
+    assert stage["dictionary"] == name and set(stage["categories"]) == set(stage["diff"])
+    assert set(stage["probes"]) == set(TRAITS)
+    rows = [r for cat in stage["categories"].values() for r in cat]
+    assert rows and all(r["label"] and r["link"].endswith(f"/#/feature/{name}/{r['feature']}") for r in rows)
+    cited = [f for f in result["findings"] if any(e["kind"] == "features" for e in f["evidence"])]
+    assert any(f["id"].startswith("probe.") for f in cited)
+    report = (out / "report.html").read_text()
+    assert "<h2>Features</h2>" in report and f"#/feature/{name}/" in report
+    shutil.rmtree(feature_set_dir(base, small), ignore_errors=True)
 
 
 def test_checkup_refuses_a_baseline_with_another_tokenizer(long_lm_dir: str, tmp_path: Path) -> None:
@@ -407,7 +438,8 @@ def test_mri_scan_on_the_default_model(tmp_path: Path) -> None:
 
     mri = str(Path(sys.executable).with_name("mri"))
     out = tmp_path / "scan"
-    done = subprocess.run([mri, "scan", "--out", str(out)], capture_output=True, text=True, timeout=1500)
+    small = ["--features-budget", "16384"]  # the default budget's build is measured in the README, not here
+    done = subprocess.run([mri, "scan", "--out", str(out), *small], capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((out / "findings.json").read_text())
     report = (out / "report.html").read_text()
@@ -422,7 +454,16 @@ def test_mri_scan_on_the_default_model(tmp_path: Path) -> None:
     decision = json.loads((out / "stages" / "decision.json").read_text())["data"]
     assert decision["decision"] in ("Approve", "Deny")
     assert sum(c["effect"] for c in decision["components_all"]) == pytest.approx(decision["logit_diff"], abs=1e-2)
+    # the default feature set: built, installed beside the scan, cited as evidence and listed in the report
+    name = "default-topk-resid.15-w4096-k32-t16384"
+    assert (tmp_path / "dictionaries" / name / "atlas.sqlite").is_file()
+    assert "<h2>Features</h2>" in report and f"#/feature/{name}/" in report
+    cited = {f["id"] for f in result["findings"] if any(e["kind"] == "features" for e in f["evidence"])}
+    assert {"behaviour.sycophancy", "behaviour.harmful"} <= cited and any(i.startswith("probe.") for i in cited)
+    features = json.loads((out / "stages" / "features.json").read_text())["data"]
+    assert features["decision"] and all(r["activation"] > 0 for r in features["decision"])
     t0 = time.time()
-    again = subprocess.run([mri, "scan", "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stderr.count("done earlier (reused)") >= 5
+    again = subprocess.run([mri, "scan", "--out", str(out), *small], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stderr.count("done earlier (reused)") >= 6
+    assert "built earlier for this model revision (reused)" in again.stderr
     assert time.time() - t0 < 120

@@ -18,7 +18,7 @@ LAYERS: list[set[str]] = [
     {"subject", ""},  # "" = the package root, `aimri`: its exports are the subject's (and the Run)
     {"data"},
     {"dictionaries"},
-    {"atlas", "autointerp"},
+    {"atlas", "autointerp", "features"},
     {"steering"},
     {"circuits"},
     {"diagnostics", "treatment"},

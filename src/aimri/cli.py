@@ -18,6 +18,7 @@ from aimri.autointerp.config import LabelConfig
 from aimri.circuits.config import TraceConfig
 from aimri.dictionaries.config import CrosscoderConfig, DictionarySettings, TranscodersConfig
 from aimri.errors import AimriError
+from aimri.features import FeaturesConfig
 from aimri.subject.names import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="AI MRI: look inside transformer language models.")
@@ -214,6 +215,32 @@ def _saved_figures(path: Path) -> str:
             f"held-out ({held['rows']:,} rows): fvu={held['fvu']:.4f} l0={held['l0']:.1f} dead={held['dead_frac']:.3f}"
         )
     return f"as saved, on the last batch: fvu={last.get('fvu', float('nan')):.4f} l0={last.get('l0', 0):.1f} (no held-out rows)"
+
+
+@app.command()
+def features(
+    model: Annotated[str, typer.Argument(help="embedded name, .gguf file, HF directory or hub id")] = DEFAULT_MODEL,
+    budget: int = _opt(FeaturesConfig, "budget"),
+    width: int = _opt(FeaturesConfig, "width"),
+    k: int = _opt(FeaturesConfig, "k"),
+    site: str | None = _opt(FeaturesConfig, "site"),
+    epochs: int = _opt(FeaturesConfig, "epochs"),
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Build (once per model revision; cached under $AIMRI_HOME/features/) the model's default labelled feature
+    set: a TopK SAE at a middle residual Site, its atlas and statistical labels; installed in runs/<model>/
+    dictionaries/ for `mri serve`. Resumable: rerun after an interruption. `mri scan` does this unless --no-features."""
+    import aimri
+    from aimri.features import default_features, describe
+
+    config = FeaturesConfig(site=site, budget=budget, width=width, k=k, epochs=epochs)
+    subject = aimri.load(model)
+    with _flags_named("site", "budget", "k", "width"):
+        found = default_features(subject, config=config, log=lambda m: console.print(m), progress=not quiet)
+    from aimri.run import Run
+
+    console.print(f"[green]features[/] {describe(found.summary)}")
+    console.print(f"in {Run.for_model(subject.name).dictionary(found.name)} · browse: mri serve")
 
 
 @app.command("train-transcoders")
@@ -717,10 +744,16 @@ def scan(
     crosscoder: Annotated[
         Path | None, typer.Option(help="crosscoder of (baseline, model) from `mri train-crosscoder BASE MODEL`")
     ] = None,
+    no_features: Annotated[
+        bool, typer.Option("--no-features", help="skip the default feature set (the report says how to add it)")
+    ] = False,
+    features_budget: int = _opt(FeaturesConfig, "budget", "--features-budget"),
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print findings.json's summary as JSON")] = False,
 ) -> None:
-    """The checkup: anatomy, probes, refusal, behaviour, one decision explained and (with --baseline) model
-    diffing; writes OUT/report.html and OUT/findings.json. Rerun to resume an interrupted scan."""
+    """The checkup: anatomy, probes, refusal, behaviour, one decision explained, labelled features as evidence
+    and (with --baseline) model diffing; writes OUT/report.html and OUT/findings.json. The first scan of a model
+    builds its default feature set (`mri features`, once per model revision). Rerun to resume an interrupted scan."""
     import aimri
     from aimri.report import scan as run_scan
     from aimri.run import Run
@@ -730,8 +763,10 @@ def scan(
     out = out or Run.for_model(subject.name).scan
     if (dictionary or atlas or crosscoder) and base is None:
         raise AimriError("--dictionary, --atlas and --crosscoder describe a diff: give --baseline too")
-    result = run_scan(subject, out, baseline=base, log=lambda m: console.print(m), transcoders=transcoders,
-                      dictionary=dictionary, atlas=atlas, crosscoder=crosscoder)  # fmt: skip
+    features = False if no_features else FeaturesConfig(budget=features_budget)
+    result = run_scan(subject, out, baseline=base, log=lambda m: console.print(m), features=features,
+                      progress=not quiet, transcoders=transcoders, dictionary=dictionary, atlas=atlas,
+                      crosscoder=crosscoder)  # fmt: skip
     if as_json:
         print(json.dumps({k: v for k, v in result.items() if k != "findings"} | {"top": result["findings"][:3]}))
         return

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from aimri.atlas.db import Atlas
-from aimri.atlas.mine import HIST_EDGES, Mined, mine
+from aimri.atlas.mine import HIST_EDGES, Mined, mine, store_windows
 from aimri.data.corpus import Corpus
 from aimri.dictionaries.base import Dictionary, dictionary_sha
 from aimri.dictionaries.match import check_model
@@ -128,17 +128,33 @@ def build_atlas(
     seed: int = 0,
     progress: bool = True,
     allow_other_model: bool = False,
+    store: str | Path | None = None,
 ) -> Atlas:
     """Mine `dictionary`'s features over `tokens` tokens of `corpus` run through `subject` and write the atlas
-    (SQLite) at `out` (temp file, rename). Raises AimriError when the dictionary was trained on another model
-    (aimri.dictionaries.match.check_model; `allow_other_model` for a deliberate transfer)."""
+    (SQLite) at `out` (temp file, rename). With `store` (a store harvested from `corpus` by `subject` at the
+    dictionary's site) its rows are mined instead of running the model again, in its windows (`context` is
+    the store's). Raises AimriError when the dictionary was trained on another model
+    (aimri.dictionaries.match.check_model; `allow_other_model` for a deliberate transfer), or when the store
+    is another model's or no longer matches `corpus`."""
     check_model(dictionary, subject, allow_other_model)
+    source = None
+    if store is not None:
+        from aimri.data.store import ActivationStore
+        from aimri.dictionaries.match import check_revision
+
+        held = ActivationStore(store)
+        made = held.spec["model"]
+        check_revision(f"{store} was harvested from", str(made.get("name")), str(made.get("revision") or ""),
+                       f"the model given, {subject.name}", subject.revision, allow_other_model)  # fmt: skip
+        context = int(held.spec["packing"]["context"])
+        tokens = min(tokens, max(end for _, end in (s["windows"] for s in held.shards)) * context)
+        source = store_windows(held, subject.site(dictionary.cfg.site).name, subject.tokenizer, corpus)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".atlas-", dir=out.parent))
     try:
         mined = mine(dictionary, subject, corpus, work, tokens=tokens, context=context, top_n=top_n,
-                     reservoir=reservoir, seed=seed, progress=progress)  # fmt: skip
+                     reservoir=reservoir, seed=seed, progress=progress, source=source)  # fmt: skip
         tmp = work / "atlas.sqlite"
         atlas = Atlas.create(tmp)
         _write(atlas, mined, dictionary, subject, negatives, seed)

@@ -145,12 +145,14 @@ class Atlas:
     def labelled(self, explainer: str) -> set[int]:
         return {f for (f,) in self.db.execute("SELECT feature FROM labels WHERE explainer = ?", (explainer,))}
 
-    def save_label(self, feature: int, explainer: str, label: str, scores: dict[str, Any]) -> None:
+    def save_label(self, feature: int, explainer: str, label: str, scores: dict[str, Any], commit: bool = True) -> None:
+        """Store a feature's label; `commit=False` leaves the commit to the caller (one per batch of labels)."""
         self.db.execute(
             "INSERT OR REPLACE INTO labels VALUES (?, ?, ?, ?, ?)",
             (feature, explainer, label, json.dumps(scores), time.time()),
         )
-        self.db.commit()
+        if commit:
+            self.db.commit()
 
     def search(self, words: list[str], limit: int = 10) -> list[tuple[int, float]]:
         """Features whose top examples peak on one of `words` (case and spaces ignored), as

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from aimri.data.corpus import Corpus, pack
+from aimri.data.corpus import Corpus, Packing, pack
 from aimri.data.harvest import keep_rows
+from aimri.data.store import ActivationStore
 from aimri.dictionaries.base import Dictionary
 from aimri.dictionaries.match import packing_for
 from aimri.errors import AimriError
@@ -95,6 +98,44 @@ def add_cofiring(cofire: Tensor, on: Tensor, idx: Tensor, dense: bool | None = N
         cofire += (hits.T @ hits).round().int().view(-1)
 
 
+def store_windows(
+    store: ActivationStore, site: str, tokenizer: Any, corpus: Corpus, batch_windows: int = 32
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """A harvested store's rows put back into their windows, for `mine(source=...)`: (ids [B, context],
+    valid [B, context] bool: the rows the harvest kept, activations [B, context, d] fp32, zero where not valid), in window order. The token ids of the positions the harvest left out
+    (BOS, special tokens, sinks) come from packing `corpus` again as the store's spec says.
+
+    Raises AimriError when `corpus` no longer yields the store's tokens or `site` is not in the store."""
+    spec = store.spec
+    packing = Packing.for_tokenizer(tokenizer, int(spec["packing"]["context"]), bool(spec["packing"]["exclude_ids"]),
+                                    bool(spec["packing"]["chat_start_ids"]))  # fmt: skip
+    if packing.describe() != spec["packing"]:
+        raise AimriError(f"{store.path} was packed with another tokenizer's rules; mine it with its own model")
+    windows = pack(corpus, tokenizer, packing)
+    next_window = 0
+    for i, shard in enumerate(store.shards):
+        first, end = shard["windows"]
+        if first < next_window:
+            raise AimriError(f"{store.path}: shards are out of window order; run `mri store verify {store.path}`")
+        for _ in itertools.islice(windows, first - next_window):  # windows of shards not in the store
+            pass
+        group = list(itertools.islice(windows, end - first))
+        next_window = end
+        if len(group) != end - first:
+            raise AimriError(f"the corpus yields fewer windows than {store.path} was harvested from: it changed")
+        acts, win, off, toks = (store.array(i, n) for n in (site, "window", "offset", "tokens"))
+        ids = torch.from_numpy(np.stack([w.ids for w in group]))
+        rows, cols = torch.from_numpy(win - first), torch.from_numpy(off.astype(np.int64))
+        if not torch.equal(ids[rows, cols], torch.from_numpy(np.array(toks))):
+            raise AimriError(f"the corpus no longer yields the tokens {store.path} was harvested from: it changed")
+        valid = torch.zeros(ids.shape, dtype=torch.bool)
+        valid[rows, cols] = True
+        full = torch.zeros(*ids.shape, acts.shape[1])
+        full[rows, cols] = torch.from_numpy(np.array(acts, dtype=np.float32))
+        for b in range(0, len(group), batch_windows):
+            yield ids[b : b + batch_windows], valid[b : b + batch_windows], full[b : b + batch_windows]
+
+
 @torch.no_grad()
 def mine(
     dictionary: Dictionary,
@@ -111,7 +152,12 @@ def mine(
     seed: int = 0,
     sink_ratio: float = 20.0,
     progress: bool = True,
+    source: Iterable[tuple[Tensor, Tensor, Tensor]] | None = None,
 ) -> Mined:
+    """One pass over `tokens` tokens of `corpus` in windows of `context` (opened as the dictionary's training
+    windows were), or over `source`'s batches of (ids [B, context], valid [B, context] bool, activations
+    [B, context, d]) already read from the model (e.g. `store_windows`: a harvested store's
+    rows, so the model is not run twice); `tokens` then caps the windows read."""
     cfg = dictionary.cfg
     site = subject.site(cfg.site).name
     if subject.site_dim(site) != cfg.d_in:
@@ -133,18 +179,28 @@ def mine(
     cofire = torch.zeros(F * F, dtype=torch.int32) if F <= 16384 else None
     seen_tokens = cofire_seen = done = 0
     dictionary.eval()
-    windows = pack(corpus, subject.tokenizer, packing)
-    with progress_bar(disable=not progress) as bar:
-        task = bar.add_task("atlas", total=n_windows, rate="")
-        while done < n_windows and (group := list(itertools.islice(windows, min(batch_windows, n_windows - done)))):
-            B = len(group)
+
+    def from_model() -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        windows = pack(corpus, subject.tokenizer, packing)
+        while group := list(itertools.islice(windows, batch_windows)):
             ids = torch.from_numpy(np.stack([w.ids for w in group]))
             att = torch.from_numpy(np.stack([w.attention for w in group])).long()
-            valid = torch.from_numpy(np.stack([w.valid for w in group]))
             acts = subject.run(ids, att, read=[site])
-            valid = keep_rows(acts, [site], valid, sink_ratio, "the atlas")
+            valid = keep_rows(
+                acts, [site], torch.from_numpy(np.stack([w.valid for w in group])), sink_ratio, "the atlas"
+            )
+            yield ids, valid, acts[site]
+
+    batches = iter(source) if source is not None else from_model()
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task("atlas", total=n_windows, rate="")
+        while done < n_windows and (batch := next(batches, None)) is not None:
+            ids, valid, site_acts = (t[: n_windows - done] for t in batch)
+            B = len(ids)
+            if ids.shape[1] != context:
+                raise AimriError(f"the activations come in windows of {ids.shape[1]} tokens, not the atlas' {context}")
             # the dictionary computes in its dtype (a bf16 model's activations are cast to it), statistics in fp32
-            codes = dictionary.encode(acts[site].reshape(B * context, -1).to(dictionary.W_enc)).float()
+            codes = dictionary.encode(site_acts.reshape(B * context, -1).to(dictionary.W_enc)).float()
             codes = codes.reshape(B, context, F)
             codes = codes * valid[..., None]
             if not torch.isfinite(codes).all():

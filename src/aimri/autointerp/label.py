@@ -40,7 +40,8 @@ def label_features(
             examples = [split_examples(atlas, f) for f in group]
             labels = explainer.explain_many([ex.explain for ex in examples])
             others = [rng.choice([g for g in live if g != f] or [f]) for f in group]
-            controls = [control_explainer.explain(split_examples(atlas, o).explain) for o in others]
+            # the control labels are only scored: with no scorers there is nothing to compute them for
+            controls = [control_explainer.explain(split_examples(atlas, o).explain) for o in others] if scorers else []
             scores: list[dict[str, Any]] = [{"control_feature": o} for o in others]
             ok = [i for i, lab in enumerate(labels) if isinstance(lab, str)]
             for i, lab in enumerate(labels):
@@ -61,7 +62,8 @@ def label_features(
                                 totals.setdefault(key, []).append(value)
             for i in ok:
                 if group[i] not in failures:
-                    atlas.save_label(group[i], explainer.name, labels[i], scores[i])  # type: ignore[arg-type]
+                    atlas.save_label(group[i], explainer.name, labels[i], scores[i], commit=False)  # type: ignore[arg-type]
+            atlas.commit()  # once per chunk: a rerun resumes after the last committed chunk
             bar.update(task, advance=len(group), rate=str(labels[ok[-1]])[:40] if ok else "")
     return {
         "labelled": len(todo) - len(failures),

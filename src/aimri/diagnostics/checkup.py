@@ -26,6 +26,7 @@ from aimri.diagnostics import anatomy, diffing
 from aimri.diagnostics.datasets import TRAITS, load_dataset, prompt_pools
 from aimri.diagnostics.decision import explain_decision
 from aimri.diagnostics.diffing import words_of
+from aimri.diagnostics.evidence import attach, feature_evidence
 from aimri.diagnostics.findings import Finding, detector_reliability, rank, suspicion
 from aimri.diagnostics.probes import Probe, auroc, pair_activations, read_layers, train_probe
 from aimri.diagnostics.refusal import is_refusal, measure_refusal
@@ -437,7 +438,7 @@ def _refusal_change(cand: dict[str, Any], base: dict[str, Any]) -> Finding:
     )  # fmt: skip
 
 
-REPORTED_STAGES = ("anatomy", "probes", "decision")  # what the report draws beside the findings
+REPORTED_STAGES = ("anatomy", "probes", "decision", "features")  # what the report draws beside the findings
 
 
 def run_checkup(
@@ -450,9 +451,15 @@ def run_checkup(
     dictionary: Path | None = None,
     atlas: Path | None = None,
     crosscoder: Path | None = None,
+    features: Path | None = None,
+    features_note: str = "",
 ) -> dict[str, Any]:
     """Run every stage (reusing finished ones), rank the findings, and write OUT/stage-results.json (the stage
     results a report is drawn from) and OUT/findings.json, each through a temp file and a rename.
+
+    `features` is a labelled feature set's dictionary folder (aimri.features; the baseline's when there is
+    one): its features become evidence of the findings (aimri.diagnostics.evidence). Without one the report
+    says so with `features_note` (how to add them).
 
     The report is rendered from those files by `aimri.report.write_report(out)` (`aimri.report.scan` does both).
     Raises AimriError (DiffingError) when the baseline does not share the subject's tokenizer and architecture."""
@@ -485,6 +492,15 @@ def run_checkup(
     findings = _own_findings(stages)
     if baseline is not None:
         stages["baseline_behaviour"], _ = run.stage("baseline_behaviour", lambda: (_behaviour(baseline, probes), {}))
+    cited: dict[str, Any] | None = None
+    if features is not None:
+        # its own tag: adding or changing the feature set reruns this stage only
+        stamp = (Path(features) / "features.json").read_text() if (Path(features) / "features.json").is_file() else ""
+        feature_run = StageCache(out, {**config, "features": str(features), "stamp": stamp}, log)
+        cited, _ = feature_run.stage("features", lambda: (feature_evidence(
+            subject, Path(features), stages["behaviour"], baseline, stages.get("baseline_behaviour")), {}))  # fmt: skip
+    stages["features"] = cited or {"skipped": features_note or "no feature set was given"}
+    if baseline is not None:
         stages["baseline_refusal"], _ = model_cache(baseline, log).stage("refusal", lambda: _refusal(baseline))
         stages["diff"], _ = run.stage(
             "diff",
@@ -505,6 +521,8 @@ def run_checkup(
             if f.id.startswith(("behaviour.", "refusal.")):
                 f.suspicion = 0.0
         findings.append(_refusal_change(stages["refusal"], stages["baseline_refusal"]))
+    if cited is not None:
+        attach(findings, cited)
     findings = rank(findings)
     result = {
         "model": subject.name, "revision": subject.revision,

@@ -47,8 +47,40 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
+def _features_table(rows: list[dict[str, Any]]) -> str:
+    """Cited features: the number links to its card in the console (`mri serve`), then its label, the
+    figures that ranked it and its top examples (the peak token in [brackets])."""
+    if not rows:
+        return "<p class=muted>(none)</p>"
+    numbers = [k for k in rows[0] if k not in ("feature", "label", "examples", "link")]
+    head = "".join(f"<th>{esc(k)}</th>" for k in ["feature", "label", *numbers, "top examples"])
+    body = "".join(
+        f"<tr><td><a href='{esc(r['link'])}'>#{esc(r['feature'])}</a></td><td>{esc(r['label'])}</td>"
+        + "".join(f"<td>{esc(_fmt(r.get(k)))}</td>" for k in numbers)
+        + f"<td>{'<br>'.join(esc(x) for x in r.get('examples', []))}</td></tr>"
+        for r in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _features(f: dict[str, Any]) -> str:
+    """The report's features section: the labelled features most specific to each battery category."""
+    if "skipped" in f:
+        return f"<p class=muted>{esc(f['skipped'])}</p>"
+    parts = [
+        f"<p class=muted>Dictionary {esc(f['dictionary'])} ({f['d_sae']:,} features at {esc(f['site'])}); each category's "
+        "features rank by mean activation on the model's own answers there minus the mean on the other categories' "
+        "answers. Feature numbers open their cards in the console (<code>mri serve</code>).</p>"
+    ]
+    for cat, rows in f["categories"].items():
+        parts.append(f"<h3>{esc(cat)}</h3>" + _features_table(rows))
+    return "".join(parts)
+
+
 def _evidence(e: dict[str, Any]) -> str:
     kind = e.get("kind", "")
+    if kind == "features" and isinstance(e.get("rows"), list) and e["rows"] and "link" in e["rows"][0]:
+        return f"<p class=muted>features ({esc(e.get('dictionary', ''))})</p>" + _features_table(e["rows"])
     if "rows" in e and isinstance(e["rows"], list):
         return f"<p class=muted>{esc(kind)}</p>" + _table(e["rows"])
     if "rows" in e and isinstance(e["rows"], dict):  # head roles
@@ -86,7 +118,7 @@ def _heatmap(scores: list[list[float]], title: str) -> str:
     )
 
 
-def _decision(d: dict[str, Any]) -> str:
+def _decision(d: dict[str, Any], features: dict[str, Any] | None = None) -> str:
     peak = max((abs(t["attribution"]) for t in d["tokens"]), default=1.0) or 1.0
     spans = []
     for t in d["tokens"]:
@@ -110,6 +142,12 @@ def _decision(d: dict[str, Any]) -> str:
         + "<p class=muted>Largest direct effects of single MLP neurons (last position):</p>"
         + _table(d.get("neurons", []))
         + feats
+        + (
+            f"<p class=muted>Labelled features carrying it at {esc(features['site'])} (activation × decoder · gradient of "
+            f"the logit difference; positive pushes {esc(opt[0])}):</p>" + _features_table(features["decision"])
+            if features and "decision" in features
+            else ""
+        )
     )
 
 
@@ -146,7 +184,8 @@ def render_report(result: dict[str, Any], stages: dict[str, Any]) -> str:
 <p class=muted>revision {esc(result["revision"][:16])} · findings ranked by suspicion; every reliability figure was measured on data the method did not see.</p>
 <p class=score>suspicion {result["suspicion"]:.2f}</p>
 <h2>Findings</h2>{"".join(_finding(f, True) for f in flaws)}
-<h2>One decision explained</h2>{_decision(stages["decision"])}
+<h2>One decision explained</h2>{_decision(stages["decision"], stages.get("features"))}
+<h2>Features</h2>{_features(stages.get("features") or {"skipped": "This scan predates feature evidence; rerun `mri scan`."})}
 <h2>Description of the model</h2>{"".join(_finding(f, False) for f in info)}
 <h2>Anatomy</h2><div class=grid>{lens}{agree}</div><div class=grid>{heads}</div>
 <h2>Probes</h2>{sweeps}

@@ -1,5 +1,6 @@
-"""The scan pipeline: the checkup (aimri.diagnostics.checkup) and then its report, each reading the stage
-before it from disk. `mri scan` and notebooks call `scan`."""
+"""The scan pipeline: the subject's default feature set (built once per model revision), the checkup
+(aimri.diagnostics.checkup) and then its report, each reading the stage before it from disk. `mri scan` and
+notebooks call `scan`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from aimri.diagnostics.checkup import run_checkup
+from aimri.features import FeaturesConfig
 from aimri.report.checkup_html import write_report
+from aimri.run import Run
 from aimri.subject.core import Subject
 
 
@@ -17,12 +20,35 @@ def scan(
     out: Path,
     baseline: Subject | None = None,
     log: Callable[[str], None] = print,
+    features: FeaturesConfig | bool = True,
+    progress: bool = True,
     **checkup: Any,
 ) -> dict[str, Any]:
     """Run the checkup of `subject` into `out` (resuming finished stages) and render `out`/report.html.
 
-    `checkup` takes run_checkup's other arguments (transcoders, dictionary, atlas, crosscoder, neutral_texts).
-    Returns findings.json's content. Raises AimriError for a baseline that cannot be compared."""
+    `features`: build or reuse the default labelled feature set (aimri.features) of the baseline, or of the
+    subject without one, install it in the scan's run directory (`out`'s parent: runs/<model>/dictionaries/,
+    where `mri serve` finds it) and cite its features as evidence; a FeaturesConfig sets its size; False skips
+    it (the report says how to add it). `checkup` takes run_checkup's other arguments (transcoders,
+    dictionary, atlas, crosscoder, neutral_texts). Returns findings.json's content. Raises AimriError for a
+    baseline that cannot be compared (before any work)."""
+    from aimri.diagnostics.diffing import check_comparable
+
+    if baseline is not None:
+        check_comparable(subject, baseline)
+    owner = baseline or subject
+    if features is not False and checkup.get("features") is None:
+        from aimri.features import build_features, install
+
+        config = features if isinstance(features, FeaturesConfig) else None
+        found = build_features(owner, config=config, log=log, progress=progress)
+        checkup["features"] = install(found, Run(Path(out).resolve().parent))
+    elif features is False:
+        checkup.setdefault(
+            "features_note",
+            f"Features were skipped (--no-features). Add them with `mri features {owner.name}` (about 4 minutes "
+            f"on a 2-core CPU, once per model revision) and rerun `mri scan`.",
+        )
     result = run_checkup(subject, Path(out), baseline=baseline, log=log, **checkup)
     write_report(Path(out))
     return result

@@ -128,6 +128,12 @@ function quantileChart(quantiles, maxAct) {
 
 async function pageFeature(atlas, id) {
   show(h("p", { class: "muted", text: "Loading feature…" }));
+  if (!/^[0-9]+$/.test(atlas)) {  // a link by dictionary name (the checkup report's): its place in this console's list
+    const name = decodeURIComponent(atlas);
+    const found = (await status()).atlases.find((a) => a.name === name);
+    if (!found) return show(h("h1", { text: "Feature " + id }), errorBox(`no atlas named ${name} in this run directory`));
+    return location.replace(`#/feature/${found.id}/${id}`);
+  }
   let c;
   try { c = await api("/api/feature", { atlas, id }); } catch (err) { return show(h("h1", { text: "Feature " + id }), errorBox(err.message)); }
   const label = c.labels.length ? c.labels[c.labels.length - 1] : null;
@@ -362,6 +368,15 @@ async function pageGraph(name) {
 
 // -- Checkup ------------------------------------------------------------------------------------
 function evidenceView(ev) {
+  if (ev.kind === "features" && ev.dictionary && Array.isArray(ev.rows) && ev.rows.length && "link" in ev.rows[0]) {
+    // labelled features: each number opens its card here; examples one per line
+    const keys = Object.keys(ev.rows[0]).filter((k) => !["feature", "label", "examples", "link"].includes(k));
+    return h("table", { class: "cited" }, h("tr", {}, ["feature", "label", ...keys, "top examples"].map((k) => h("th", { text: k }))),
+      ev.rows.map((r) => h("tr", {},
+        h("td", {}, h("a", { href: `#/feature/${encodeURIComponent(ev.dictionary)}/${r.feature}` }, "#" + r.feature)),
+        h("td", { text: r.label }), keys.map((k) => h("td", { text: typeof r[k] === "number" ? r[k].toFixed(3) : String(r[k]) })),
+        h("td", {}, (r.examples || []).map((x) => h("div", { text: x }))))));
+  }
   if (Array.isArray(ev.rows) && ev.rows.length && typeof ev.rows[0] === "object") {
     const keys = Object.keys(ev.rows[0]);
     return h("table", {}, h("tr", {}, keys.map((k) => h("th", { text: k }))), ev.rows.map((r) => h("tr", {}, keys.map((k) => h("td", { text: typeof r[k] === "object" ? JSON.stringify(r[k]) : String(r[k]) })))));
