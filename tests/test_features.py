@@ -40,12 +40,15 @@ def test_feature_set_is_built_labelled_installed_and_reused(fresh, tmp_path: Pat
     logs: list[str] = []
     found = build_features(subject, SMALL, log=logs.append, progress=False)
     q = found.summary["quality"]
-    assert found.summary["model_revision"] == subject.revision and found.summary["site"] == f"resid.{subject.n_layers // 2}"
+    assert (
+        found.summary["model_revision"] == subject.revision
+        and found.summary["site"] == f"resid.{subject.n_layers // 2}"
+    )
     assert 0 < q["fvu"] < 1.5 and q["l0"] == pytest.approx(4, abs=0.01) and q["rows"] > 0
     assert q["live"] > 0 and q["labelled"] == q["live"] and q["label_scored"] > 0
     assert q["label_score"] is not None and q["label_score_control"] is not None
     assert "ce_loss_recovered" in q and set(found.summary["seconds"]) >= {"harvest", "train", "atlas", "labels"}
-    assert not (found.path / "store").exists()  # the store was temporary
+    assert sorted(p.name for p in found.path.iterdir()) == ["dictionary", "features.json"]  # store: temporary
     assert load_dictionary(found.dictionary).cfg.model_revision == subject.revision
     assert "held-out FVU" in describe(found.summary)
     # installed where the console looks, and again only when it changed

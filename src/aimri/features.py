@@ -200,7 +200,9 @@ def build_features(
     }  # fmt: skip
     with _disk_guard(path, "summary"):
         atomic_write_text(path / SUMMARY, json.dumps(summary, indent=1))
-    shutil.rmtree(store, ignore_errors=True)  # the rows live on in the atlas' examples; the store is temporary
+    # the rows live on in the atlas' examples; the store and the training checkpoints were for resuming only
+    shutil.rmtree(store, ignore_errors=True)
+    shutil.rmtree(path / "dictionary.checkpoints", ignore_errors=True)
     log(f"features: {describe(summary)}")
     return FeatureSet(path, summary)
 
