@@ -118,6 +118,18 @@ def test_train_probe_on_a_tiny_model(long_lm_dir: str, tmp_path: Path) -> None:
     assert 1 <= probe.layer < 3  # chosen among the middle half
 
 
+def test_read_layers_batches_by_length_and_returns_rows_in_order(long_lm_dir: str) -> None:
+    """Each conversation's row is its own, whatever it was batched with (read one at a time as the reference)."""
+    from aimri.diagnostics.probes import read_layers
+
+    subject = aimri.load(long_lm_dir)
+    convs = [[{"role": "user", "content": "word " * n}, {"role": "assistant", "content": f"answer {n}"}]
+             for n in (9, 1, 30, 4, 17, 2)]  # fmt: skip
+    batched = read_layers(subject, convs, [1, 3], batch_size=4)
+    alone = torch.cat([read_layers(subject, [c], [1, 3]) for c in convs])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-4)
+
+
 # -- anatomy ---------------------------------------------------------------------------------------------
 
 

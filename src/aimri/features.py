@@ -40,22 +40,22 @@ def _help(text: str) -> dict[str, str]:
 
 @dataclass
 class FeaturesConfig:
-    """The default feature set's size and budget (`mri features`' options). The defaults build in about four
+    """The default feature set's size and budget (`mri features`' options). The defaults build in under three
     minutes on a 2-core CPU (SmolLM2-135M: the harvest is most of it, ~650 tokens/s to the middle layer)."""
 
     site: str | None = field(default=None, metadata=_help("residual Site (default: resid.L at the middle layer)"))
     budget: int = field(
-        default=65_536,
-        metadata=_help("model tokens harvested and trained on (time on a 2-core CPU ~ budget / 650 s, plus ~2 min)"),
+        default=40_960,
+        metadata=_help("model tokens harvested and trained on (2-core CPU: ~ budget / 650 + 100 s in all)"),
     )
     width: int = field(default=4096, metadata=_help("features in the SAE (d_sae)"))
     k: int = field(default=32, metadata=_help("active features per token (TopK)"))
-    epochs: int = field(default=4, metadata=_help("passes of training over the harvested rows"))
+    epochs: int = field(default=5, metadata=_help("passes of training over the harvested rows"))
     batch_size: int = field(default=1024, metadata=_help("training batch (rows)"))
     context: int = field(default=128, metadata=_help("tokens per window, BOS included"))
     heldout_shards: int = field(default=2, metadata=_help("shards of 32 windows held out for the held-out FVU"))
     scored: int = field(default=50, metadata=_help("live features whose labels are scored against a control"))
-    ce_windows: int = field(default=8, metadata=_help("windows for the CE loss recovered (0: skip)"))
+    ce_windows: int = field(default=4, metadata=_help("windows for the CE loss recovered (0: skip)"))
     seed: int = field(default=0, metadata=_help("seed of training and label scoring"))
 
     def site_for(self, subject: Any) -> str:
@@ -151,7 +151,7 @@ def build_features(
     corpus = Corpus.from_paths([default_corpus_path(log=log)])
     seconds: dict[str, float] = {}
     per_shard = 32
-    minutes = c.budget / 650 / 60 + 1
+    minutes = (c.budget / 650 + 100) / 60
     log(f"features: building {c.name_for(subject)} for {subject.name} (about {minutes:.0f} min on a 2-core CPU; "
         f"interrupt and rerun to resume)")  # fmt: skip
 

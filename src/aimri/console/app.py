@@ -86,7 +86,7 @@ class Console:
         model = self._model_name() or "MODEL"
         if not self.atlases:
             missing.append({"what": "a feature atlas (dictionaries/NAME/atlas.sqlite)",
-                            "command": f"mri features {model} (the default labelled set: about 4 min on a 2-core CPU, "
+                            "command": f"mri features {model} (the default labelled set: about 3 min on a 2-core CPU, "
                                        "once per model; `mri scan` builds it too)"})  # fmt: skip
         if not self.graphs:
             missing.append({"what": "an attribution graph (graphs/NAME.json)",

@@ -48,15 +48,18 @@ def encode_turns(subject: Subject, messages: Messages) -> tuple[list[int], list[
 def read_layers(
     subject: Subject, conversations: Sequence[Messages], layers: Sequence[int], batch_size: int = 16, label: str = ""
 ) -> Tensor:
-    """Mean residual over each conversation's read positions, for every layer: [n, len(layers), d]."""
+    """Mean residual over each conversation's read positions, for every layer: [n, len(layers), d].
+    Conversations are batched in order of length (little padding to compute; padded batches are exact)."""
     encoded = [encode_turns(subject, m) for m in conversations]
     sites = [f"resid.{layer}" for layer in layers]
     pad = subject.tokenizer.pad_token_id if subject.tokenizer.pad_token_id is not None else 0
     out = torch.zeros(len(encoded), len(layers), subject.d_model)
+    by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     with progress_bar() as bar:
         task = bar.add_task(f"reading {label or 'activations'}", total=len(encoded))
         for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start : start + batch_size]
+            rows = by_length[start : start + batch_size]
+            chunk = [encoded[i] for i in rows]
             width = max(len(ids) for ids, _ in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
@@ -67,7 +70,7 @@ def read_layers(
             for j, site in enumerate(sites):
                 a = acts[site].float()
                 for i, (_, positions) in enumerate(chunk):
-                    out[start + i, j] = a[i, positions].mean(0)
+                    out[rows[i], j] = a[i, positions].mean(0)
             bar.advance(task, len(chunk))
     return out
 

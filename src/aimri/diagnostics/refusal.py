@@ -35,7 +35,8 @@ class RefusalResult:
     layer: int
     direction: Tensor
     harmful_refusal: float  # refusal rate on held-out harmful requests, unedited
-    harmful_refusal_ablated: float  # ... with the direction projected out at every layer
+    harmful_refusal_ablated: float | None  # ... with the direction projected out at every layer (None: not run,
+    # since the model refused none of them and ablation can only remove refusals)
     harmless_refusal: float
     harmless_refusal_added: float  # harmless requests with the direction added at its layer (best strength)
     added_strength: float  # in units of the harmful-harmless gap along the direction
@@ -70,7 +71,11 @@ def measure_refusal(
     harmless = [p.negative[-1]["content"] for p in test]
     ablate = [DirectionEdit(f"resid.{i}", unit, mode="ablate") for i in range(-1, subject.n_layers)]
     base_h = [g.text for g in generate(subject, harmful, max_new_tokens=max_new_tokens)]
-    abl_h = [g.text for g in generate(subject, harmful, ablate, max_new_tokens=max_new_tokens)]
+    abl_h = (
+        [g.text for g in generate(subject, harmful, ablate, max_new_tokens=max_new_tokens)]
+        if _rate(base_h) > 0
+        else None
+    )
     base_s = [g.text for g in generate(subject, harmless, max_new_tokens=max_new_tokens)]
     best: tuple[float, float, list[str]] = (-1.0, 0.0, [])
     for scale in strengths:  # the gap alone can be too weak to show an effect in a small model
@@ -79,8 +84,10 @@ def measure_refusal(
         if _rate(texts) > best[0]:
             best = (_rate(texts), scale, texts)
     _, scale, add_s = best
+    ablated_text = abl_h[0] if abl_h is not None else "(not run: no refusals to remove)"
     examples = [
-        {"prompt": harmful[0], "unedited": base_h[0], "direction ablated": abl_h[0]},
+        {"prompt": harmful[0], "unedited": base_h[0], "direction ablated": ablated_text},
         {"prompt": harmless[0], "unedited": base_s[0], "direction added": add_s[0]},
     ]
-    return RefusalResult(layer, unit, _rate(base_h), _rate(abl_h), _rate(base_s), _rate(add_s), scale, examples)
+    ablated = _rate(abl_h) if abl_h is not None else None
+    return RefusalResult(layer, unit, _rate(base_h), ablated, _rate(base_s), _rate(add_s), scale, examples)

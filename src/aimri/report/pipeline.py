@@ -46,7 +46,7 @@ def scan(
     elif features is False:
         checkup.setdefault(
             "features_note",
-            f"Features were skipped (--no-features). Add them with `mri features {owner.name}` (about 4 minutes "
+            f"Features were skipped (--no-features). Add them with `mri features {owner.name}` (about 3 minutes "
             f"on a 2-core CPU, once per model revision) and rerun `mri scan`.",
         )
     result = run_checkup(subject, Path(out), baseline=baseline, log=log, **checkup)

@@ -84,7 +84,7 @@ def generate(
     seed: int = 0,
     chat: bool | None = None,
     system: str | None = None,
-    batch_size: int = 16,
+    batch_size: int = 32,
     opening: Sequence[int] | None = None,
     allow_other_model: bool = False,
 ) -> list[Generation]:
