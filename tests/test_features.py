@@ -202,3 +202,19 @@ def test_decision_gradient_matches_finite_differences(tiny_lm_dir: str) -> None:
     rows = evidence.decision_features(subject, sae, _Cards(), options=("a", "b"))  # type: ignore[arg-type]
     assert len(rows) <= evidence.TOP and all(r["activation"] > 0 for r in rows)
     assert rows == sorted(rows, key=lambda r: -abs(r["effect"]))
+
+
+def test_cli_bad_settings_are_one_line_errors_naming_the_flags(tiny_lm_dir: str) -> None:
+    import subprocess
+    import sys
+
+    mri = str(Path(sys.executable).with_name("mri"))
+    for args, says in (
+        (["--k", "64", "--width", "32"], "`--k` 64 is larger than `--width` 32"),
+        (["--budget", "1000"], "`--budget` 1,000 tokens fill 1 shard"),
+        (["--epochs", "0"], "`--epochs` must be at least 1, got 0"),
+        (["--site", "mlp.out.1"], "`--site` 'mlp.out.1': the default feature set reads a residual Site"),
+    ):
+        done = subprocess.run([mri, "features", tiny_lm_dir, *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -235,7 +235,7 @@ def features(
 
     config = FeaturesConfig(site=site, budget=budget, width=width, k=k, epochs=epochs)
     subject = aimri.load(model)
-    with _flags_named("site", "budget", "k", "width"):
+    with _flags_named("site", "budget", "k", "width", "epochs"):
         found = default_features(subject, config=config, log=lambda m: console.print(m), progress=not quiet)
     from aimri.run import Run
 

@@ -216,12 +216,15 @@ def _check(subject: Any, c: FeaturesConfig, site: str) -> None:
     parsed = subject.site(site)
     if not parsed.name.startswith("resid."):
         raise AimriError(f"`site` {site!r}: the default feature set reads a residual Site (resid.L)")
+    for name in ("width", "k", "epochs", "batch_size", "context"):
+        if getattr(c, name) < 1:
+            raise AimriError(f"`{name}` must be at least 1, got {getattr(c, name)}")
     if c.k > c.width:
         raise AimriError(f"`k` {c.k} is larger than `width` {c.width}; choose k <= width")
     shards = -(-c.budget // (c.context * 32))
     if shards <= c.heldout_shards:
         raise AimriError(
-            f"`budget` {c.budget:,} fill {shards} shard(s) of 32 windows; with {c.heldout_shards} held out none is left "
+            f"`budget` {c.budget:,} tokens fill {shards} shard(s) of 32 windows; with {c.heldout_shards} held out none is left "
             f"to train on: give at least {(c.heldout_shards + 1) * 32 * c.context:,} tokens"
         )
 
