@@ -333,7 +333,9 @@ def test_scan_cites_the_baselines_labelled_features(long_lm_dir: str, tmp_path: 
     shutil.rmtree(feature_set_dir(base, small), ignore_errors=True)
     out = tmp_path / "run" / "scan"
     result = scan(cand, out, baseline=base, log=lambda m: None, neutral_texts=NEUTRAL, features=small, progress=False)
-    name = small.name_for(base)
+    from aimri.run import slug
+
+    name = f"{slug(base.name)}--{small.name_for(base)}"  # the baseline's set, named for the baseline
     assert (tmp_path / "run" / "dictionaries" / name / "atlas.sqlite").is_file()  # installed beside the scan
     stage = json.loads((out / "stages" / "features.json").read_text())["data"]
     assert stage["dictionary"] == name and set(stage["categories"]) == set(stage["diff"])

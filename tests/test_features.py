@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,8 @@ def test_another_revision_never_reuses_the_set(fresh) -> None:
     subject = fresh
     build_features(subject, SMALL, log=lambda m: None, progress=False)
     assert cached_features(subject, SMALL) is not None
+    assert cached_features(subject, replace(SMALL, epochs=3)) is None  # other settings: another set
+    assert feature_set_dir(subject, replace(SMALL, seed=1)) != feature_set_dir(subject, SMALL)
     other = aimri.Subject(subject.model, subject.tokenizer, name=subject.name, revision="f" * 64)  # a fine-tune, say
     assert cached_features(other, SMALL) is None
     assert feature_set_dir(other, SMALL) != feature_set_dir(subject, SMALL)
@@ -122,6 +125,14 @@ def test_a_full_disk_ends_with_one_line_and_keeps_finished_parts(fresh, monkeypa
 
     monkeypatch.setattr(train, "train_from_store", full)
     with pytest.raises(AimriError, match=r"disk filled while building features \(train\).*finished parts are kept"):
+        build_features(subject, SMALL, log=lambda m: None, progress=False)
+
+    def torch_full(*args, **kwargs):  # torch.save's words for it
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed (No space left on device)")  # fmt: skip
+
+    monkeypatch.setattr(train, "train_from_store", torch_full)
+    with pytest.raises(AimriError, match=r"disk filled while building features \(train\)"):
         build_features(subject, SMALL, log=lambda m: None, progress=False)
     assert json.loads((feature_set_dir(subject, SMALL) / "store" / "manifest.json").read_text())["complete"]
 

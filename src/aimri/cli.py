@@ -764,6 +764,8 @@ def scan(
     if (dictionary or atlas or crosscoder) and base is None:
         raise AimriError("--dictionary, --atlas and --crosscoder describe a diff: give --baseline too")
     features = False if no_features else FeaturesConfig(budget=features_budget)
+    if features and features_budget < 1:
+        raise AimriError(f"`--features-budget` must be a positive number of tokens, got {features_budget}")
     result = run_scan(subject, out, baseline=base, log=lambda m: console.print(m), features=features,
                       progress=not quiet, transcoders=transcoders, dictionary=dictionary, atlas=atlas,
                       crosscoder=crosscoder)  # fmt: skip

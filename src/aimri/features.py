@@ -16,10 +16,12 @@ reuses it. Sources: TopK SAEs (Gao et al. 2024), autointerp scoring beside a con
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,8 +42,8 @@ def _help(text: str) -> dict[str, str]:
 
 @dataclass
 class FeaturesConfig:
-    """The default feature set's size and budget (`mri features`' options). The defaults build in under three
-    minutes on a 2-core CPU (SmolLM2-135M: the harvest is most of it, ~650 tokens/s to the middle layer)."""
+    """The default feature set's size and budget (`mri features`' options). The defaults build in about three
+    minutes on a 2-core CPU (150-190 s measured on SmolLM2-135M; the harvest is the largest part)."""
 
     site: str | None = field(default=None, metadata=_help("residual Site (default: resid.L at the middle layer)"))
     budget: int = field(
@@ -50,7 +52,7 @@ class FeaturesConfig:
     )
     width: int = field(default=4096, metadata=_help("features in the SAE (d_sae)"))
     k: int = field(default=32, metadata=_help("active features per token (TopK)"))
-    epochs: int = field(default=5, metadata=_help("passes of training over the harvested rows"))
+    epochs: int = field(default=5, metadata=_help("passes of training over the harvested rows not held out"))
     batch_size: int = field(default=1024, metadata=_help("training batch (rows)"))
     context: int = field(default=128, metadata=_help("tokens per window, BOS included"))
     heldout_shards: int = field(default=2, metadata=_help("shards of 32 windows held out for the held-out FVU"))
@@ -69,7 +71,8 @@ class FeaturesConfig:
 @dataclass
 class FeatureSet:
     """A finished default feature set: `dictionary` (SAELens layout, with training.json), `atlas` (its
-    atlas.sqlite, labelled) and `summary` (features.json: the figures and seconds of each part)."""
+    atlas.sqlite, labelled) and `summary` (features.json: the figures, and the seconds of each part the finishing
+    run did: after a resume, the parts finished earlier are not timed)."""
 
     path: Path
     summary: dict[str, Any]
@@ -87,10 +90,16 @@ class FeatureSet:
         return str(self.summary["name"])
 
 
+def _settings(subject: Any, c: FeaturesConfig) -> dict[str, Any]:
+    return {**asdict(c), "site": c.site_for(subject)}
+
+
 def feature_set_dir(subject: Any, config: FeaturesConfig | None = None) -> Path:
-    """$AIMRI_HOME/features/<model>/<revision>/<name>: one folder per model revision and set settings."""
+    """$AIMRI_HOME/features/<model>/<revision>/<name>-<settings hash>: one folder per model revision and settings
+    (every FeaturesConfig field: a set built with other epochs or seed is another set)."""
     c = config or FeaturesConfig()
-    return aimri_home() / "features" / slug(subject.name) / subject.revision[:24] / c.name_for(subject)
+    digest = hashlib.sha256(json.dumps(_settings(subject, c), sort_keys=True).encode()).hexdigest()[:8]
+    return aimri_home() / "features" / slug(subject.name) / subject.revision[:24] / f"{c.name_for(subject)}-{digest}"
 
 
 def cached_features(subject: Any, config: FeaturesConfig | None = None) -> FeatureSet | None:
@@ -102,6 +111,8 @@ def cached_features(subject: Any, config: FeaturesConfig | None = None) -> Featu
         return None
     if summary.get("model_revision") != subject.revision or not Run.atlas_of(path / "dictionary").is_file():
         return None
+    if summary.get("config") != _settings(subject, config or FeaturesConfig()):
+        return None
     return FeatureSet(path, summary)
 
 
@@ -110,8 +121,11 @@ def _disk_guard(path: Path, part: str) -> Iterator[None]:
     """A full disk ends the build with one line; the finished parts stay for the rerun."""
     try:
         yield
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, RuntimeError, sqlite3.Error) as err:  # torch.save and SQLite say it in their own words
+        said = str(err).lower()
+        full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+            w in said for w in ("no space left", "disk is full", "disk quota"))  # fmt: skip
+        if not full:
             raise
         raise AimriError(
             f"the disk filled while building features ({part}) in {path}; the finished parts are kept: free some "
@@ -142,6 +156,7 @@ def build_features(
     c = config or FeaturesConfig()
     if (done := cached_features(subject, c)) is not None:
         log(f"features: {done.name} built earlier for this model revision (reused)")
+        _tidy(done.path)  # a build stopped between its summary and its tidying
         return done
     site = c.site_for(subject)
     _check(subject, c, site)
@@ -169,7 +184,8 @@ def build_features(
         ))  # fmt: skip
         from aimri.data.store import ActivationStore
 
-        rows = ActivationStore(store).rows
+        held = ActivationStore(store)
+        rows = sum(s["rows"] for s in held.shards[: len(held.shards) - c.heldout_shards])  # the rows trained on
         settings = DictionarySettings(
             architecture="topk", width=c.width, k=c.k, tokens=c.epochs * rows, batch_size=c.batch_size, seed=c.seed,
             context=c.context, heldout_shards=c.heldout_shards,
@@ -195,16 +211,20 @@ def build_features(
     quality |= labels
     summary = {
         "format": "aimri.features", "version": 1, "name": c.name_for(subject), "model": subject.name,
-        "model_revision": subject.revision, "site": site, "config": asdict(c), "quality": quality,
+        "model_revision": subject.revision, "site": site, "config": _settings(subject, c), "quality": quality,
         "seconds": seconds, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
     with _disk_guard(path, "summary"):
         atomic_write_text(path / SUMMARY, json.dumps(summary, indent=1))
-    # the rows live on in the atlas' examples; the store and the training checkpoints were for resuming only
-    shutil.rmtree(store, ignore_errors=True)
-    shutil.rmtree(path / "dictionary.checkpoints", ignore_errors=True)
+    _tidy(path)
     log(f"features: {describe(summary)}")
     return FeatureSet(path, summary)
+
+
+def _tidy(path: Path) -> None:
+    """The rows live on in the atlas' examples; the store and the training checkpoints were for resuming only."""
+    shutil.rmtree(path / "store", ignore_errors=True)
+    shutil.rmtree(path / "dictionary.checkpoints", ignore_errors=True)
 
 
 def _check(subject: Any, c: FeaturesConfig, site: str) -> None:
@@ -274,10 +294,11 @@ def describe(summary: dict[str, Any]) -> str:
     )
 
 
-def install(features: FeatureSet, run: Run) -> Path:
-    """Put the set's dictionary (with its atlas) into `run`'s dictionaries/, where `mri serve` and the other
-    commands look, unless the same set is already there. Copied aside, then renamed: never half-written."""
-    target = run.dictionary(features.name)
+def install(features: FeatureSet, run: Run, name: str | None = None) -> Path:
+    """Put the set's dictionary (with its atlas) into `run`'s dictionaries/NAME (default: the set's name), where
+    `mri serve` and the other commands look, unless the same set is already there. Copied aside, then renamed:
+    a crash leaves the old copy or the new one, never a half-written one."""
+    target = run.dictionary(name or features.name)
     stamp = target / SUMMARY
     if stamp.is_file() and stamp.read_bytes() == (features.path / SUMMARY).read_bytes():
         return target
@@ -287,6 +308,7 @@ def install(features: FeatureSet, run: Run) -> Path:
     shutil.copytree(features.dictionary, tmp, ignore=shutil.ignore_patterns("*.checkpoints", ".*"))
     shutil.copy2(features.path / SUMMARY, tmp / SUMMARY)
     old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)  # left by an install that stopped before its last step
     if target.exists():
         os.replace(target, old)
     os.replace(tmp, target)

@@ -144,7 +144,8 @@ class Run:
     # -- discovery (what the console lists) ---------------------------------------------------------
     def atlas_files(self) -> list[Path]:
         """Every dictionary's and transcoder layer's atlas in this run, dictionaries first, sorted."""
-        return sorted(self.dictionaries.glob("*/atlas.sqlite")) + sorted(self.transcoders.glob("layer-*/atlas.sqlite"))
+        found = sorted(self.dictionaries.glob("*/atlas.sqlite")) + sorted(self.transcoders.glob("layer-*/atlas.sqlite"))
+        return [p for p in found if not p.parent.name.startswith(".")]  # a copy being installed is hidden
 
     def graph_files(self) -> list[Path]:
         return sorted(self.graphs.glob("*.json"))

@@ -107,8 +107,9 @@ def store_windows(
 
     Raises AimriError when `corpus` no longer yields the store's tokens or `site` is not in the store."""
     spec = store.spec
-    packing = Packing.for_tokenizer(tokenizer, int(spec["packing"]["context"]), bool(spec["packing"]["exclude_ids"]),
-                                    bool(spec["packing"]["chat_start_ids"]))  # fmt: skip
+    recorded = spec["packing"]  # the harvest's flags, read back from what they produced
+    packing = Packing.for_tokenizer(tokenizer, int(recorded["context"]), bool(recorded["exclude_ids"]),
+                                    int(recorded.get("n_newline_ids", 0)) > 0)  # fmt: skip
     if packing.describe() != spec["packing"]:
         raise AimriError(f"{store.path} was packed with another tokenizer's rules; mine it with its own model")
     windows = pack(corpus, tokenizer, packing)

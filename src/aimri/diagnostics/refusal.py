@@ -64,7 +64,8 @@ def measure_refusal(
     subject: Subject, dataset: ContrastDataset, layer: int, max_new_tokens: int = 32,
     strengths: Sequence[float] = (1.0, 2.0, 4.0),
 ) -> RefusalResult:  # fmt: skip
-    """Refusal rates on held-out harmful and harmless requests, with and without the direction."""
+    """Refusal rates on held-out harmful and harmless requests, with and without the direction. The ablated
+    rate is None when the model refused none of the harmful ones (ablation can only remove refusals: not run)."""
     unit, gap = refusal_direction(subject, dataset, layer)
     test = dataset.split("test")
     harmful = [p.positive[-1]["content"] for p in test]
