@@ -69,21 +69,22 @@ Bread, cheese and apples were delivered by boat once a fortnight.
 """
 
 
-def build_tiny_tokenizer() -> tf.PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (vocab 320, chat specials) trained on FIXTURE_TEXT."""
+def build_tiny_tokenizer(chat: bool = True) -> tf.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (vocab 320, chat specials; with `chat=False` GPT-2/Llama-2-like specials, no
+    chat-start token) trained on FIXTURE_TEXT."""
     import transformers as tf
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if chat else ["<|endoftext|>", "<s>", "</s>"]
     trainer = trainers.BpeTrainer(
         vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator([FIXTURE_TEXT] * 4, trainer=trainer)
     return tf.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        tokenizer_object=tok, bos_token=specials[1], eos_token=specials[2], pad_token=specials[2],
         additional_special_tokens=["<|endoftext|>"],
     )  # fmt: skip
 

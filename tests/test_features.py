@@ -158,6 +158,17 @@ def test_atlas_from_a_store_equals_the_atlas_from_the_model(tiny_lm_dir: str, tm
                 x["window"] == e["window"] for x in a.examples(f, "top")) else None  # fmt: skip
             if same is not None:
                 assert same["tokens"] == e["tokens"] and same["acts"] == pytest.approx(e["acts"], abs=1e-3)
+    # a tokenizer with no chat-start token (GPT-2, Llama 2): the store's packing is rebuilt the same
+    from tests.helpers import build_tiny_tokenizer
+
+    plain = aimri.Subject(subject.model, build_tiny_tokenizer(chat=False), name="plain", revision="p" * 64)
+    assert len(plain.tokenizer) == len(subject.tokenizer)
+    plain_store = harvest(plain, corpus, [sae.cfg.site], tmp_path / "plain", context=16, max_tokens=None,
+                          progress=False)  # fmt: skip
+    trained_on, sae.cfg.model_revision = sae.cfg.model_revision, plain.revision
+    built = build_atlas(sae, plain, corpus, tmp_path / "p.sqlite", context=16, progress=False, store=plain_store.path)
+    assert built.meta["windows"] == len({w for s in plain_store.shards for w in range(*s["windows"])})
+    sae.cfg.model_revision = trained_on
     with pytest.raises(AimriError, match="no longer yields"):  # the corpus changed since the harvest
         build_atlas(sae, subject, Corpus.from_texts([FIXTURE_TEXT[::-1]] * 12), tmp_path / "c.sqlite", context=16,
                     progress=False, store=store.path)  # fmt: skip
