@@ -202,9 +202,7 @@ def test_decision_gradient_matches_finite_differences(tiny_lm_dir: str) -> None:
     subject = aimri.load(tiny_lm_dir)
     subject.context_length = 1024  # the loan prompt is long in the tiny BPE; rotary positions take it
     x, g = evidence.decision_gradient(subject, "resid.1", options=("a", "b"))
-    prefix = subject.tokenizer(evidence.ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([evidence.prompt_ids(subject, evidence.LOAN_PROMPT) + list(prefix)])
-    a, b = (evidence._first_token(subject, " " + w) for w in ("a", "b"))
+    ids, a, b = evidence.decision_inputs(subject, options=("a", "b"))
     v = torch.randn(x.shape[0], generator=torch.Generator().manual_seed(0))
     v = v / v.norm() * x.norm()  # a step of eps x the activation's own size
     eps = 1e-3

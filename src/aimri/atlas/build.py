@@ -140,12 +140,10 @@ def build_atlas(
     source = None
     if store is not None:
         from aimri.data.store import ActivationStore
-        from aimri.dictionaries.match import check_revision
+        from aimri.dictionaries.match import check_store
 
         held = ActivationStore(store)
-        made = held.spec["model"]
-        check_revision(f"{store} was harvested from", str(made.get("name")), str(made.get("revision") or ""),
-                       f"the model given, {subject.name}", subject.revision, allow_other_model)  # fmt: skip
+        check_store(held, f"the model given, {subject.name}", subject.revision, allow_other_model)
         context = int(held.spec["packing"]["context"])
         tokens = min(tokens, max(end for _, end in (s["windows"] for s in held.shards)) * context)
         source = store_windows(held, subject.site(dictionary.cfg.site).name, subject.tokenizer, corpus)

@@ -28,6 +28,17 @@ def _first_token(subject: Subject, word: str) -> int:
     return int(ids[0])
 
 
+def decision_inputs(
+    subject: Subject, prompt: str = LOAN_PROMPT, options: tuple[str, str] = ("Approve", "Deny")
+) -> tuple[torch.Tensor, int, int]:
+    """(ids [1, seq], a, b): the prompt as the model's chat opens it with the answer prefix prefilled, so the next
+    token is the decision; a and b are the options' first tokens (after a space)."""
+    prefix = subject.tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids(subject, prompt) + list(prefix)])
+    a, b = (_first_token(subject, " " + w) for w in options)
+    return ids, a, b
+
+
 def explain_decision(
     subject: Subject,
     prompt: str = LOAN_PROMPT,
@@ -38,9 +49,7 @@ def explain_decision(
     """Logit difference between the two options' first tokens at the answer position, attributed to prompt
     tokens (gradient × embedding, which sums to the first-order change) and to each layer's attention and
     MLP output (direct effect through the final norm, frozen at this prompt)."""
-    prefix = subject.tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([prompt_ids(subject, prompt) + list(prefix)])
-    a, b = (_first_token(subject, " " + w) for w in options)
+    ids, a, b = decision_inputs(subject, prompt, options)
     model: Any = subject.model
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     sites = [f"{k}.{layer}" for layer in range(subject.n_layers) for k in ("attn.out", "mlp.out")]

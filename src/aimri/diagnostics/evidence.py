@@ -24,8 +24,7 @@ import torch
 from torch import Tensor
 
 from aimri.data.harvest import keep_rows
-from aimri.diagnostics.decision import ANSWER_PREFIX, LOAN_PROMPT, _first_token
-from aimri.steering.generate import prompt_ids
+from aimri.diagnostics.decision import decision_inputs
 from aimri.subject.core import Subject
 
 TOP = 5  # features cited per piece of evidence
@@ -91,9 +90,7 @@ def decision_gradient(
 ) -> tuple[Tensor, Tensor]:
     """(x, g), both [d_model] fp32: the loan prompt's activation at `site` at the decisive (last) position, and
     the gradient of logit[options[0]] - logit[options[1]] there with respect to it."""
-    prefix = subject.tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([prompt_ids(subject, LOAN_PROMPT) + list(prefix)])
-    a, b = (_first_token(subject, " " + w) for w in options)
+    ids, a, b = decision_inputs(subject, options=options)
     model: Any = subject.model
     with torch.enable_grad(), subject.tap(read=[site], grad=True) as t:
         logits = model(ids, use_cache=False).logits[0, -1]

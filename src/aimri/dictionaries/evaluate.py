@@ -19,7 +19,7 @@ from aimri.data.corpus import Corpus, Window, pack
 from aimri.data.harvest import keep_rows
 from aimri.data.store import ActivationStore
 from aimri.dictionaries.base import Dictionary
-from aimri.dictionaries.match import check_model, check_revision, packing_for
+from aimri.dictionaries.match import check_model, check_store, packing_for
 from aimri.errors import AimriError
 from aimri.subject.core import Subject
 from aimri.subject.taps import Edit
@@ -224,10 +224,12 @@ def evaluate_dictionary(
     dictionary, store = Path(dictionary), Path(store)
     sae = load_dictionary(dictionary)
     held_out = ActivationStore(store)
-    harvested = held_out.spec["model"]  # the store's rows must be the dictionary's model's
-    check_revision(f"{store} was harvested from", str(harvested.get("name")), str(harvested.get("revision") or ""),
-                   f"the model {dictionary} was trained on, {sae.cfg.model_name or '?'}", sae.cfg.model_revision,
-                   allow_other_model)  # fmt: skip
+    check_store(
+        held_out,
+        f"the model {dictionary} was trained on, {sae.cfg.model_name or '?'}",  # its rows: its model's
+        sae.cfg.model_revision,
+        allow_other_model,
+    )
     shards = None
     info = dictionary / "training.json"
     if info.exists():

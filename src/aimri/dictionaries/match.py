@@ -54,6 +54,13 @@ def check_model(
                    getattr(subject, "revision", "unknown"), allow_other_model)  # fmt: skip
 
 
+def check_store(store: Any, name: str, revision: str, allow_other_model: bool = False) -> None:
+    """`check_revision` for an ActivationStore's rows against the model `name` (a phrase: "the model given, X")."""
+    made = store.spec["model"]
+    check_revision(f"{store.path} was harvested from", str(made.get("name")), str(made.get("revision") or ""),
+                   name, revision, allow_other_model)  # fmt: skip
+
+
 def check_revision(
     what: str, trained_name: str, trained_revision: str, name: str, revision: str, allow_other_model: bool = False
 ) -> None:
