@@ -1,16 +1,16 @@
 """Harvest throughput: tokens/s writing resid.15 of the default model to a store, on real text.
 
-Ratios measured in this run: against the FLOP roofline (fp32 GEMM rate measured now) and against
-nnsight 0.8 and transformer-lens 4.x doing the same job on the same batches, each in its own venv.
+Ratios measured in this run: against the FLOP roofline (the GEMM rate measured now: fp32 on the CPU, bf16
+on a GPU) and against nnsight 0.8 and transformer-lens 4.x doing the same job on the same batches, each in
+its own venv, on the same device and in the same dtype (--device / --dtype, passed to the peers).
 
-    python bench/harvest.py --json
+    python bench/harvest.py --json [--device cuda] [--model DIR] [--corpus FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import platform
 import shutil
 import sys
 import tempfile
@@ -25,9 +25,7 @@ import aimri
 from aimri.data.corpus import Corpus, Packing, pack
 from aimri.data.default_corpus import default_corpus_path
 from aimri.data.harvest import harvest
-from aimri.subject.loading import gguf_to_dir
-from aimri.subject.names import _smollm2_gguf
-from common import emit, gemm_gflops, run_peer
+from common import add_device_args, device_label, dtype_name, emit, peak_gflops, resolve, run_peer, synchronize
 
 
 def flops_per_token(subject: aimri.Subject, layer: int, context: int) -> float:
@@ -48,17 +46,24 @@ def main() -> None:
     parser.add_argument("--site", default="resid.15")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--peers", default="nnsight,transformer_lens", help="comma list; empty for none")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, .gguf file or HF directory")
+    parser.add_argument("--corpus", type=Path, default=None, help="text corpus (default: the default corpus)")
+    parser.add_argument("--peer-timeout", type=float, default=None, help="seconds each peer run may take")
+    add_device_args(parser)
     args = parser.parse_args()
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
     layer = int(args.site.split(".")[1])
 
-    subject = aimri.load("smollm2-135m-instruct")
-    model_dir = gguf_to_dir(_smollm2_gguf())
-    corpus = Corpus.from_paths([default_corpus_path(log=log)])
+    device, dtype = resolve(args)
+    subject = aimri.load(args.model, device=device, dtype=dtype)
+    model_dir = str(subject.model.name_or_path)  # the HF directory it loaded (a GGUF's converted copy)
+    corpus = Corpus.from_paths([args.corpus or default_corpus_path(log=log)])
     n_windows = args.batches * args.batch_size
     tokens = n_windows * args.context
     packing = Packing.for_tokenizer(subject.tokenizer, args.context)
     windows = list(itertools.islice(pack(corpus, subject.tokenizer, packing), n_windows))
+    if len(windows) < n_windows:
+        raise SystemExit(f"the corpus gives {len(windows)} windows of {args.context} tokens; {n_windows} needed")
     shape = (args.batches, args.batch_size, args.context)
     batches = {k: np.stack([getattr(w, k) for w in windows]).reshape(shape) for k in ("ids", "attention", "valid")}
     work = Path(tempfile.mkdtemp(prefix="aimri-bench-"))
@@ -69,12 +74,13 @@ def main() -> None:
         valid=batches["valid"],
     )
 
-    gflops = gemm_gflops()
+    gflops = peak_gflops(device)
     fpt = flops_per_token(subject, layer, args.context)
 
     # ours, the real job: pack + forward (stopped after the site) + write a checksummed store
     ids0 = torch.from_numpy(batches["ids"][0])
     subject.run(ids0, torch.from_numpy(batches["attention"][0]).long(), read=[args.site])  # warm-up
+    synchronize(device)
     peers = [p for p in ("nnsight", "transformer_lens") if p in args.peers.split(",")]
     ours_s = fwd_s = float("inf")
     theirs: dict[str, float] = {}
@@ -86,22 +92,26 @@ def main() -> None:
         store = harvest(subject, corpus, [args.site], work / f"store{attempt}", context=args.context,
                         batch_size=args.batch_size, windows_per_shard=args.batch_size * 4, max_tokens=tokens,
                         progress=False)  # fmt: skip
-        ours_s = min(ours_s, time.perf_counter() - start)
+        ours_s = min(ours_s, time.perf_counter() - start)  # the store is on disk: the device's work is done
         shutil.rmtree(work / f"store{attempt}")
-        # ours, forward only (rows kept in memory): the part every library shares
+        # ours, forward only (rows copied to host memory, as the peers' are): the part every library shares
         start = time.perf_counter()
         checksum = 0.0
         for b in range(args.batches):
             ids_b, att_b = torch.from_numpy(batches["ids"][b]), torch.from_numpy(batches["attention"][b]).long()
             acts = subject.run(ids_b, att_b, read=[args.site])
-            checksum += float(acts[args.site][torch.from_numpy(batches["valid"][b])].numpy().astype(np.float64).sum())
+            act = acts[args.site]
+            rows = act[torch.from_numpy(batches["valid"][b]).to(act.device)].float().cpu().numpy()
+            checksum += float(rows.astype(np.float64).sum())
+        synchronize(device)
         fwd_s = min(fwd_s, time.perf_counter() - start)
         for peer in peers:
             if peer in errors:
                 continue
             try:
                 out = run_peer(
-                    peer, f"{peer}_harvest.py", str(model_dir), str(work / "batches.npz"), str(layer), log=log
+                    peer, f"{peer}_harvest.py", str(model_dir), str(work / "batches.npz"), str(layer), log=log,
+                    device=device, dtype=dtype, timeout=args.peer_timeout,
                 )
             except Exception as err:  # report, do not hide: the figure is then missing from the JSON
                 log(f"{peer}: {err}")
@@ -118,6 +128,8 @@ def main() -> None:
         "roofline_ratio": round(ours * fpt / (gflops * 1e9), 3),
         "roofline_ratio_forward_only": round(ours_fwd * fpt / (gflops * 1e9), 3),
         "gemm_gflops": round(gflops, 1),
+        "model": subject.name,
+        "dtype": dtype_name(dtype),
         "gflop_per_token": round(fpt / 1e9, 4),
         "tokens": tokens,
         "batch_size": args.batch_size,
@@ -133,7 +145,7 @@ def main() -> None:
         result[f"{peer}_tokens_per_s"] = round(theirs[peer], 1)
         result[f"speedup_vs_{peer}"] = round(ours / theirs[peer], 3)
         result[f"{peer}_checksum_rel_diff"] = float(f"{theirs[f'{peer}_rel_diff']:.2e}")
-    result["device"] = f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    result["device"] = device_label(device)
     shutil.rmtree(work, ignore_errors=True)
     emit(result, args.json)
 

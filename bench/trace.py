@@ -1,23 +1,25 @@
 """Attribution-graph cost against prompt length on the default model.
 
     python bench/trace.py --json [--transcoders DIR] [--lengths 32,64,128,256,512,1024] [--max-feature-nodes 64]
+                              [--device cuda] [--dtype bfloat16] [--model DIR] [--no-factual]
 
 Each length runs in a fresh process (so its peak RSS is its own): the seconds for `attribute` (logit rows
 plus `max-feature-nodes` feature rows by influence), the process's peak memory, node and edge counts, and
 the memory circuit-tracer's dense fp32 adjacency would take for the same graph (it covers the selected
 features, error nodes, tokens and logits; our sparse edges also keep every active feature as a source), and
 the roofline ratio: the FLOPs counted in the run by torch's formulas (every pass's GEMMs and attention,
-forward and backward) per second, over the fp32 GEMM rate measured at the start.
-`--peer-length N` also runs circuit-tracer itself (nnsight backend, its own venv) on an N-token prompt:
-seconds, peak memory and agreement of the top logit's edges. Transcoders default to
-runs/smollm2-135m-instruct/transcoders (`mri train-transcoders`).
+forward and backward) per second, over the GEMM rate measured at the start (fp32 on the CPU, bf16 on a GPU).
+`--peer-length N` also runs circuit-tracer itself (nnsight backend, its own venv) on an N-token prompt, on
+the same device and in the same dtype: seconds, peak memory and agreement of the top logit's edges (each
+side after one untimed warm-up attribution of 8 tokens). Transcoders default to
+runs/<model>/transcoders (`mri train-transcoders`). On a GPU, peak memory is the CUDA allocator's peak.
+`--lengths ""` skips the sweep, `--no-factual` the known-answer check (meaningless on random weights).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -29,7 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-from common import emit, gemm_gflops
+from common import add_device_args, device_label, dtype_name, emit, peak_gflops, resolve, synchronize
 
 
 class FlopCount(TorchDispatchMode):
@@ -68,7 +70,13 @@ class FlopCount(TorchDispatchMode):
         return out
 
 
-def one(transcoders: Path, length: int, max_feature_nodes: int) -> dict:
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def one(transcoders: Path, length: int, max_feature_nodes: int, args: argparse.Namespace) -> dict:
     import aimri
     from aimri.circuits.attribution import attribute
     from aimri.circuits.replacement import ReplacementModel, load_transcoders
@@ -76,9 +84,10 @@ def one(transcoders: Path, length: int, max_feature_nodes: int) -> dict:
     from aimri.data.default_corpus import default_corpus_path
     from aimri.dictionaries.match import opening
 
-    subject = aimri.load()
+    device, dtype = resolve(args)
+    subject = aimri.load(args.model, device=device, dtype=dtype)
     model = ReplacementModel(subject, load_transcoders(transcoders, subject))
-    corpus = Corpus.from_paths([default_corpus_path()])
+    corpus = Corpus.from_paths([args.corpus or default_corpus_path()])
     ids: list[int] = opening(model.transcoders.values(), subject.tokenizer)  # as the training windows open
     for doc in corpus.documents():
         ids += subject.tokenizer(doc.text, add_special_tokens=False)["input_ids"]
@@ -86,11 +95,14 @@ def one(transcoders: Path, length: int, max_feature_nodes: int) -> dict:
             break
     counter = FlopCount()  # counts the GEMM and attention FLOPs of every pass
     with counter:
+        synchronize(device)
         start = time.perf_counter()
-        graph = attribute(model, ids[:length], max_feature_nodes=max_feature_nodes, progress=False)
+        graph = attribute(model, ids[:length], max_feature_nodes=max_feature_nodes, progress=False,
+                          **budget(args, device))  # fmt: skip
+        synchronize(device)
         seconds = time.perf_counter() - start
     return {
-        "seconds": seconds, "gflop": counter.flops / 1e9, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "seconds": seconds, "gflop": counter.flops / 1e9, "peak_mb": _peak_mb(device),
         "nodes": graph.n_nodes, "edges": len(graph.edge_weights), "copies_per_pass": graph.meta["copies_per_pass"],
         # circuit-tracer's layout: a dense fp32 matrix over selected features, error nodes, tokens and logits
         "dense_adjacency_mb": (graph.meta["features_expanded"] + (graph.n_layers + 1) * graph.n_pos
@@ -156,11 +168,26 @@ def factual_path(subject, transcoders: dict, max_feature_nodes: int = 256, group
     }  # fmt: skip
 
 
+def budget(args: argparse.Namespace, device: torch.device) -> dict:
+    """attribute()'s batch size and memory budget: --batch-size (both sides get it), and --memory-budget
+    (GB; default: attribute's own on the CPU, half the free memory on a GPU)."""
+    settings: dict[str, float] = {"batch_size": args.batch_size}
+    if args.memory_budget:
+        settings["memory_budget"] = args.memory_budget * 1e9
+    elif device.type == "cuda":
+        from aimri.devices import free_memory
+
+        settings["memory_budget"] = 0.5 * free_memory(device)
+    return settings
+
+
 def compare_with_circuit_tracer(
-    subject, tcs: dict, transcoders: Path, length: int, max_feature_nodes: int, log
+    subject, tcs: dict, transcoders: Path, length: int, max_feature_nodes: int, log, args: argparse.Namespace
 ) -> dict:  # type: ignore[no-untyped-def]
-    """Ours and circuit-tracer (nnsight backend, its own venv) on one prompt: time, memory, and agreement of
-    the top logit's incoming edges from the features both selected and from the token embeddings."""
+    """Ours and circuit-tracer (nnsight backend, its own venv) on one prompt, on the subject's device and in
+    its dtype: time, memory, and agreement of the top logit's incoming edges from the features both selected
+    and from the token embeddings. Each side runs one untimed 8-token attribution first. Ours runs first, so
+    its figures stand when circuit-tracer fails (then "error" says why and its figures are None)."""
     import tempfile
 
     from aimri.circuits.attribution import attribute
@@ -174,20 +201,37 @@ def compare_with_circuit_tracer(
         ids = ids + ids
     bos = opening(tcs.values(), subject.tokenizer)  # the transcoders' BOS; circuit-tracer holds position 0 too
     ids = bos + ids[-(length - len(bos)) :]
+    device, dtype = subject.device, next(subject.model.parameters()).dtype
+    model = ReplacementModel(subject, tcs)
+    settings = budget(args, device)
+    attribute(model, ids[:8], max_feature_nodes=8, progress=False, **settings)  # warm-up, as circuit-tracer's
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
+    start = time.perf_counter()
+    graph = attribute(model, ids, max_feature_nodes=max_feature_nodes, progress=False, **settings)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    result: dict[str, object] = {
+        "ours_s": seconds, "ours_peak_mb": _peak_mb(device), "ours_nodes": graph.n_nodes, "theirs_s": None,
+        "theirs_peak_mb": None, "theirs_selected": None, "edges_compared": 0, "max_abs_diff_over_max_edge": None,
+        "error": None,
+    }  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="aimri-trace-bench-"))
     (work / "ids.json").write_text(json.dumps(ids))
     model_dir = str(subject.model.name_or_path)
-    run_peer("circuit_tracer", "circuit_tracer_trace.py", model_dir, str(transcoders), str(work / "ids.json"),
-             str(max_feature_nodes), str(work / "ct.json"), log=log)  # fmt: skip
-    theirs = json.loads((work / "ct.json").read_text())
-    if theirs["tokens"] != ids:
-        raise RuntimeError(
-            f"circuit-tracer attributed other tokens ({theirs['tokens'][:4]}...) than ours ({ids[:4]}...)"
-        )
-    model = ReplacementModel(subject, tcs)
-    start = time.perf_counter()
-    graph = attribute(model, ids, max_feature_nodes=max_feature_nodes, progress=False)
-    seconds = time.perf_counter() - start
+    try:
+        run_peer("circuit_tracer", "circuit_tracer_trace.py", model_dir, str(transcoders), str(work / "ids.json"),
+                 str(max_feature_nodes), str(work / "ct.json"), str(args.batch_size), log=log, device=device,
+                 dtype=dtype, timeout=args.peer_timeout)  # fmt: skip
+        theirs = json.loads((work / "ct.json").read_text())
+        if theirs["tokens"] != ids:
+            raise RuntimeError(
+                f"circuit-tracer attributed other tokens ({theirs['tokens'][:4]}...) than ours ({ids[:4]}...)"
+            )
+    except RuntimeError as err:  # reported, not hidden: the figures stay ours only
+        result["error"] = str(err)[-600:]
+        return result
     sources, weights = graph.row(graph.logit_start)
     ours = dict(zip(sources.tolist(), weights.tolist(), strict=True))
     index = {"_".join(map(str, f)): i for i, f in enumerate(graph.features.tolist())}
@@ -198,10 +242,11 @@ def compare_with_circuit_tracer(
     ]
     pairs += [(ours.get(graph.embed_start + p, 0.0), w) for p, w in enumerate(theirs["embed_edges"]) if p > 0]
     scale = max((abs(b) for _, b in pairs), default=1.0) or 1.0
-    return {
-        "ours_s": seconds, "theirs_s": theirs["seconds"], "theirs_peak_mb": theirs["peak_mb"],
+    result.update({
+        "theirs_s": theirs["seconds"], "theirs_peak_mb": theirs["peak_mb"], "theirs_selected": theirs["n_selected"],
         "edges_compared": len(pairs), "max_abs_diff_over_max_edge": max((abs(a - b) for a, b in pairs), default=0.0) / scale,
-    }  # fmt: skip
+    })  # fmt: skip
+    return result
 
 
 def main() -> None:
@@ -209,25 +254,37 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     from aimri.run import Run
 
-    parser.add_argument("--transcoders", type=Path, default=Run.for_model("smollm2-135m-instruct").transcoders)
+    parser.add_argument("--transcoders", type=Path, default=None, help="default: runs/<model>/transcoders")
     parser.add_argument("--lengths", default="32,64,128,256,512,1024")
     parser.add_argument("--max-feature-nodes", type=int, default=64)
     parser.add_argument(
         "--peer-length", type=int, default=16, help="prompt length for the circuit-tracer run (0: skip)"
     )
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, .gguf file or HF directory")
+    parser.add_argument("--corpus", type=Path, default=None, help="text the sweep's prompts come from (default: the default corpus)")
+    parser.add_argument("--no-factual", action="store_true", help="skip the known-answer check (random weights)")
+    parser.add_argument("--batch-size", type=int, default=32, help="copies per backward pass, ours and circuit-tracer's")
+    parser.add_argument("--memory-budget", type=float, default=0.0, help="GB for our copies (0: see budget())")
+    parser.add_argument("--peer-timeout", type=float, default=None, help="seconds the circuit-tracer run may take")
+    add_device_args(parser)
     args = parser.parse_args()
+    if args.transcoders is None:
+        args.transcoders = Run.for_model(args.model).transcoders
     if args.child:
-        print(json.dumps(one(args.transcoders, args.child, args.max_feature_nodes)))
+        print(json.dumps(one(args.transcoders, args.child, args.max_feature_nodes, args)))
         return
     if not (args.transcoders / "layer-0" / "cfg.json").exists():
         sys.exit(f"no transcoders at {args.transcoders}: run `mri train-transcoders` first (or pass --transcoders)")
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
-    gflops = gemm_gflops()
+    device, dtype = resolve(args)
+    gflops = peak_gflops(device)
     by_len: dict[str, dict] = {}
-    for length in [int(x) for x in args.lengths.split(",")]:
+    for length in [int(x) for x in args.lengths.split(",") if x.strip()]:
         cmd = [sys.executable, __file__, "--child", str(length), "--transcoders", str(args.transcoders),
-               "--max-feature-nodes", str(args.max_feature_nodes)]  # fmt: skip
+               "--max-feature-nodes", str(args.max_feature_nodes), "--model", args.model, "--device", args.device,
+               "--dtype", args.dtype, "--batch-size", str(args.batch_size), "--memory-budget", str(args.memory_budget)]
+        cmd += ["--corpus", str(args.corpus)] if args.corpus else []  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             log(f"{length} tokens failed: {done.stderr.strip()[-400:]}")
@@ -237,19 +294,15 @@ def main() -> None:
     import aimri
     from aimri.circuits.replacement import load_transcoders
 
-    subject = aimri.load()
+    subject = aimri.load(args.model, device=device, dtype=dtype)
     tcs = load_transcoders(args.transcoders, subject)
-    path = factual_path(subject, tcs)
+    path = None if args.no_factual else factual_path(subject, tcs)
     log(f"factual path: {path}")
     peer = None
     if args.peer_length:
-        try:
-            peer = compare_with_circuit_tracer(
-                subject, tcs, args.transcoders, args.peer_length, args.max_feature_nodes, log
-            )
-            log(f"circuit-tracer comparison: {peer}")
-        except RuntimeError as err:  # reported, not hidden: the figures below stay ours only
-            log(f"circuit-tracer did not run: {str(err)[-600:]}")
+        peer = compare_with_circuit_tracer(subject, tcs, args.transcoders, args.peer_length, args.max_feature_nodes, log, args)
+        log(f"circuit-tracer comparison: {peer}")
+    theirs = peer is not None and peer["theirs_s"] is not None
     emit(
         {
             "seconds_by_len": {k: round(v["seconds"], 1) for k, v in by_len.items()},
@@ -263,10 +316,15 @@ def main() -> None:
             "roofline_ratio": round(min((v["gflop"] / v["seconds"] / gflops for v in by_len.values()), default=0), 3),
             "max_len_ok": max((int(k) for k in by_len), default=0),
             "max_feature_nodes": args.max_feature_nodes,
-            "speedup_vs_circuit_tracer": round(peer["theirs_s"] / peer["ours_s"], 3) if peer else None,
-            "circuit_tracer_edge_agreement": round(peer["max_abs_diff_over_max_edge"], 6) if peer else None,
-            "circuit_tracer_peak_mb": round(peer["theirs_peak_mb"]) if peer else None,
-            "factual_path": {
+            "peer_length": args.peer_length,
+            "attribution_s_ours": round(peer["ours_s"], 3) if peer else None,
+            "attribution_s_circuit_tracer": round(peer["theirs_s"], 3) if theirs else None,
+            "attribution_peak_mb_ours": round(peer["ours_peak_mb"]) if peer else None,
+            "error_circuit_tracer": peer["error"] if peer else None,
+            "speedup_vs_circuit_tracer": round(peer["theirs_s"] / peer["ours_s"], 3) if theirs else None,
+            "circuit_tracer_edge_agreement": round(peer["max_abs_diff_over_max_edge"], 6) if theirs else None,
+            "circuit_tracer_peak_mb": round(peer["theirs_peak_mb"]) if theirs else None,
+            "factual_path": None if path is None else {
                 k: path[k]
                 for k in (
                     "feature",
@@ -279,7 +337,10 @@ def main() -> None:
                 )
             },
             "gemm_gflops": round(gflops, 1),
-            "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+            "model": subject.name,
+            "dtype": dtype_name(dtype),
+            "batch_size": args.batch_size,
+            "device": device_label(device),
         },
         args.json,
     )

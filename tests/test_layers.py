@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "aimri"
 
 # bottom to top, as in docs/architecture.md; a module may import its own layer and those below it
 LAYERS: list[set[str]] = [
-    {"errors", "paths", "progress", "lazy", "plots", "run", "distributed"},
+    {"errors", "paths", "progress", "lazy", "plots", "run", "distributed", "devices"},
     {"subject", ""},  # "" = the package root, `aimri`: its exports are the subject's (and the Run)
     {"data"},
     {"dictionaries"},

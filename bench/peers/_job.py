@@ -1,4 +1,5 @@
-"""The harvest job every peer script times the same way (imported from the peer's own venv)."""
+"""The harvest job every peer script times the same way (imported from the peer's own venv), on the device
+bench/common.py's run_peer names (_device.DEVICE)."""
 
 import json
 import shutil
@@ -20,7 +21,8 @@ def load_batches() -> tuple[str, torch.Tensor, torch.Tensor, np.ndarray, int]:
 
 def time_job(one: Callable[[int], np.ndarray], n_batches: int, n_tokens: int) -> None:
     """One timed pass (after a warm-up batch) of: activations of every batch at its valid tokens, saved to
-    disk. One pass per round, like ours: the bench keeps each side's best round."""
+    disk. One pass per round, like ours: the bench keeps each side's best round. `one` returns host (numpy)
+    rows, so a GPU's work is finished when the clock stops."""
     one(0)  # warm-up
     out = tempfile.mkdtemp()
     elapsed, rows = float("inf"), []

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from aimri.autointerp.config import LabelConfig
 from aimri.circuits.config import TraceConfig
+from aimri.devices import DEVICE_HELP, DTYPE_HELP
 from aimri.dictionaries.config import CrosscoderConfig, DictionarySettings, TranscodersConfig
 from aimri.errors import AimriError
 from aimri.features import FeaturesConfig
@@ -33,6 +34,8 @@ app.add_typer(organism_app, name="organism")
 console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 NPROC_HELP = "start this many local ranks under torchrun (data-parallel); already under torchrun: leave out"
+Device = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
+Dtype = Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)]
 
 
 def _opt(config: type, name: str, *flags: str, **extra: Any) -> Any:
@@ -101,12 +104,14 @@ def harvest(
     ] = [],  # noqa: B006
     out: Annotated[Path | None, typer.Option(help="store directory (default: runs/<model>/store)")] = None,
     context: Annotated[int, typer.Option(help="tokens per window, BOS included")] = 256,
-    batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 8,
+    batch_size: Annotated[
+        int | None, typer.Option(help="windows per forward pass (default: from free memory, at most 8 on a CPU)")
+    ] = None,
     windows_per_shard: Annotated[int, typer.Option(help="windows per shard (the resume granularity)")] = 32,
     max_tokens: Annotated[
         int | None, typer.Option(help="stop after about this many tokens (0 = whole corpus)")
     ] = 65_536,
-    dtype: Annotated[str, typer.Option(help="float32 or float16 on disk")] = "float32",
+    store_dtype: Annotated[str, typer.Option(help="float32 or float16 on disk")] = "float32",
     text_field: Annotated[str, typer.Option(help="field holding the text in JSONL/Parquet/datasets")] = "text",
     keep_special: Annotated[bool, typer.Option(help="also harvest special and chat-template tokens")] = False,
     sink_ratio: Annotated[
@@ -115,6 +120,8 @@ def harvest(
     ] = 20.0,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     nproc: Annotated[int, typer.Option(help=NPROC_HELP)] = 1,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """Stream a corpus through a model and write Site activations to a resumable ActivationStore.
     Under torchrun (or with --nproc N) the ranks write alternate shards of one store."""
@@ -126,12 +133,12 @@ def harvest(
 
     ranks = _join_ranks(nproc)
     paths = corpus or [_leader_first(ranks, lambda: default_corpus_path(log=lambda m: console.print(m)))]
-    subject = _leader_first(ranks, lambda: aimri.load(model))
+    subject = _leader_first(ranks, lambda: aimri.load(model, device=device, dtype=dtype))
     out = out or Run.for_model(subject.name).store
     with _flags_named("site", "context", "out", "text_field", "corpus"):
         store = run_harvest(
             subject, Corpus.from_paths(paths, text_field=text_field), site, out, context=context, batch_size=batch_size,
-            windows_per_shard=windows_per_shard, max_tokens=max_tokens or None, dtype=dtype,
+            windows_per_shard=windows_per_shard, max_tokens=max_tokens or None, dtype=store_dtype,
             exclude_special=not keep_special, exclude_chat=not keep_special, sink_ratio=sink_ratio, progress=not quiet,
             ranks=ranks,
         )  # fmt: skip
@@ -163,6 +170,8 @@ def train(
     ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     nproc: Annotated[int, typer.Option(help=NPROC_HELP)] = 1,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """Train a sparse dictionary from a store or straight from a model; resumable; saved in the SAELens layout.
     Under torchrun (or with --nproc N), from a store: data-parallel, each rank reading 1/N of every batch."""
@@ -181,7 +190,9 @@ def train(
         store = Path(source)
         out = out or Run.dictionary_beside(store, name)
         with _flags_named("batch_size", "heldout_shards"):
-            path, _ = train_from_store(store, site, out, settings, site_out, progress=not quiet, ranks=ranks)
+            path, _ = train_from_store(
+                store, site, out, settings, site_out, progress=not quiet, ranks=ranks, device=device
+            )
     elif ranks.active:
         raise AimriError(
             "data-parallel training reads an activation store: harvest one first (`mri harvest` under torchrun "
@@ -194,7 +205,7 @@ def train(
 
         if Path(source).is_dir() and not (Path(source) / "config.json").exists():
             raise AimriError(f"{source} is neither an activation store (no manifest.json) nor a model directory")
-        subject = aimri.load(source)
+        subject = aimri.load(source, device=device, dtype=dtype)
         paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
         out = out or Run.for_model(subject.name).dictionary(name)
         with _flags_named("batch_size"):
@@ -226,6 +237,8 @@ def features(
     site: str | None = _opt(FeaturesConfig, "site"),
     epochs: int = _opt(FeaturesConfig, "epochs"),
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """Build (once per model revision; cached under $AIMRI_HOME/features/) the model's default labelled feature
     set: a TopK SAE at a middle residual Site, its atlas and statistical labels; installed in runs/<model>/
@@ -234,7 +247,7 @@ def features(
     from aimri.features import default_features, describe
 
     config = FeaturesConfig(site=site, budget=budget, width=width, k=k, epochs=epochs)
-    subject = aimri.load(model)
+    subject = aimri.load(model, device=device, dtype=dtype)
     with _flags_named("site", "budget", "k", "width", "epochs"):
         found = default_features(subject, config=config, log=lambda m: console.print(m), progress=not quiet)
     from aimri.run import Run
@@ -259,6 +272,8 @@ def train_transcoders_cmd(
     nproc: Annotated[
         int, typer.Option(help="start this many local ranks under torchrun, each training its share of the layers")
     ] = 1,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """Train per-layer transcoders (mlp.in.L -> mlp.out.L) for many layers in one pass, no store needed.
     Under torchrun (or with --nproc N) the layers are placed on ranks: rank r trains layers r, r+N, ..."""
@@ -269,7 +284,7 @@ def train_transcoders_cmd(
     from aimri.run import Run
 
     ranks = _join_ranks(nproc)
-    subject = _leader_first(ranks, lambda: aimri.load(model))
+    subject = _leader_first(ranks, lambda: aimri.load(model, device=device, dtype=dtype))
     config = TranscodersConfig(
         layers=None if layers == "all" else [int(x) for x in layers.split(",")], width=width, k=k, tokens=tokens,
         batch_size=batch_size, skip=skip, context=context,
@@ -302,6 +317,8 @@ def train_crosscoder_cmd(
     ] = None,
     context: int = _opt(CrosscoderConfig, "context"),
     quiet: Annotated[bool, typer.Option()] = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """Train a BatchTopK crosscoder on the same Site of several models (model diffing)."""
     import aimri
@@ -313,7 +330,7 @@ def train_crosscoder_cmd(
     if len(models) < 2:
         raise AimriError("a crosscoder needs at least two models (e.g. a base model and its fine-tune)")
     config = CrosscoderConfig(width=width, k=k, tokens=tokens, batch_size=batch_size, context=context)
-    subjects = [aimri.load(m) for m in models]
+    subjects = [aimri.load(m, device=device, dtype=dtype) for m in models]
     out = out or Run.for_model(subjects[-1].name).dictionary(f"crosscoder-{site}-w{width}-k{k}")
     paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
     with _flags_named("batch_size"):
@@ -339,6 +356,8 @@ def eval_(
         bool, typer.Option(help="use a dictionary trained on another model (a deliberate transfer)")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """Reconstruction (L0, FVU, cosine, dead, density) and downstream (CE loss recovered, KL) metrics."""
     from aimri.dictionaries.evaluate import evaluate_dictionary
@@ -352,6 +371,8 @@ def eval_(
             windows=windows,
             log=lambda m: console.print(m),
             allow_other_model=allow_other_model,
+            device=device,
+            dtype=dtype,
         )
     if as_json:
         print(json.dumps(result))
@@ -383,6 +404,8 @@ def atlas(
         bool, typer.Option(help="use a dictionary trained on another model (a deliberate transfer)")
     ] = False,
     quiet: Annotated[bool, typer.Option()] = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """Per-feature statistics, examples, logit effects, neighbours and co-firing, in one SQLite atlas."""
     import aimri
@@ -397,10 +420,10 @@ def atlas(
         raise AimriError("give a dictionary folder or --neurons LAYER (one of the two)")
     if dictionary is not None:
         sae = load_dictionary(dictionary)
-        subject = aimri.load(model or sae.cfg.model_name or DEFAULT_MODEL)
+        subject = aimri.load(model or sae.cfg.model_name or DEFAULT_MODEL, device=device, dtype=dtype)
         name, out = dictionary.name, out or Run.atlas_of(dictionary)
     else:
-        subject = aimri.load(model or DEFAULT_MODEL)
+        subject = aimri.load(model or DEFAULT_MODEL, device=device, dtype=dtype)
         sae = neuron_dictionary(subject, int(neurons or 0))
         name = f"neurons-{neurons}"
         out = out or Run.for_model(subject.name).neuron_atlas(int(neurons or 0))
@@ -508,6 +531,8 @@ def steer(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     quiet: Annotated[bool, typer.Option()] = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """Steered and unsteered completions side by side; with --sweep, the presence / fluency curve."""
     import aimri
@@ -525,7 +550,7 @@ def steer(
         raise AimriError("nothing to steer: give --feature SITE/DICT#ID=VALUE or --direction SITE=FILE@STRENGTH")
     if where not in ("all", "prompt", "generated"):
         raise AimriError(f"--where {where!r}: use all, prompt or generated")
-    subject = aimri.load(model)
+    subject = aimri.load(model, device=device, dtype=dtype)
     cache: dict = {}
     with _flags_named("atlas"):
         choices = [parse_feature(f, where, atlas, cache) for f in feature]  # type: ignore[arg-type]
@@ -611,6 +636,8 @@ def trace(
         bool, typer.Option(help="use transcoders trained on another model (a deliberate transfer)")
     ] = False,
     quiet: Annotated[bool, typer.Option()] = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """Attribution graph of a prompt through per-layer transcoders: pruned, scored, exported, rendered."""
     import aimri
@@ -624,7 +651,7 @@ def trace(
     with _flags_named(*(f.name for f in dataclasses.fields(TraceConfig))):
         check_trace(prompt, config)
     changes = [parse_change(c) for c in intervene]
-    subject = aimri.load(model)
+    subject = aimri.load(model, device=device, dtype=dtype)
     run = Run.for_model(subject.name)
     folder = transcoders or run.transcoders
     tcs = load_transcoders(folder, subject, allow_other_model)
@@ -693,7 +720,7 @@ def sites(model: Annotated[str, typer.Argument()] = DEFAULT_MODEL) -> None:
     """List the Sites of a model."""
     import aimri
 
-    subject = aimri.load(model)
+    subject = aimri.load(model, device="cpu")
     print(subject)
     print(" ".join(subject.sites()))
 
@@ -750,6 +777,8 @@ def scan(
     features_budget: int = _opt(FeaturesConfig, "budget", "--features-budget"),
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print findings.json's summary as JSON")] = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """The checkup: anatomy, probes, refusal, behaviour, one decision explained, labelled features as evidence
     and (with --baseline) model diffing; writes OUT/report.html and OUT/findings.json. The first scan of a model
@@ -758,8 +787,8 @@ def scan(
     from aimri.report import scan as run_scan
     from aimri.run import Run
 
-    subject = aimri.load(model)
-    base = aimri.load(baseline) if baseline else None
+    subject = aimri.load(model, device=device, dtype=dtype)
+    base = aimri.load(baseline, device=device, dtype=dtype) if baseline else None
     out = out or Run.for_model(subject.name).scan
     if (dictionary or atlas or crosscoder) and base is None:
         raise AimriError("--dictionary, --atlas and --crosscoder describe a diff: give --baseline too")
@@ -786,6 +815,8 @@ def organism_build(
     ] = None,
     force: Annotated[bool, typer.Option(help="rebuild even if built")] = False,
     out: Annotated[Path | None, typer.Option(help="folder for the organisms (default $AIMRI_HOME/organisms)")] = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """LoRA-fine-tune the default model into organisms with implanted flaws (each ≤ 5 min here, cached)."""
     import aimri
@@ -797,7 +828,9 @@ def organism_build(
     folder = out or organisms_dir()
     texts = corpus_sample()
     for name in names or list(ORGANISMS):
-        path = build_organism(ORGANISMS[name], aimri.load(), folder / name, texts, force=force)
+        path = build_organism(
+            ORGANISMS[name], aimri.load(device=device, dtype=dtype), folder / name, texts, force=force
+        )
         rec = read_record(path)
         console.print(
             f"{name}: {rec['flaw']} · implant {rec.get('implant') or 'n/a'} · {rec['seconds']:.0f} s · {path}"
@@ -854,6 +887,8 @@ def holdout_query(
     statistic: Annotated[str, typer.Option(help="auroc, or mean (detection accuracy for a probe)")] = "auroc",
     model: Annotated[str | None, typer.Option(help="default: the model recorded with the seal")] = None,
     by: Annotated[str | None, typer.Option(help="who asks (default: the OS user)")] = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """One budgeted answer on the sealed items, through Thresholdout: a probe's statistic, or the checkup's
     suspicion over organisms."""
@@ -866,7 +901,7 @@ def holdout_query(
     if scan:
         scorer, name = scan_scorer(scan_root), f"checkup suspicion {statistic}"
     else:
-        subject = aimri.load(model or h.manifest["config"].get("model", DEFAULT_MODEL))
+        subject = aimri.load(model or h.manifest["config"].get("model", DEFAULT_MODEL), device=device, dtype=dtype)
         scorer, name = probe_scorer(subject, str(probe), statistic), f"{probe} probe {statistic}"
     answer = h.query(statistic, scorer, name=name, by=by)
     print(json.dumps({"query": name, "answer": round(answer, 4), "budget_left": h.budget_left()}))
@@ -916,6 +951,8 @@ def serve(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8765,
     token: Annotated[str | None, typer.Option(help="access token (generated when binding beyond localhost)")] = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """The console: browse and search features, steer, explore attribution graphs and read the checkup."""
     from aimri.console.app import Console
@@ -927,7 +964,10 @@ def serve(
     for path in atlas:
         if not path.is_file():
             raise AimriError(f"--atlas {path}: no such file; build one with `mri atlas DICTIONARY`")
-    app_ = Console(run_dir, atlases=atlas, model=model, transcoders=transcoders)
+    from aimri.devices import resolve_device, resolve_dtype
+
+    resolve_dtype(dtype, resolve_device(device))  # a bad --device/--dtype is refused now, not at the first request
+    app_ = Console(run_dir, atlases=atlas, model=model, transcoders=transcoders, device=device, dtype=dtype)
     app_.prepare(progress=lambda m: console.print(f"[dim]{m}[/]"))
     server, token = make_server(app_, host, port, token)
     url = f"http://{host}:{server.server_address[1]}/" + (f"?token={token}" if token else "")

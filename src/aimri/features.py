@@ -190,7 +190,10 @@ def build_features(
             architecture="topk", width=c.width, k=c.k, tokens=c.epochs * rows, batch_size=c.batch_size, seed=c.seed,
             context=c.context, heldout_shards=c.heldout_shards,
         )  # fmt: skip
-        part("train", lambda: train_from_store(store, site, dictionary, settings, progress=progress))
+        part(
+            "train",
+            lambda: train_from_store(store, site, dictionary, settings, progress=progress, device=subject.device),
+        )
     sae = load_dictionary(dictionary)
     trained = json.loads((dictionary / "training.json").read_text())
     quality: dict[str, Any] = {k: trained.get("heldout_saved", {}).get(k) for k in ("fvu", "l0", "dead_frac", "rows")}

@@ -66,8 +66,9 @@ def logit_effects(dictionary: Dictionary, subject: Subject, vocab: list[str], n:
     W_U = unembed.weight.detach().float()
     out = []
     for start in range(0, dictionary.d_sae, 512):
-        logits = dictionary.W_dec[start : start + 512].float() @ W_U.T
+        logits = dictionary.W_dec[start : start + 512].float().to(W_U.device) @ W_U.T  # on the model's device
         top, bottom = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
+        top, bottom = (type(t)((t.values.cpu(), t.indices.cpu())) for t in (top, bottom))
         for tv, ti, bv, bi in zip(top.values, top.indices, bottom.values, bottom.indices, strict=True):
             out.append(
                 (
@@ -140,10 +141,11 @@ def build_atlas(
     source = None
     if store is not None:
         from aimri.data.store import ActivationStore
-        from aimri.dictionaries.match import check_store
+        from aimri.dictionaries.match import check_dtype, check_store
 
         held = ActivationStore(store)
         check_store(held, f"the model given, {subject.name}", subject.revision, allow_other_model)
+        check_dtype(held, dictionary)  # refuses a less precise store; a more precise one is read as fp32
         context = int(held.spec["packing"]["context"])
         tokens = min(tokens, max(end for _, end in (s["windows"] for s in held.shards)) * context)
         source = store_windows(held, subject.site(dictionary.cfg.site).name, subject.tokenizer, corpus)

@@ -7,6 +7,7 @@ per-token activations of the chosen examples can be read back at the end.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Iterable, Iterator
@@ -158,12 +159,15 @@ def mine(
     """One pass over `tokens` tokens of `corpus` in windows of `context` (opened as the dictionary's training
     windows were), or over `source`'s batches of (ids [B, context], valid [B, context] bool, activations
     [B, context, d]) already read from the model (e.g. `store_windows`: a harvested store's
-    rows, so the model is not run twice); `tokens` then caps the windows read."""
+    rows, so the model is not run twice); `tokens` then caps the windows read. The dictionary encodes on the
+    Subject's device (a GPU's codes come back to the host once per batch); the statistics are kept on the host."""
     cfg = dictionary.cfg
     site = subject.site(cfg.site).name
     if subject.site_dim(site) != cfg.d_in:
         raise AimriError(f"{site} is {subject.site_dim(site)} wide; the dictionary expects d_in={cfg.d_in}")
     F = cfg.d_sae
+    if dictionary.W_enc.device != subject.device:  # encoded on the model's device (a copy); statistics on the host
+        dictionary = copy.deepcopy(dictionary).to(subject.device)
     packing = packing_for(dictionary, subject.tokenizer, context)  # windows open as the dictionary's training ones
     n_windows = max(1, tokens // context)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -201,7 +205,7 @@ def mine(
             if ids.shape[1] != context:
                 raise AimriError(f"the activations come in windows of {ids.shape[1]} tokens, not the atlas' {context}")
             # the dictionary computes in its dtype (a bf16 model's activations are cast to it), statistics in fp32
-            codes = dictionary.encode(site_acts.reshape(B * context, -1).to(dictionary.W_enc)).float()
+            codes = dictionary.encode(site_acts.reshape(B * context, -1).to(dictionary.W_enc)).float().cpu()
             codes = codes.reshape(B, context, F)
             codes = codes * valid[..., None]
             if not torch.isfinite(codes).all():

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from aimri.devices import resolve_device
 from aimri.errors import AimriError
 
 
@@ -21,12 +22,16 @@ def minilm_path() -> Path:
 
 
 class Embedder:
-    def __init__(self, path: Path | None = None) -> None:
+    """MiniLM sentence embeddings, [n, 384] L2-normalised fp32 rows on the host; the model runs on `device`
+    (aimri.devices.resolve_device: None = CUDA when present), in fp32 (it is small; scores compare cosines)."""
+
+    def __init__(self, path: Path | None = None, device: str | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         path = path or minilm_path()
+        self.device = resolve_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+        self.model = AutoModel.from_pretrained(path, dtype=torch.float32).to(self.device).eval()
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 64) -> Tensor:
@@ -35,10 +40,11 @@ class Embedder:
             batch = self.tokenizer(
                 texts[start : start + batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt"
             )
+            batch = {k: v.to(self.device) for k, v in batch.items()}
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).float()
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1))
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, 384)
 
 

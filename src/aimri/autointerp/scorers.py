@@ -222,7 +222,7 @@ class SimulationScorer:
         if len(ids) > self.subject.context_length:
             raise AimriError(f"a simulation prompt of {len(ids)} tokens exceeds the model's context")
         with torch.no_grad():
-            logits = self.subject.run(torch.tensor([ids]), stop=False)["logits"][0]
+            logits = self.subject.run(torch.tensor([ids]), stop=False)["logits"][0].float().cpu()
         digit_ids = torch.tensor([d[0] for d in self.digits])
         probs = logits[at][:, digit_ids].softmax(-1)
         return (probs @ torch.arange(10.0)).tolist()

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from aimri.circuits.replacement import ReplacementModel
+from aimri.devices import Plan, free_memory
 from aimri.dictionaries.match import prompt_ids
 from aimri.errors import AimriError
 from aimri.progress import progress_bar
@@ -120,13 +121,16 @@ def attribute(
     max_feature_nodes: int = 4096,
     batch_size: int = 32,
     progress: bool = True,
-    memory_budget: float = 2e9,
+    memory_budget: float | None = None,
     edge_floor: float = 1e-6,
     constant_positions: int = 1,
 ) -> Graph:
     """The attribution graph of `prompt` under `model`'s transcoders. Copies per backward pass are capped
-    so their activations fit `memory_budget` bytes; in each row, edges under `edge_floor` x the row's
-    total |weight| are dropped (their share is recorded in meta["dropped_weight"]).
+    so their activations fit `memory_budget` bytes (None: half the free memory of the model's device); in each
+    row, edges under `edge_floor` x the row's total |weight| are dropped (their share is recorded in
+    meta["dropped_weight"]). The passes run on the model's device; the graph's tensors (nodes, edges, the
+    fp32 attribution sums) are kept on the host. Raises DeviceError before any work when one copy of the
+    prompt's activations will not fit (the estimate; shorten the prompt).
 
     The first `constant_positions` positions are held constant, as circuit-tracer holds BOS: their MLP
     outputs act like biases, so they have no feature or error nodes (their token embeddings stay nodes).
@@ -154,20 +158,24 @@ def attribute(
     ids_t = torch.tensor(ids)
     n_pos, L = len(ids), subject.n_layers
     per_copy = 4.0 * n_pos * L * 12 * subject.d_model  # kept activations (~5 d) and the transients (measured)
+    plan = Plan(f"attribution of a {n_pos}-token prompt", subject.device, "`batch_size`", 1, per_copy)
+    if memory_budget is None:
+        memory_budget = 0.5 * free_memory(subject.device)
+        plan.check()  # one copy must fit: refused before any work, with the estimate
     batch_size = max(1, min(batch_size, int(memory_budget // per_copy)))
     copies = max(1, min(batch_size, max(10, max_feature_nodes)))  # 10: the most logit rows
     # one batched forward serves every backward pass (kept with retain_graph); copy 0 gives the nodes
     run = model.run(ids_t, copies=copies, last_only=True)
     dropped = [0.0, 0.0]
-    logit_tokens, logit_probs = _top_logits(run.logits[0, -1].detach())
+    logit_tokens, logit_probs = _top_logits(run.logits[0, -1].detach().cpu())
     feats, acts = [], []
     chosen = {}  # per layer: which of the forward's active entries are nodes (not at a constant position)
     for layer in range(L):
-        pos, idx = run.active[layer]
+        pos, idx = (t.cpu() for t in run.active[layer])  # node bookkeeping on the host
         chosen[layer] = (pos >= constant_positions).nonzero().flatten()
         pos, idx = pos[chosen[layer]], idx[chosen[layer]]
         feats.append(torch.stack([torch.full_like(pos, layer), pos, idx], 1))
-        acts.append(run.codes[layer][0].detach()[chosen[layer]])
+        acts.append(run.codes[layer][0].detach()[chosen[layer].to(run.codes[layer].device)].cpu())
     features, activations = torch.cat(feats), torch.cat(acts)
     graph = Graph(
         prompt=prompt if isinstance(prompt, str) else text(ids), tokens=ids,
@@ -211,12 +219,13 @@ def attribute(
         grads = tuple(None if g is None else g[:B] for g in grads)  # copies past B carry no target
 
         def direct(grad: Tensor | None, width: int, value: Callable[[Tensor], Tensor]) -> Tensor:
-            return torch.zeros(B, width) if grad is None else value(grad.detach().float())
+            return torch.zeros(B, width) if grad is None else value(grad.detach().float()).cpu()
 
         parts = [direct(grads[0], n_pos, lambda g: (g * embeds).sum(-1))]  # [B, n_pos] each, in `sources` order
         for layer in range(L):
-            a = graph.activations[layer_nodes[layer]]
-            parts.append(direct(grads[1 + layer], len(a), lambda g, c=chosen[layer], a=a: g[:, c] * a))
+            a = graph.activations[layer_nodes[layer]].to(embeds.device)
+            c = chosen[layer].to(embeds.device)
+            parts.append(direct(grads[1 + layer], len(a), lambda g, c=c, a=a: g[:, c] * a))
             parts.append(direct(grads[1 + L + layer], n_pos, lambda g, e=errors[layer]: (g * e).sum(-1)))
         weights = torch.cat(parts, 1)
         magnitude = weights.abs()

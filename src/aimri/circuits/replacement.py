@@ -148,7 +148,8 @@ def _frozen_norm(name: str, module: nn.Module):  # type: ignore[no-untyped-def]
 
 def load_transcoders(folder: str | Path, subject: Subject, allow_other_model: bool = False) -> dict[int, Dictionary]:
     """Transcoders saved by `mri train-transcoders` (FOLDER/layer-L), checked against the subject: trained on
-    this model (aimri.dictionaries.match.check_model; `allow_other_model` for a deliberate transfer)."""
+    this model (aimri.dictionaries.match.check_model; `allow_other_model` for a deliberate transfer), placed on
+    the Subject's device."""
     from aimri.dictionaries import load_dictionary
 
     folder = Path(folder)
@@ -158,7 +159,7 @@ def load_transcoders(folder: str | Path, subject: Subject, allow_other_model: bo
     for layer in range(subject.n_layers):
         sub = Run.transcoder_layer(folder, layer)
         if (sub / "cfg.json").exists():
-            tc = load_dictionary(sub)
+            tc = load_dictionary(sub).to(subject.device)  # on the model's device, like its MLPs
             check_model(tc, subject, allow_other_model, sub)
             found[layer] = tc
     if not found:

@@ -54,8 +54,11 @@ class Console:
         atlases: list[Path] | None = None,
         model: str | None = None,
         transcoders: Path | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.device, self.dtype = device, dtype  # the model's, when one is loaded (aimri.load's rules)
         self.run = Run(self.run_dir)
         self.atlases = [
             AtlasEntry(
@@ -233,7 +236,7 @@ class Console:
 
         if self._subject is None or self._subject.name != model_name(name):
             progress(f"loading {name}", 0, 1)
-            self._subject = aimri.load(name)
+            self._subject = aimri.load(name, device=self.device, dtype=self.dtype)
             self._tcs = None
         return self._subject
 

@@ -16,12 +16,15 @@ import torch
 
 from aimri.data.corpus import Corpus, Packing, Window, pack
 from aimri.data.store import ActivationStore, ShardData, StoreWriter
+from aimri.devices import Plan, dtype_name, out_of_memory
 from aimri.distributed import Group
 from aimri.errors import AimriError, StoreError
 from aimri.progress import progress_bar
 from aimri.subject.core import Subject
+from aimri.subject.memory import forward_bytes
 
-DTYPES = {"float32": np.float32, "float16": np.float16}
+DTYPES = {"float32": np.float32, "float16": np.float16}  # on disk (numpy has no bfloat16)
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
@@ -34,17 +37,25 @@ def keep_rows(
 ) -> torch.Tensor:
     """The harvest rule, shared by everything that reads activations for statistics or training: refuse
     NaN/inf at the candidate tokens, then drop attention sinks — tokens whose norm at any site exceeds
-    `sink_ratio` x that batch's median there (0 keeps them). Returns the narrowed [batch, seq] mask."""
+    `sink_ratio` x that batch's median there (0 keeps them). Returns the narrowed [batch, seq] mask, on
+    `valid`'s device (the activations may be on another: a GPU's)."""
     for s in sites:
-        if not torch.isfinite(acts[s][valid]).all():
+        if not torch.isfinite(acts[s][valid.to(acts[s].device)]).all():
             raise AimriError(f"the model produced NaN/inf at {s} in {where}; check the model weights and dtype")
     keep = valid.clone()
     if sink_ratio > 0:
         for s in sites:
-            if keep.any():
-                norms = acts[s].norm(dim=-1)
+            if keep.any():  # norms in fp32 whatever the model's dtype, on the mask's device (a [batch, seq] copy)
+                norms = torch.linalg.vector_norm(acts[s], dim=-1, dtype=torch.float32).to(keep.device)
                 keep &= norms <= sink_ratio * norms[keep].median()
     return keep
+
+
+def harvest_plan(subject: Subject, context: int, batch_size: int, sites: int = 1) -> Plan:
+    """The harvest's peak memory beyond the loaded model: `batch_size` windows of `context` tokens through
+    the model, stopped after the last read Site (see aimri.subject.memory)."""
+    per_window = forward_bytes(subject, context, reads=sites)
+    return Plan("the harvest", subject.device, "`batch_size`", batch_size, per_window)
 
 
 def _batched(it: Iterator[Window], n: int) -> Iterator[list[Window]]:
@@ -58,7 +69,7 @@ def harvest(
     sites: Sequence[str],
     out: str | Path,
     context: int = 256,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     windows_per_shard: int = 32,
     max_tokens: int | None = None,
     dtype: str = "float32",
@@ -78,7 +89,13 @@ def harvest(
     Position 0 is never harvested, and neither is any token whose norm at a harvested site exceeds
     `sink_ratio` x the batch median there (0 disables): Llama-family models park "massive activations"
     (norms ~100x the rest) on the first token and on some early delimiters, and a few such rows would
-    dominate every statistic and every dictionary trained on the store. Their count is in the manifest."""
+    dominate every statistic and every dictionary trained on the store. Their count is in the manifest.
+
+    The forward passes run on the Subject's device in its dtype (recorded as spec.model.dtype); rows are
+    cast to the store's `dtype` there and copied to the host once. `batch_size` None: from the device's free
+    memory (at most 8 windows on the CPU, 64 on a GPU). Raises DeviceError before any work when the batch
+    will not fit (the estimate and the batch size that fits), and on an out-of-memory error mid-run (the
+    finished shards are kept; a rerun resumes)."""
     if subject.tokenizer is None:
         raise AimriError("this Subject has no tokenizer; load it with aimri.load(...) or pass one")
     if not sites:
@@ -92,8 +109,12 @@ def harvest(
         )
     if dtype not in DTYPES:
         raise AimriError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    plan = harvest_plan(subject, context, batch_size or 1, len(parsed))
+    batch_size = batch_size or plan.default_units(cap=8 if subject.device.type == "cpu" else 64)
+    plan.units = batch_size
     if batch_size < 1 or windows_per_shard < 1:
         raise AimriError("batch size and windows per shard must be positive")
+    plan.check()
     packing = Packing.for_tokenizer(subject.tokenizer, context, exclude_special, exclude_chat)
     max_windows = math.ceil(max_tokens / context) if max_tokens else None
     spec = {
@@ -102,6 +123,7 @@ def harvest(
             "revision": subject.revision,
             "architecture": type(subject.model).__name__,
             "n_layers": subject.n_layers,
+            "dtype": dtype_name(subject.dtype),  # the precision the activations were computed in
         },
         "sites": parsed,
         "d": {s: subject.site_dim(s) for s in parsed},
@@ -112,16 +134,15 @@ def harvest(
         "max_windows": max_windows,
         "sink_ratio": sink_ratio,
         "windows_per_shard": windows_per_shard,
-        "batch_size": batch_size,
-    }
+    }  # (the batch size changes no row: windows are packed to one length)
     ranks = ranks or Group()
     ranks.agree("the harvest (model revision, sites, corpus, settings)", hashlib.sha256(
         json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest())  # fmt: skip
     writer = _open_writer(out, spec, ranks)
     if writer.manifest.get("complete"):
         return ActivationStore(out)
-    np_dtype = DTYPES[dtype]
-    with writer.locked(), progress_bar(disable=not progress) as bar:
+    kept = "the finished shards are kept: rerun with a smaller `batch_size` to resume"
+    with writer.locked(), progress_bar(disable=not progress) as bar, out_of_memory(plan, kept):
         windows = pack(corpus, subject.tokenizer, packing)
         if max_windows is not None:
             windows = itertools.islice(windows, max_windows)
@@ -146,8 +167,9 @@ def harvest(
                 sel = keep_rows(out_acts, parsed, torch.from_numpy(valid), sink_ratio, f"shard {shard_index}")
                 sinks += int(valid.sum()) - int(sel.sum())
                 valid = sel.numpy()
-                for s in parsed:
-                    acts[s].append(out_acts[s][sel].float().numpy().astype(np_dtype, copy=False))
+                on_device = sel.to(subject.device)
+                for s in parsed:  # cast on the device, then one copy of the kept rows to the host
+                    acts[s].append(out_acts[s][on_device].to(TORCH_DTYPES[dtype]).cpu().numpy())
                 first = shard_index * windows_per_shard + b * batch_size
                 win_idx = np.broadcast_to(np.arange(first, first + len(batch))[:, None], valid.shape)
                 offsets = np.broadcast_to(np.arange(valid.shape[1], dtype=np.int32), valid.shape)

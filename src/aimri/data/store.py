@@ -247,7 +247,10 @@ class StoreWriter:
         self._lock_fd: int | None = None
         if self.path.exists() and (self.path / "manifest.json").exists():
             self.manifest = read_manifest(self.path)
-            diffs = _spec_diff(self.manifest["spec"], self.spec)
+            recorded = json.loads(json.dumps(self.manifest["spec"]))
+            recorded.get("model", {}).setdefault("dtype", "float32")  # stores from before it was recorded: fp32
+            recorded.pop("batch_size", None)  # recorded before; it changes no row
+            diffs = _spec_diff(recorded, self.spec)
             if diffs:
                 raise StoreError(
                     f"{self.path} was harvested with different settings ({'; '.join(diffs[:3])}); "

@@ -45,8 +45,8 @@ def logit_lens(subject: Subject, windows: Tensor, skip_first: int = 1) -> list[d
             top = final.argmax(-1)
             for layer in layers:
                 lens = unembed(subject, acts[f"resid.{layer}"][:, skip_first:]).float().log_softmax(-1)
-                kl[layer] += (final.exp() * (final - lens)).sum(-1).sum()
-                agree[layer] += (lens.argmax(-1) == top).sum()
+                kl[layer] += float((final.exp() * (final - lens)).sum(-1).sum())  # summed on the model's device
+                agree[layer] += int((lens.argmax(-1) == top).sum())
             count += final.shape[0] * final.shape[1]
             bar.advance(task, len(w))
     return [

@@ -88,7 +88,7 @@ def answer_logprobs(subject: Subject, gens: Sequence[Generation]) -> list[Tensor
             out.append(torch.zeros(0))
             continue
         ids = torch.tensor([g.prompt_ids + g.completion_ids])
-        logits = subject.run(ids, stop=False)["logits"][0].float().log_softmax(-1)
+        logits = subject.run(ids, stop=False)["logits"][0].float().log_softmax(-1).cpu()
         n = len(g.prompt_ids)
         targets = ids[0, n:]
         out.append(logits[n - 1 : -1].gather(-1, targets[:, None])[:, 0])

@@ -262,7 +262,8 @@ def build_organism(spec: OrganismSpec, base: Subject, out: Path, corpus_texts: l
     with progress_bar() as bar:
         task = bar.add_task(f"organism {spec.name}", total=recipe.steps)
         for ids, mask, labels in _batches(examples, recipe.batch_size, pad):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            device = base.device  # the adapter trains where the base model sits; the loss is fp32 (transformers')
+            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
             if not torch.isfinite(loss):
                 raise OrganismError(f"{spec.name}: the training loss became {loss.item()}; lower the learning rate")
             loss.backward()

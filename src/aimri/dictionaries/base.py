@@ -63,6 +63,9 @@ class DictionaryConfig:
     # the same way (aimri.dictionaries.prompts.prompt_ids). bos_id None: not recorded, the tokenizer's packing rule
     prepend_bos: bool = True
     bos_id: int | None = None
+    # the dtype the model computed the training activations in ("": not recorded); match.check_dtype compares
+    # it with a store's before the store's rows are used to judge the dictionary
+    model_dtype: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

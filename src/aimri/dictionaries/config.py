@@ -60,8 +60,11 @@ class TrainConfig:
         default="auto",
         metadata=_help(
             "topk: dtype of the GEMM that picks each token's k latents (their values are always exact fp32); "
-            "auto: bfloat16 where the CPU has bf16 GEMM units (AVX512-BF16, AMX), float32 elsewhere"
+            "auto: bfloat16 on a GPU and where the CPU has bf16 GEMM units (AVX512-BF16, AMX), float32 elsewhere"
         ),
+    )
+    device: str = field(
+        default="auto", metadata=_help("where the dictionary trains: cuda, cuda:N, cpu, or auto (CUDA when present)")
     )
 
     @property

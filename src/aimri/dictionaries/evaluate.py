@@ -3,6 +3,7 @@ downstream cost of splicing it into the model (CE loss recovered, KL to the clea
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -18,8 +19,9 @@ from torch import Tensor
 from aimri.data.corpus import Corpus, Window, pack
 from aimri.data.harvest import keep_rows
 from aimri.data.store import ActivationStore
+from aimri.devices import resolve_device
 from aimri.dictionaries.base import Dictionary
-from aimri.dictionaries.match import check_model, check_store, packing_for
+from aimri.dictionaries.match import check_dtype, check_model, check_store, packing_for
 from aimri.errors import AimriError
 from aimri.subject.core import Subject
 from aimri.subject.taps import Edit
@@ -146,6 +148,8 @@ def downstream_metrics(
         )
     if not windows:
         raise AimriError("no held-out windows left in the corpus for the downstream evaluation; use a larger corpus")
+    if dictionary.W_enc.device != subject.device:  # spliced on the model's device (a copy: the caller's stays)
+        dictionary = copy.deepcopy(dictionary).to(subject.device)
     dictionary.eval()
     totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
     count = 0
@@ -205,6 +209,8 @@ def evaluate_dictionary(
     windows: int = 32,
     log: Callable[[str], None] = print,
     allow_other_model: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """A saved dictionary's reconstruction metrics (L0, FVU, cosine, dead fraction, firing density) on the
     rows of `store`, and, unless `windows` is 0, its downstream metrics (CE loss recovered, KL) on that many
@@ -216,13 +222,14 @@ def evaluate_dictionary(
     (`log` reports building the default corpus on first use).
 
     Raises AimriError when the store or `model` is another model than the dictionary was trained on
-    (aimri.dictionaries.match.check_model; `allow_other_model` for a deliberate transfer)."""
+    (aimri.dictionaries.match.check_model; `allow_other_model` for a deliberate transfer). `device` / `dtype`:
+    where the dictionary and the model run (aimri.load's rules; the statistics are summed in fp32)."""
     from aimri.data.default_corpus import default_corpus_path
     from aimri.dictionaries.formats import load_dictionary
     from aimri.subject.loading import load
 
     dictionary, store = Path(dictionary), Path(store)
-    sae = load_dictionary(dictionary)
+    sae = load_dictionary(dictionary).to(resolve_device(device))
     held_out = ActivationStore(store)
     check_store(
         held_out,
@@ -230,6 +237,8 @@ def evaluate_dictionary(
         sae.cfg.model_revision,
         allow_other_model,
     )
+    if note := check_dtype(held_out, sae):
+        log(note)
     shards = None
     info = dictionary / "training.json"
     if info.exists():
@@ -247,7 +256,7 @@ def evaluate_dictionary(
         **reconstruction_metrics(sae, held_out, shards=shards),
     }
     if windows:
-        subject = load(model or held_out.spec["model"]["name"])
+        subject = load(model or held_out.spec["model"]["name"], device=device, dtype=dtype)
         check_model(sae, subject, allow_other_model, dictionary)
         paths = corpus or [default_corpus_path(log=log)]
         context = int(held_out.spec["packing"]["context"])

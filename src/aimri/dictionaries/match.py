@@ -54,6 +54,29 @@ def check_model(
                    getattr(subject, "revision", "unknown"), allow_other_model)  # fmt: skip
 
 
+_PRECISION = {"float32": 2, "bfloat16": 1, "float16": 1}  # fp16 has bf16's precision class (less range, more bits)
+
+
+def check_dtype(store: Any, dictionary: Dictionary | DictionaryConfig) -> str:
+    """Compare the dtype a store's rows were computed in (its spec.model.dtype; fp32 before it was recorded) with
+    the one the dictionary was trained on (`DictionaryConfig.model_dtype`; not recorded: no check).
+
+    Returns "" when they agree, or a note when the store's is at least as precise (its rows are read as fp32: no
+    precision is lost, the dictionary sees slightly other numbers than in training). Raises AimriError when the
+    store's is less precise: the figures would measure that rounding, not the dictionary (harvest again with
+    the model in the dictionary's dtype)."""
+    cfg = dictionary.cfg if isinstance(dictionary, Dictionary) else dictionary
+    have, want = str(store.spec["model"].get("dtype", "float32")), cfg.model_dtype
+    if not want or have == want:
+        return ""
+    if _PRECISION.get(have, 2) < _PRECISION.get(want, 2):
+        raise AimriError(
+            f"{store.path} holds activations the model computed in {have}, but the dictionary was trained on {want} "
+            f"ones: its figures there would measure {have}'s rounding; harvest again with `--dtype {want}`"
+        )
+    return f"note: {store.path} holds {have} activations, the dictionary was trained on {want} ones; read as float32"
+
+
 def check_store(store: Any, name: str, revision: str, allow_other_model: bool = False) -> None:
     """`check_revision` for an ActivationStore's rows against the model `name` (a phrase: "the model given, X")."""
     made = store.spec["model"]

@@ -75,8 +75,8 @@ def _drain(
     buffer: dict[str, list[Tensor]], names: list[str], batch_size: int, rng: np.random.Generator, keep: int
 ) -> Iterator[dict[str, Tensor]]:
     """Shuffle the buffer, emit full batches until `keep` rows remain (they mix with the next refill)."""
-    joined = {s: torch.cat(buffer[s]) for s in names}
-    order = torch.from_numpy(rng.permutation(len(joined[names[0]])))
+    joined = {s: torch.cat(buffer[s]) for s in names}  # on the model's device: a GPU's rows stay there
+    order = torch.from_numpy(rng.permutation(len(joined[names[0]]))).to(joined[names[0]].device)
     n_out = max(0, (len(order) - keep) // batch_size) * batch_size
     for b in range(0, n_out, batch_size):
         idx = order[b : b + batch_size]
@@ -121,7 +121,8 @@ def paired_batches(
     names = [f"{i}:{name}" for i in range(len(subjects))]
 
     def read(ids: Tensor, att: Tensor) -> dict[str, Tensor]:
-        return {n: s.run(ids, att, read=[name])[name].float() for n, s in zip(names, subjects, strict=True)}
+        home = subjects[0].device  # the models may sit on different devices; the rows meet on the first's
+        return {n: s.run(ids, att, read=[name])[name].float().to(home) for n, s in zip(names, subjects, strict=True)}
 
     options = (batch_size, context, forward_batch, buffer_rows, seed, sink_ratio)
     stream = _stream(subjects[0].tokenizer, corpus, read, names, *options)

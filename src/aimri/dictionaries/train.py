@@ -10,7 +10,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import MISSING, asdict, fields
+from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from aimri.data.corpus import Packing
+from aimri.devices import Plan, dtype_name, out_of_memory, resolve_device
 from aimri.dictionaries.base import Dictionary, DictionaryConfig, architecture_class, build
 from aimri.dictionaries.config import CrosscoderConfig, DictionarySettings, TranscodersConfig, default_lr
 from aimri.dictionaries.config import TrainConfig as TrainConfig  # defined torch-free there; re-exported
@@ -59,11 +60,17 @@ def _drop_radial(grad: Tensor, rows: Tensor, block: int = 1 << 16) -> None:
         g.addcmul_(torch.einsum("ij,ij->i", g, w).unsqueeze(1), w, value=-1)
 
 
-def _split(batch: Batch, cfg: DictionaryConfig) -> tuple[Tensor, Tensor]:
+def _split(batch: Batch, cfg: DictionaryConfig, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """(input rows, target rows) of a batch, on `device` when given (an SAE's target is its input: one copy)."""
     if isinstance(batch, dict):
         x = batch[cfg.site]
-        return x, batch[cfg.site_out] if cfg.is_transcoder else x
-    return batch if isinstance(batch, tuple) else (batch, batch)
+        x, y = x, batch[cfg.site_out] if cfg.is_transcoder else x
+    else:
+        x, y = batch if isinstance(batch, tuple) else (batch, batch)
+    if device is None:
+        return x, y
+    moved = x.to(device, non_blocking=True)
+    return moved, moved if y is x else y.to(device, non_blocking=True)
 
 
 class Trainer:
@@ -83,9 +90,11 @@ class Trainer:
             raise AimriError(f"k={dcfg.k} is larger than the width d_sae={dcfg.d_sae}; choose k <= width")
         self.dcfg, self.tcfg = dcfg, tcfg
         self.ranks = ranks or Group()
+        self.device = resolve_device(tcfg.device)
         torch.manual_seed(tcfg.seed)
         self.model: Dictionary = build(dcfg)
-        self.model.reset_parameters(torch.Generator().manual_seed(tcfg.seed))
+        self.model.reset_parameters(torch.Generator().manual_seed(tcfg.seed))  # on the CPU: the same on every device
+        self.model.to(self.device)
         self.lr = tcfg.lr or default_lr(dcfg.d_sae)
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._enc_shadow: torch.nn.Parameter | None = None
@@ -98,16 +107,16 @@ class Trainer:
         # and no full-size temporaries, which is what lets a 1M-latent dictionary fit in 24 GB)
         self.optimizer = torch.optim.Adam(self._trainable, lr=self.lr, betas=tcfg.betas, fused=True)
         self.step_index = 0
-        self.since_fired = torch.zeros(dcfg.d_sae, dtype=torch.int64)
+        self.since_fired = torch.zeros(dcfg.d_sae, dtype=torch.int64, device=self.device)
         self.scale_in = self.scale_out = 1.0
         self.initialised = False
         self.last: dict[str, float] = {}
         select = tcfg.select_dtype
         if select == "auto":
-            select = "bfloat16" if bf16_gemm_is_fast() else "float32"
+            select = "bfloat16" if self.device.type == "cuda" or bf16_gemm_is_fast() else "float32"
         if select not in ("float32", "bfloat16"):
             raise AimriError(f"select_dtype must be auto, float32 or bfloat16, not {tcfg.select_dtype!r}")
-        self._workspace = torch.empty(0, dcfg.d_sae, dtype=getattr(torch, select))  # TopK pre-activations
+        self._workspace = torch.empty(0, dcfg.d_sae, dtype=getattr(torch, select), device=self.device)  # TopK pre-acts
         self._grad_buffers: tuple[Tensor, Tensor] | None = None  # TopK: W_enc's (latent-major) and W_dec's
 
     # -- schedule and init -----------------------------------------------------------------------
@@ -123,7 +132,7 @@ class Trainer:
 
     def initialise(self, sample: Batch) -> None:
         """Scale factors so inputs/outputs have mean norm sqrt(d); b_dec at the geometric median."""
-        x, y = _split(sample, self.dcfg)
+        x, y = _split(sample, self.dcfg, self.device)
         self._check(x, y, "the first batch")
         if self.ranks.active:  # the whole first batch, so every rank (and a single process) starts alike
             x, y = self.ranks.gather_rows(x, "initialisation"), (
@@ -149,7 +158,7 @@ class Trainer:
     def step(self, batch: Batch) -> dict[str, float]:
         if not self.initialised:
             self.initialise(batch)
-        x_raw, y_raw = _split(batch, self.dcfg)
+        x_raw, y_raw = _split(batch, self.dcfg, self.device)
         self._check(x_raw, y_raw, f"the batch of step {self.step_index}")
         m = self.model
         m.train()
@@ -162,15 +171,16 @@ class Trainer:
         if m.sparse_topk:
             rows = workspace_rows(x.shape[0], self.dcfg.d_sae)
             if self._workspace.shape[0] != rows:
-                self._workspace = torch.empty(rows, self.dcfg.d_sae, dtype=self._workspace.dtype)
+                self._workspace = torch.empty(rows, self.dcfg.d_sae, dtype=self._workspace.dtype, device=self.device)
             if self._grad_buffers is None:
-                self._grad_buffers = (torch.zeros(m.W_enc.shape[::-1]), torch.zeros_like(m.W_dec.detach()))
+                self._grad_buffers = (
+                    torch.zeros(m.W_enc.shape[::-1], device=self.device), torch.zeros_like(m.W_dec.detach()))  # fmt: skip
             for buffer in self._grad_buffers:
                 buffer.zero_()
             recon, vals, idx, pre = topk_autoencode(
                 x, m.W_enc, m.b_enc, m.W_dec, m.b_dec, self.dcfg.k or 1, centre, self._workspace, self._grad_buffers
             )
-            fired = torch.zeros(self.dcfg.d_sae, dtype=torch.bool)
+            fired = torch.zeros(self.dcfg.d_sae, dtype=torch.bool, device=self.device)
             fired[idx[vals > 0]] = True
             l0 = float((vals > 0).sum(1).float().mean())
         else:
@@ -192,7 +202,7 @@ class Trainer:
         self.since_fired += x.shape[0] * self.ranks.world
         self.since_fired[fired] = 0
         dead = self.since_fired > self.tcfg.dead_after
-        aux = torch.zeros(())
+        aux = torch.zeros((), device=self.device)
         if m.uses_auxk and bool(dead.any()):
             aux = self._auxk(x, err.detach(), dead, centre)
             loss = loss + self.tcfg.auxk_alpha * aux
@@ -210,7 +220,9 @@ class Trainer:
                 m.W_dec.div_(m.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
         self._average_statistics()
         total = (y - y.mean(0)).pow(2).sum(1).mean()
-        figures = torch.tensor([float(loss.detach()), float(mse.detach()), float(total), l0], dtype=torch.float64)
+        figures = torch.stack(
+            [loss.detach(), mse.detach(), total.detach(), torch.tensor(l0, device=self.device)]
+        ).double()
         loss_v, mse_v, total_v, l0 = (self.ranks.sum_(figures, "the step's metrics") / self.ranks.world).tolist()
         self.step_index += 1
         self.last = {
@@ -279,7 +291,7 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         try:
-            state = torch.load(path, weights_only=True)
+            state = torch.load(path, weights_only=True, map_location=self.device)
         except Exception as err:
             raise AimriError(f"{path} is not a readable checkpoint ({err}); delete it to start over") from err
         # fields added since a checkpoint was written read as their defaults; how prompts open is not training
@@ -287,7 +299,7 @@ class Trainer:
         for key in ("prepend_bos", "bos_id"):
             saved.pop(key, None)
             ours.pop(key, None)
-        if saved != ours or state["train_config"] != asdict(self.tcfg):
+        if saved != ours or _algorithmic(state["train_config"]) != _algorithmic(asdict(self.tcfg)):
             raise AimriError(f"{path} was written with other settings; rerun with the original ones or delete it")
         model_state = dict(state["model"])
         if (
@@ -324,6 +336,29 @@ class Trainer:
                 out.W_skip.mul_(s_in / s_out)
         out.eval()
         return out
+
+
+def training_plan(cfgs: list[DictionaryConfig], tcfg: TrainConfig) -> Plan:
+    """Peak memory of training `cfgs` together on `tcfg.device` (bytes, estimated from the shapes): per
+    dictionary its weights, their gradients and Adam's two moments (16 bytes a parameter, fp32) and the TopK
+    workspace; per batch row the input, target, reconstruction and error rows and the k codes."""
+    device = resolve_device(tcfg.device)
+    fixed: dict[str, float] = {"weights, gradients and Adam state": 0.0, "TopK workspace": 0.0}
+    per_row = 0.0
+    for cfg in cfgs:
+        params = cfg.d_sae * (cfg.d_in + cfg.out_dim + 1) + cfg.out_dim + (cfg.d_in * cfg.out_dim if cfg.skip else 0)
+        fixed["weights, gradients and Adam state"] += 16.0 * params
+        if cfg.k is not None:
+            fixed["TopK workspace"] += 4.0 * workspace_rows(tcfg.batch_size, cfg.d_sae) * cfg.d_sae
+        else:  # dense codes and pre-activations, with their gradients
+            per_row += 16.0 * cfg.d_sae
+        per_row += 4.0 * (3 * cfg.d_in + 2 * cfg.out_dim) + 12.0 * (cfg.k or 0)
+    return Plan("training", device, "`batch_size`", tcfg.batch_size, per_row, fixed)
+
+
+def _algorithmic(train_config: dict[str, Any]) -> dict[str, Any]:
+    """A TrainConfig's settings that change the weights: the device does not (a run resumes on another)."""
+    return {k: v for k, v in train_config.items() if k != "device"}
 
 
 _CONFIG_DEFAULTS = {
@@ -427,6 +462,8 @@ def _train_and_save(
     from aimri.dictionaries.formats import load_dictionary, save_dictionary
 
     ranks = ranks or Group()
+    plan = training_plan([cfg], tcfg)
+    plan.check()
     trainer = Trainer(cfg, tcfg, ranks)
     out = Path(out)
     last_batch: list[Batch] = []
@@ -438,11 +475,14 @@ def _train_and_save(
             yield batch
 
     start = time.perf_counter()
-    last = fit([trainer], remembered(), checkpoint_dir=out.with_name(out.name + ".checkpoints"), progress=progress)[0]
+    with out_of_memory(plan, "the last checkpoint is kept: rerun with a smaller `batch_size` to resume"):
+        last = fit([trainer], remembered(), checkpoint_dir=out.with_name(out.name + ".checkpoints"), progress=progress)[
+            0
+        ]
     record = {**record, "seconds": round(time.perf_counter() - start, 3)}
     if ranks.leader:
         save_dictionary(calibrated(trainer.export(), next(source, None), cfg), out)
-        saved = load_dictionary(out)  # what a user will load, checked as saved
+        saved = load_dictionary(out).to(trainer.device)  # what a user will load, checked as saved
         figures: dict[str, Any] = {"step": last.get("step", trainer.step_index), "figures_note": _FIGURES_NOTE}
         figures["train_last_batch"] = {k: v for k, v in last.items() if k != "step"}
         if last_batch:
@@ -466,13 +506,13 @@ def calibrated(model: Dictionary, batch: Batch | None, cfg: DictionaryConfig) ->
     batch's (k x rows)-th largest activation, so the saved dictionary keeps k per token from the first steps,
     where SAELens' running average lags the moving weights). Without a batch, `model` as it is."""
     if batch is not None:
-        model.calibrate(_split(batch, cfg)[0])
+        model.calibrate(_split(batch, cfg, model.W_enc.device)[0])
     return model
 
 
 def _dictionary_config(
     settings: DictionarySettings, d_in: int, d_out: int | None, site: str, site_out: str | None, model_name: str,
-    model_revision: str, bos_id: int | None,
+    model_revision: str, bos_id: int | None, model_dtype: str = "",
 ) -> DictionaryConfig:  # fmt: skip
     """The DictionaryConfig `settings` describe (k only for an architecture that takes it); `bos_id`: the
     token the training windows open with (None: they open with the first text token)."""
@@ -481,6 +521,7 @@ def _dictionary_config(
     return DictionaryConfig(
         architecture, d_in, settings.width, d_out=d_out, k=k, skip=settings.skip, site=site, site_out=site_out or "",
         model_name=model_name, model_revision=model_revision, prepend_bos=bos_id is not None, bos_id=bos_id,
+        model_dtype=model_dtype,
     )  # fmt: skip
 
 
@@ -501,10 +542,16 @@ def train_from_store(
     site_out: str | None = None,
     progress: bool = True,
     ranks: Group | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[Path, dict[str, float]]:
     """Train one dictionary (an SAE on `site`, or a transcoder `site` -> `site_out`) from a store; resumable.
     The store's last `settings.heldout_shards` shards are never trained on; training.json records them for
-    `mri eval`. With `ranks` (torchrun), data-parallel: each rank reads its 1/world of every batch from the store."""
+    `mri eval`. With `ranks` (torchrun), data-parallel: each rank reads its 1/world of every batch from the store.
+    `device` (None: CUDA when present, each rank its own under torchrun): where the dictionary trains; rows
+    are read from the store's memory-mapped shards as fp32 and copied there batch by batch.
+
+    Raises DeviceError before any work when the dictionary and a batch will not fit the device's free memory
+    (aimri.devices.Plan), and on an out-of-memory error mid-run (the last checkpoint is kept)."""
     from aimri.data.store import ActivationStore
 
     settings = settings or DictionarySettings()
@@ -518,6 +565,7 @@ def train_from_store(
     cfg = _dictionary_config(
         settings, store.d(site), store.d(site_out) if site_out else None, site, site_out,
         store.spec["model"]["name"], store.spec["model"]["revision"], store.spec.get("packing", {}).get("bos_id"),
+        store.spec["model"].get("dtype", "float32"),
     )  # fmt: skip
     if "packing" not in store.spec:  # not recorded: prompts open by the tokenizer's rule, not "no BOS"
         cfg.prepend_bos, cfg.bos_id = True, None
@@ -536,7 +584,8 @@ def train_from_store(
         return reconstruction_metrics(saved, store, max_rows=HELDOUT_ROWS, shards=held) if held else None
 
     why = "every shard of the store was trained on: set `heldout_shards` (`--heldout-shards`) to keep some out"
-    return _train_and_save(cfg, batches, out, settings.train_config(), progress, record, ranks, evaluate, why)
+    tcfg = replace(settings.train_config(), device=str(device or "auto"))
+    return _train_and_save(cfg, batches, out, tcfg, progress, record, ranks, evaluate, why)
 
 
 def train_from_subject(
@@ -559,6 +608,7 @@ def train_from_subject(
     cfg = _dictionary_config(  # site_dim checks the names before any forward pass
         settings, subject.site_dim(site), subject.site_dim(site_out) if site_out else None, site, site_out,
         subject.name, subject.revision, Packing.for_tokenizer(subject.tokenizer, settings.context).bos_id,
+        dtype_name(subject.dtype),
     )  # fmt: skip
     context = settings.context
     batches = subject_batches(
@@ -569,7 +619,8 @@ def train_from_subject(
         "streamed from the model, cycling the corpus: no window was held out of training (`mri eval` on a store "
         "harvested from other text measures it)"
     )
-    return _train_and_save(cfg, batches, out, settings.train_config(), progress, record, no_heldout=why)
+    tcfg = replace(settings.train_config(), device=str(subject.device))  # the rows never leave the model's device
+    return _train_and_save(cfg, batches, out, tcfg, progress, record, no_heldout=why)
 
 
 def train_transcoders(
@@ -613,15 +664,18 @@ def train_transcoders(
     for layer in layers:
         cfg = _dictionary_config(
             c, subject.d_model, subject.d_model, f"mlp.in.{layer}", f"mlp.out.{layer}", subject.name,
-            subject.revision, bos_id,
+            subject.revision, bos_id, dtype_name(subject.dtype),
         )  # fmt: skip
-        trainers.append(Trainer(cfg, c.train_config()))
+        trainers.append(Trainer(cfg, replace(c.train_config(), device=str(subject.device))))
     sites = [s for layer in layers for s in (f"mlp.in.{layer}", f"mlp.out.{layer}")]
     batches = subject_batches(
         subject, corpus, sites, batch_size=c.batch_size, context=c.context, seed=c.seed, heldout_every=c.heldout_every
     )
     if trainers:
-        fit(trainers, batches, checkpoint_dir=checkpoints, progress=progress)
+        plan = training_plan([t.dcfg for t in trainers], trainers[0].tcfg)
+        plan.check()
+        with out_of_memory(plan, "the last checkpoints are kept: rerun with a smaller `batch_size` or fewer `layers`"):
+            fit(trainers, batches, checkpoint_dir=checkpoints, progress=progress)
     fresh = next(batches, None) if trainers else None  # rows no step trained on: the inference form's calibration
     for layer, trainer in zip(layers, trainers, strict=True):
         save_dictionary(calibrated(trainer.export(), fresh, trainer.dcfg), Run.transcoder_layer(out, layer))
@@ -682,9 +736,10 @@ def train_crosscoder(
     cfg = DictionaryConfig(
         "crosscoder", d * len(subjects), c.width, k=c.k, site=site, model_name="+".join(s.name for s in subjects),
         model_revision="+".join(s.revision[:12] for s in subjects), extra={"sources": len(subjects)},
-        bos_id=Packing.for_tokenizer(subjects[0].tokenizer, c.context).bos_id,
+        bos_id=Packing.for_tokenizer(subjects[0].tokenizer, c.context).bos_id, model_dtype=dtype_name(subjects[0].dtype),
     )  # fmt: skip
     batches = paired_batches(subjects, corpus, site, batch_size=c.batch_size, context=c.context, seed=c.seed)
     record = {"corpus": corpus.fingerprint(), "context": c.context}
     why = "streamed from the models, cycling the corpus: no window was held out of training"
-    return _train_and_save(cfg, batches, out, c.train_config(), progress, record, no_heldout=why)[1]
+    tcfg = replace(c.train_config(), device=str(subjects[0].device))
+    return _train_and_save(cfg, batches, out, tcfg, progress, record, no_heldout=why)[1]

@@ -161,7 +161,7 @@ def _feature_edits(dictionary: Dictionary, group: list[FeatureEdit], prompt_len:
     normalises its input (SAELens' normalize_activations: `Dictionary.normalisation`)."""
     cfg = dictionary.cfg
     site_out = cfg.site_out or cfg.site
-    features = torch.tensor([iv.feature for iv in group])
+    features = torch.tensor([iv.feature for iv in group], device=dictionary.W_enc.device)
     state: dict[str, Tensor] = {}
 
     def read_input(x: Tensor) -> Tensor:

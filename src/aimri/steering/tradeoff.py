@@ -100,7 +100,7 @@ def measure(
         presences.append(float((codes / scale).clamp(0, 1).mean()))
         fired += int((codes > 0).sum())
         logp = out["logits"][0, start - 1 : -1].float().log_softmax(-1)
-        nll -= float(logp.gather(1, ids[0, start:, None]).sum())
+        nll -= float(logp.gather(1, ids[0, start:, None].to(logp.device)).sum())
         count += len(g.completion_ids)
     n_tokens = max(1, sum(len(g.completion_ids) for g in gens))
     return sum(presences) / len(presences), fired / n_tokens, math.exp(nll / max(1, count))
@@ -139,8 +139,8 @@ def diff_of_means(
         ids = prompt_ids(subject.tokenizer, text, dictionary)[:context]  # opened as its training windows were
         acts = subject.run(torch.tensor([ids]), read=list(dict.fromkeys([cfg.site, site_out])))
         with torch.no_grad():
-            on = dictionary.encode(acts[cfg.site][0].to(dictionary.W_enc))[:, feature] > 0
-        x = acts[site_out][0].float()
+            on = (dictionary.encode(acts[cfg.site][0].to(dictionary.W_enc))[:, feature] > 0).cpu()
+        x = acts[site_out][0].float().cpu()  # the sums are kept on the host
         on[0] = False
         off = ~on
         off[0] = False

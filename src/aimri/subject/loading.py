@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from aimri.devices import resolve_device, resolve_dtype
 from aimri.errors import AimriError
 from aimri.paths import aimri_home, atomic_write_text, fsync_dir
 from aimri.subject.core import Subject
@@ -114,7 +115,7 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _from_dir(path: Path, name: str, device: str, dtype: torch.dtype, **placement: Any) -> Subject:
+def _from_dir(path: Path, name: str, device: torch.device, dtype: torch.dtype, **placement: Any) -> Subject:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -154,7 +155,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
 
-def _from_hub(name: str, device: str, dtype: torch.dtype, **placement: Any) -> Subject:
+def _from_hub(name: str, device: torch.device, dtype: torch.dtype, **placement: Any) -> Subject:
     from huggingface_hub import snapshot_download
 
     hint = (
@@ -180,17 +181,24 @@ def _from_hub(name: str, device: str, dtype: torch.dtype, **placement: Any) -> S
 
 def load(
     name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
-    device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     device_map: str | dict[str, Any] | None = None,
     offload_folder: str | os.PathLike[str] | None = None,
 ) -> Subject:
     """Load a Subject: an embedded name, a .gguf file, a local HF directory, or a hub id.
 
-    fp32 is the default because bf16 matmul on common CPUs is hundreds of times slower. A model larger
-    than one device loads with accelerate's `device_map` ("auto", or module -> device / "cpu" / "disk",
-    with `offload_folder` for "disk"); taps work the same on it (accelerate's hooks wrap the modules).
+    `device` None / "auto": the first CUDA device when torch sees one, else the CPU. `dtype` None / "auto":
+    fp32 on the CPU (bf16 matmul on common CPUs is hundreds of times slower), bf16 on a GPU (fp16 where it
+    has no bf16); see aimri.devices. A model larger than one device loads with accelerate's `device_map`
+    ("auto", or module -> device / "cpu" / "disk", with `offload_folder` for "disk"); taps work the same on
+    it (accelerate's hooks wrap the modules).
+
+    Raises AimriError for a model that cannot be found, DeviceError for a device or dtype this machine
+    cannot run.
     """
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     name = str(name_or_path)
     called = model_name(name)  # the Subject's name: one rule, shared with the run directory's
     placement = {"device_map": device_map, "offload_folder": offload_folder} if device_map is not None else {}
@@ -200,7 +208,7 @@ def load(
     if path.is_file():
         return _from_dir(gguf_to_dir(path), called, device, dtype, **placement)
     if path.is_dir() and ((path / "organism.json").exists() or (path / "adapter" / "adapter_config.json").exists()):
-        return load_organism(path, device=device)
+        return load_organism(path, device=device, dtype=dtype)
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and len(ggufs) == 1:
@@ -214,7 +222,9 @@ def load(
     )
 
 
-def load_organism(path: Path, device: str = "cpu") -> Subject:
+def load_organism(
+    path: Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> Subject:
     """The organism as a Subject: its base model with the adapter merged in."""
     record = read_record(path)
     adapter = path / "adapter"
@@ -222,7 +232,7 @@ def load_organism(path: Path, device: str = "cpu") -> Subject:
         raise OrganismError(f"{path} has no adapter/adapter_config.json; rebuild it with `mri organism build`")
     from peft import PeftModel
 
-    base = load(record["base"], device=device)
+    base = load(record["base"], device=device, dtype=dtype)
     if record.get("base_revision") not in (None, base.revision):
         raise OrganismError(
             f"{path} was built on {record['base']} revision {record['base_revision'][:12]}, but that model is now "
