@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tests.helpers import FIXTURE_TEXT
 
 import aimri
 import aimri.devices as devices
@@ -27,7 +28,6 @@ from aimri.dictionaries.match import check_dtype
 from aimri.dictionaries.sparse import topk_autoencode
 from aimri.dictionaries.train import train_from_store
 from aimri.errors import AimriError
-from tests.helpers import FIXTURE_TEXT
 
 SITE = "resid.1"
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -82,7 +82,7 @@ def test_a_dtype_the_device_cannot_run_is_refused(monkeypatch: pytest.MonkeyPatc
 
     def no_half(*args, **kw):  # a device without float16 kernels, as torch reports one
         if kw.get("dtype") is torch.float16:
-            raise RuntimeError('"addmm_impl_cpu_" not implemented for \'Half\'')
+            raise RuntimeError("\"addmm_impl_cpu_\" not implemented for 'Half'")
         return real(*args, **kw)
 
     monkeypatch.setattr(torch, "ones", no_half)
@@ -96,7 +96,9 @@ def test_cli_device_and_dtype_errors_are_one_line(tiny_lm_dir: str) -> None:
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device cuda: no CUDA device found"))
     for args, says in cases:
-        done = subprocess.run([mri, "harvest", tiny_lm_dir, *args, "--quiet"], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [mri, "harvest", tiny_lm_dir, *args, "--quiet"], capture_output=True, text=True, timeout=120
+        )
         assert done.returncode != 0 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
@@ -161,7 +163,9 @@ def test_index_add_kernel_matches_csr_kernel(centre: bool, monkeypatch: pytest.M
         monkeypatch.setattr(sparse, "FORCE_KERNEL", kernel)
         params = {name: w.clone().requires_grad_(True) for name, w in weights.items()}
         xi = x.clone().requires_grad_(True)
-        recon, vals, idx, _ = topk_autoencode(xi, params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"], k, centre)
+        recon, _vals, idx, _ = topk_autoencode(
+            xi, params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"], k, centre
+        )
         (recon - target).pow(2).sum().backward()
         results[kernel] = (recon.detach(), idx, {n_: p.grad for n_, p in params.items()}, xi.grad)
     (r1, i1, g1, x1), (r2, i2, g2, x2) = results.values()
@@ -185,16 +189,22 @@ def test_plan_refuses_with_the_numbers_and_the_setting_that_fits() -> None:
     assert "lower `batch_size` to 1740 or less" in text and "\n" not in text
     with pytest.raises(DeviceError, match="even one unit does not fit"):
         plan.check(free=1 << 30)
-    assert plan.default_units(cap=64, free=8 << 30) == 64 and plan.default_units(cap=64, free=(2 << 30) + (40 << 20)) == 20
+    assert (
+        plan.default_units(cap=64, free=8 << 30) == 64 and plan.default_units(cap=64, free=(2 << 30) + (40 << 20)) == 20
+    )
 
 
 def test_out_of_memory_becomes_one_line_and_other_errors_pass() -> None:
     plan = Plan("the harvest", torch.device("cpu"), "`batch_size`", 8, per_unit=1e6)
     for oom in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), MemoryError(),
                 RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")):  # fmt: skip
-        with pytest.raises(DeviceError, match=r"ran out of memory on cpu .*lower `batch_size` \(e.g. to 4\); shards kept"):
-            with out_of_memory(plan, "shards kept"):
-                raise oom
+        with (
+            pytest.raises(
+                DeviceError, match=r"ran out of memory on cpu .*lower `batch_size` \(e.g. to 4\); shards kept"
+            ),
+            out_of_memory(plan, "shards kept"),
+        ):
+            raise oom
     with pytest.raises(RuntimeError, match="shape mismatch"), out_of_memory(plan):
         raise RuntimeError("shape mismatch")
 
@@ -241,7 +251,9 @@ def test_training_that_will_not_fit_is_refused_before_work(
     store = _harvest(aimri.load(tiny_lm_dir, device="cpu"), corpus, tmp_path / "store", max_tokens=512)
     monkeypatch.setattr(devices, "free_memory", lambda device: 1 << 20)
     settings = DictionarySettings(width=4096, k=4, tokens=2048, batch_size=128)
-    with pytest.raises(DeviceError, match=r"training needs about .* but 0.00 GiB is free .*weights, gradients and Adam"):
+    with pytest.raises(
+        DeviceError, match=r"training needs about .* but 0.00 GiB is free .*weights, gradients and Adam"
+    ):
         train_from_store(store.path, SITE, tmp_path / "sae", settings, progress=False, device="cpu")
     assert not (tmp_path / "sae").exists()
 
@@ -272,9 +284,10 @@ def test_cuda_training_matches_the_cpu_reference(tiny_lm_dir: str, corpus: Corpu
 @pytest.mark.cuda
 @cuda
 def test_cuda_attribution_matches_the_cpu_reference(tiny_lm_dir: str) -> None:
+    from tests.helpers import random_transcoders
+
     from aimri.circuits.attribution import attribute
     from aimri.circuits.replacement import ReplacementModel
-    from tests.helpers import random_transcoders
 
     graphs = []
     for device in ("cpu", "cuda"):
