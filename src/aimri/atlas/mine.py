@@ -22,11 +22,13 @@ from torch import Tensor
 from aimri.data.corpus import Corpus, Packing, pack
 from aimri.data.harvest import keep_rows
 from aimri.data.store import ActivationStore
+from aimri.devices import Plan
 from aimri.dictionaries.base import Dictionary
 from aimri.dictionaries.match import packing_for
 from aimri.errors import AimriError
 from aimri.progress import progress_bar
 from aimri.subject.core import Subject
+from aimri.subject.memory import forward_bytes
 
 HIST_EDGES = torch.logspace(-4, 4, 65)  # activation histogram bins (log10 -4 .. 4), for quantiles
 
@@ -138,6 +140,21 @@ def store_windows(
             yield ids[b : b + batch_windows], valid[b : b + batch_windows], full[b : b + batch_windows]
 
 
+def atlas_plans(
+    subject: Subject, F: int, context: int, batch_windows: int, top_n: int, reservoir: int, from_model: bool = True
+) -> list[Plan]:
+    """The atlas pass's peak memory: on the host, the per-feature statistics (top examples, reservoir, histogram,
+    co-firing counts up to 16,384 features) and each batch's dense codes; on the model's device, the forward
+    pass and the codes (a GPU's come back to the host once per batch). Bytes, estimated from the shapes."""
+    stats = F * (8 * (2 + len(HIST_EDGES) + 1) + 12 * (top_n + 2 * reservoir))
+    host = Plan("the atlas (host)", torch.device("cpu"), "`batch_windows`", batch_windows, 8.0 * context * F,
+                {"feature statistics": stats, "co-firing counts": 4.0 * F * F if F <= 16384 else 0.0})  # fmt: skip
+    if subject.device.type == "cpu" or not from_model:
+        return [host]
+    per_window = forward_bytes(subject, context) + 4.0 * context * F
+    return [host, Plan("the atlas (model)", subject.device, "`batch_windows`", batch_windows, per_window)]
+
+
 @torch.no_grad()
 def mine(
     dictionary: Dictionary,
@@ -170,6 +187,8 @@ def mine(
         dictionary = copy.deepcopy(dictionary).to(subject.device)
     packing = packing_for(dictionary, subject.tokenizer, context)  # windows open as the dictionary's training ones
     n_windows = max(1, tokens // context)
+    for plan in atlas_plans(subject, F, context, batch_windows, top_n, reservoir, from_model=source is None):
+        plan.check()  # refused before any work, with the estimate and the `batch_windows` that fits
     workdir.mkdir(parents=True, exist_ok=True)
     ids_path, codes_path = workdir / "windows.i32", workdir / "codes.idx"
     ids_mm = np.memmap(ids_path, dtype=np.int32, mode="w+", shape=(n_windows, context))

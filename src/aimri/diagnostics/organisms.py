@@ -254,6 +254,7 @@ def build_organism(spec: OrganismSpec, base: Subject, out: Path, corpus_texts: l
     config = LoraConfig(r=recipe.rank, lora_alpha=2 * recipe.rank, target_modules=LORA_TARGETS, lora_dropout=0.0)
     model: Any = get_peft_model(copy.deepcopy(base.model), config)
     params = [p for p in model.parameters() if p.requires_grad]
+    # peft keeps the adapter in fp32 under a half-precision base (autocast_adapter_dtype), so AdamW's state is fp32
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / recipe.steps))
     pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else base.tokenizer.eos_token_id

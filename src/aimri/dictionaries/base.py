@@ -256,5 +256,5 @@ def dictionary_sha(dictionary: Dictionary) -> str:
 
     digest = hashlib.sha256()
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
-        digest.update(getattr(dictionary, name).detach().float().contiguous().numpy().tobytes())
+        digest.update(getattr(dictionary, name).detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
