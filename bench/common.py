@@ -58,7 +58,11 @@ def gemm_gflops(sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 5) -
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     """--device and --dtype, as the `mri` commands take them (aimri.devices); the peers get the same ones."""
     parser.add_argument("--device", default="auto", help="auto (cuda when torch sees one, else cpu), cuda, cuda:N, cpu")
-    parser.add_argument("--dtype", default="auto", help="the model's dtype: auto (fp32 on cpu, bf16 on cuda), float32, bfloat16, float16")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="the model's dtype: auto (fp32 on cpu, bf16 on cuda), float32, bfloat16, float16",
+    )
 
 
 def resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:

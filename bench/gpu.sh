@@ -18,7 +18,9 @@
 #
 # Environment: AIMRI_GPU_MODELS (real models: HF folders or .gguf files, see bench/gpu_models/README.md),
 # AIMRI_GPU_BUDGET_S (default 470; smoke 110), AIMRI_GPU_WORK (default /tmp/aimri-gpu), AIMRI_GPU_WHEELS
-# (default .whl), AIMRI_GPU_SECTIONS (default "tests,smollm2-135m-instruct,gemma3-270m"), PYTHON. Sizes:
+# (default .whl), AIMRI_GPU_SECTIONS (default "tests,smollm2-135m-instruct,gemma3-270m"; smoke: the first
+# model only), AIMRI_GPU_TRANSCODERS (a folder with <model>/layer-L transcoders; default: random ones),
+# AIMRI_GPU_TRAIN_PEERS (default sparsify,sae_lens), PYTHON. Sizes:
 # AIMRI_GPU_{HARVEST,TRAIN,TRACE}_ARGS replace each bench script's size options below.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +33,7 @@ RESERVE=6  # seconds kept for the report
 WORK=${AIMRI_GPU_WORK:-/tmp/aimri-gpu}
 WHEELS=${AIMRI_GPU_WHEELS:-$ROOT/.whl}
 SITE=$WORK/site
+case "$WORK" in /|/tmp|/tmp/|"$HOME"|"$ROOT") echo "gpu.sh: AIMRI_GPU_WORK=$WORK would be wiped; name a folder of its own" >&2; exit 2;; esac
 rm -rf "$WORK"
 mkdir -p "$WORK"/{out,logs,skipped,seconds,models}
 if [ -z "${PYTHON:-}" ]; then
@@ -65,7 +68,10 @@ json() { "$PYTHON" -c "import json,sys; d=json.load(open(sys.argv[1])); print(ev
 
 # -- 1. install --------------------------------------------------------------------------------------------------
 t0=$(date +%s)
-if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+if [ "$SMOKE" = 1 ] && [ -z "${AIMRI_GPU_WHEELS:-}" ]; then
+  export AIMRI_BENCH_NO_PEER_INSTALL=1  # .whl/ holds CPython 3.12 wheels: the smoke run uses the peers' venvs here
+  echo "gpu.sh: smoke: peers from bench/.venvs where ready (AIMRI_GPU_WHEELS=DIR installs wheels instead)" >&2
+elif ls "$WHEELS"/*.whl > /dev/null 2>&1; then
   wheel_of() {  # NAME==VERSION -> its file in $WHEELS
     local stem version
     stem=$(echo "${1%%==*}" | tr 'A-Z.-' 'a-z__'); version=${1#*==}
@@ -88,9 +94,6 @@ if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
     cp -r bench/gpu_stubs/wandb "$SITE/sae_lens/"
   fi
   export AIMRI_PEER_SITES=$SITE
-elif [ "$SMOKE" = 1 ]; then
-  export AIMRI_BENCH_NO_PEER_INSTALL=1  # the peers' ready venvs here (bench/.venvs), none created
-  echo "gpu.sh: no wheels at $WHEELS: peers from bench/.venvs where ready" >&2
 else
   skip install "no wheels at $WHEELS: run bench/gpu_wheels.sh here and carry .whl; the peers will not import"
   export AIMRI_PEER_SITES=$SITE
@@ -109,7 +112,9 @@ else
   section peers 60 5 "$PYTHON" bench/gpu_models.py check-peers --timeout 50
 fi
 
-SECTIONS=${AIMRI_GPU_SECTIONS:-tests,smollm2-135m-instruct,gemma3-270m}
+# the smoke run covers one model (a cold Python start costs ~10 s on a shared 2-core CPU); the GPU run both
+if [ "$SMOKE" = 1 ]; then SECTIONS=${AIMRI_GPU_SECTIONS:-smollm2-135m-instruct}; else SECTIONS=${AIMRI_GPU_SECTIONS:-tests,smollm2-135m-instruct,gemma3-270m}; fi
+NAMES=$(echo "$SECTIONS" | tr ',' '\n' | grep -x 'smollm2-135m-instruct\|gemma3-270m' | paste -sd, -)
 SMOKE_FLAG=$([ "$SMOKE" = 1 ] && echo --smoke)
 
 # -- 2. cuda tests -----------------------------------------------------------------------------------------------
@@ -129,23 +134,26 @@ if section peak 30 5 "$PYTHON" bench/gpu_models.py peak $SMOKE_FLAG; then
 fi
 if [ "$SMOKE" = 1 ]; then CHARS=400000; else CHARS=3000000; fi
 section corpus 30 5 "$PYTHON" bench/gpu_models.py corpus --out "$WORK/corpus.jsonl" --chars $CHARS
-section models 60 10 "$PYTHON" bench/gpu_models.py models --out "$WORK/models" --corpus "$WORK/corpus.jsonl" $SMOKE_FLAG
+[ -n "$NAMES" ] && section models 60 10 "$PYTHON" bench/gpu_models.py models --out "$WORK/models" --names "$NAMES" \
+  --corpus "$WORK/corpus.jsonl" $SMOKE_FLAG
 
 # -- 4. per model ------------------------------------------------------------------------------------------------
 # sizes: GPU (a single H100/H200) vs smoke (2 layers x 64 wide, a shared CPU core)
 if [ "$SMOKE" = 1 ]; then
   HARVEST=${AIMRI_GPU_HARVEST_ARGS:---batches 2 --batch-size 4 --context 64 --rounds 1}
   TRAIN=${AIMRI_GPU_TRAIN_ARGS:---width 256 --k 8 --batch-size 256 --steps 4 --heldout 512}
-  TRACE=${AIMRI_GPU_TRACE_ARGS:---lengths "" --peer-length 12 --max-feature-nodes 16 --batch-size 8}
-  TC_WIDTH=256; TC_K=8; DEVICE=cpu; PEER_TIMEOUT=60
+  TRACE=${AIMRI_GPU_TRACE_ARGS:---lengths= --peer-length 12 --max-feature-nodes 16 --batch-size 8}
+  TC_WIDTH=256; TC_K=8; DEVICE=cpu; PEER_TIMEOUT=60; TRAIN_PEERS=${AIMRI_GPU_TRAIN_PEERS:-sparsify,sae_lens}
 else
   HARVEST=${AIMRI_GPU_HARVEST_ARGS:---batches 16 --batch-size 32 --context 256 --rounds 2}
   TRAIN=${AIMRI_GPU_TRAIN_ARGS:---width 16384 --k 32 --batch-size 4096 --steps 120 --heldout 16384}
-  TRACE=${AIMRI_GPU_TRACE_ARGS:---lengths "" --peer-length 64 --max-feature-nodes 512 --batch-size 256}
-  TC_WIDTH=8192; TC_K=32; DEVICE=cuda; PEER_TIMEOUT=120
+  TRACE=${AIMRI_GPU_TRACE_ARGS:---lengths= --peer-length 64 --max-feature-nodes 512 --batch-size 256}
+  TC_WIDTH=8192; TC_K=32; DEVICE=cuda; PEER_TIMEOUT=120; TRAIN_PEERS=${AIMRI_GPU_TRAIN_PEERS:-sparsify,sae_lens}
 fi
 for model in smollm2-135m-instruct gemma3-270m; do
   [[ ",$SECTIONS," == *,$model,* ]] || continue
+  [[ ",$TRAIN_PEERS," == *,sae_lens,* ]] || skip "$model-train-sae_lens" "left out (AIMRI_GPU_TRAIN_PEERS=$TRAIN_PEERS)"
+  [[ ",$TRAIN_PEERS," == *,sparsify,* ]] || skip "$model-train-sparsify" "left out (AIMRI_GPU_TRAIN_PEERS=$TRAIN_PEERS)"
   if [ ! -s "$WORK/out/models.json" ]; then skip "$model" "no model folders (see the models section)"; continue; fi
   path=$(json "$WORK/out/models.json" "d['$model']['path']" 2> /dev/null) || { skip "$model" "not built"; continue; }
   site=$(json "$WORK/out/models.json" "d['$model']['site']")
@@ -153,12 +161,11 @@ for model in smollm2-135m-instruct gemma3-270m; do
   # shellcheck disable=SC2086
   eval "harvest_args=($HARVEST)"; eval "train_args=($TRAIN)"; eval "trace_args=($TRACE)"
   section "$model-harvest" 90 15 "$PYTHON" bench/harvest.py "${common[@]}" --site "$site" --peers nnsight "${harvest_args[@]}"
-  section "$model-train" 120 20 "$PYTHON" bench/train.py "${common[@]}" --site "$site" --peers sparsify,sae_lens "${train_args[@]}"
-  if section "$model-transcoders" 40 5 "$PYTHON" bench/gpu_models.py transcoders --model "$path" \
-       --out "$WORK/transcoders-$model" --width $TC_WIDTH --k $TC_K; then
-    section "$model-trace" 120 20 "$PYTHON" bench/trace.py "${common[@]}" --transcoders "$WORK/transcoders-$model" \
-      --no-factual "${trace_args[@]}"
-  fi
+  section "$model-train" 120 20 "$PYTHON" bench/train.py "${common[@]}" --site "$site" --peers "$TRAIN_PEERS" "${train_args[@]}"
+  # random transcoders (made by trace.py itself: one process fewer) unless AIMRI_GPU_TRANSCODERS holds real ones
+  tcs=${AIMRI_GPU_TRANSCODERS:+$AIMRI_GPU_TRANSCODERS/$model}
+  section "$model-trace" 120 20 "$PYTHON" bench/trace.py "${common[@]}" --transcoders "${tcs:-$WORK/transcoders-$model}" \
+    --random-transcoders $TC_WIDTH:$TC_K --no-factual "${trace_args[@]}"
   rm -rf "$WORK/transcoders-$model" "$AIMRI_HOME/bench"  # disk: the next model's turn
 done
 

@@ -90,7 +90,11 @@ def prepare(args: argparse.Namespace) -> None:
         source = _converted(name)
         config = json.loads((source / "config.json").read_text())
         shape = json.loads((SHAPES / name / "config.json").read_text())
-        differs = [k for k in ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size") if config.get(k) != shape.get(k)]
+        differs = [
+            k
+            for k in ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+            if config.get(k) != shape.get(k)
+        ]
         if differs:
             raise SystemExit(f"{source}/config.json differs from {SHAPES / name}/config.json in {differs}")
         target = dest / "tokenizers" / name / "tokenizer.json.xz"
@@ -128,7 +132,7 @@ def _smoke_config(config: dict) -> dict:
     small = dict(config, num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=32)  # fmt: skip
     if "layer_types" in config:
-        small["layer_types"] = config["layer_types"][:1] + ["full_attention"]
+        small["layer_types"] = [*config["layer_types"][:1], "full_attention"]
     if "query_pre_attn_scalar" in config:
         small["query_pre_attn_scalar"] = 32
     return small
@@ -210,7 +214,11 @@ def corpus(args: argparse.Namespace) -> None:
     else:
         docs = []
         for path in sorted(ROOT.glob("**/*")):
-            if path.suffix in (".md", ".py") and path.is_file() and not any(p.startswith(".") for p in path.relative_to(ROOT).parts):
+            if (
+                path.suffix in (".md", ".py")
+                and path.is_file()
+                and not any(p.startswith(".") for p in path.relative_to(ROOT).parts)
+            ):
                 text = path.read_text(errors="ignore")
                 docs += [text[i : i + 2000] for i in range(0, len(text), 2000)]
         source = "repository-text"
@@ -232,11 +240,12 @@ def corpus(args: argparse.Namespace) -> None:
 
 
 # -- transcoders -----------------------------------------------------------------------------------------------
-def transcoders(args: argparse.Namespace) -> None:
-    """Random TopK transcoders mlp.in.L -> mlp.out.L for every layer, recorded as trained on this model (so
-    aimri's load_transcoders accepts them and circuit-tracer reads the same files). Attribution's cost depends
-    on the shapes and k, not on what the features mean."""
+def make_transcoders(model_dir: Path, folder: Path, width: int, k: int) -> dict:
+    """Random TopK transcoders mlp.in.L -> mlp.out.L for every layer of the HF model at `model_dir`, recorded
+    as trained on it (so aimri's load_transcoders accepts them, and circuit-tracer reads the same files).
+    Attribution's cost depends on the shapes and k, not on what the features mean."""
     import torch
+
     from aimri.dictionaries import DictionaryConfig
     from aimri.dictionaries.base import build
     from aimri.dictionaries.formats import save_dictionary
@@ -244,20 +253,23 @@ def transcoders(args: argparse.Namespace) -> None:
     from aimri.subject.loading import dir_revision
     from aimri.subject.names import model_name
 
-    model = Path(args.model)
-    config = json.loads((model / "config.json").read_text())
+    config = json.loads((model_dir / "config.json").read_text())
     d, n_layers = config["hidden_size"], config["num_hidden_layers"]
-    revision, name = dir_revision(model), model_name(str(model))
+    revision, name = dir_revision(model_dir), model_name(str(model_dir))
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for layer in range(n_layers):
-        cfg = DictionaryConfig("topk", d, args.width, d_out=d, k=args.k, site=f"mlp.in.{layer}",
+        cfg = DictionaryConfig("topk", d, width, d_out=d, k=k, site=f"mlp.in.{layer}",
                                site_out=f"mlp.out.{layer}", model_name=name, model_revision=revision)  # fmt: skip
         tc = build(cfg)
         tc.reset_parameters(generator)
-        save_dictionary(tc, Run.transcoder_layer(Path(args.out), layer))
-    out({"transcoders": args.out, "layers": n_layers, "width": args.width, "k": args.k,
-         "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
+        save_dictionary(tc, Run.transcoder_layer(folder, layer))
+    return {"transcoders": str(folder), "layers": n_layers, "width": width, "k": k,
+            "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+
+
+def transcoders(args: argparse.Namespace) -> None:
+    out(make_transcoders(Path(args.model), Path(args.out), args.width, args.k))
 
 
 # -- peak ------------------------------------------------------------------------------------------------------
@@ -273,7 +285,13 @@ def peak(args: argparse.Namespace) -> None:
         out({"peak_gflops": round(max(rates), 1), "dtype": "bfloat16", "n": 8192, "device": device_label(device)})
     else:  # the CPU: the fp32 rate (bf16 is emulated on most CPUs), as bench/common.py's gemm_gflops
         sizes = (256, 512) if args.smoke else (1024, 2048, 3072)
-        out({"peak_gflops": round(gemm_gflops(sizes), 1), "dtype": "float32", "device": device_label(torch.device("cpu"))})
+        out(
+            {
+                "peak_gflops": round(gemm_gflops(sizes), 1),
+                "dtype": "float32",
+                "device": device_label(torch.device("cpu")),
+            }
+        )
 
 
 # -- cuda tests ------------------------------------------------------------------------------------------------
@@ -286,7 +304,11 @@ def pytest(args: argparse.Namespace) -> None:
     counts = {k: 0 for k in ("passed", "failed", "errors", "skipped", "deselected")}
     for number, word in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected)", tail):
         counts["errors" if word.startswith("error") else word] += int(number)
-    failed = [line.split(" ", 1)[1].split(" - ")[0] for line in done.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    failed = [
+        line.split(" ", 1)[1].split(" - ")[0]
+        for line in done.stdout.splitlines()
+        if line.startswith(("FAILED ", "ERROR "))
+    ]
     out({**counts, "returncode": done.returncode, "summary": tail[-300:], "failures": failed[:20],
          "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
 
@@ -316,7 +338,11 @@ def check_peers(args: argparse.Namespace) -> None:
             continue
         lines = (stdout.strip() or "ok").splitlines()
         err = [line for line in stderr.strip().splitlines() if line.strip()]
-        found[peer] = f"ok ({lines[-1]})" if proc.returncode == 0 else f"import failed: {err[-1][:300] if err else proc.returncode}"
+        found[peer] = (
+            f"ok ({lines[-1]})"
+            if proc.returncode == 0
+            else f"import failed: {err[-1][:300] if err else proc.returncode}"
+        )
     out(found)
 
 
@@ -391,7 +417,11 @@ def report(args: argparse.Namespace) -> None:
     def goal(value: float | None, at_least: float, extra: bool = True) -> bool | None:
         return None if value is None else bool(value >= at_least and extra)
 
-    fvu_ok = None if smol["train_fvu_ours"] is None or smol["train_fvu_sparsify"] is None else smol["train_fvu_ours"] <= smol["train_fvu_sparsify"]
+    fvu_ok = (
+        None
+        if smol["train_fvu_ours"] is None or smol["train_fvu_sparsify"] is None
+        else smol["train_fvu_ours"] <= smol["train_fvu_sparsify"]
+    )
     result = {
         "roofline_ratio": smol["roofline_ratio"],
         **{k: v for k, v in smol.items() if k.startswith(("harvest_", "train_", "attribution_"))},

@@ -110,8 +110,15 @@ def main() -> None:
                 continue
             try:
                 out = run_peer(
-                    peer, f"{peer}_harvest.py", str(model_dir), str(work / "batches.npz"), str(layer), log=log,
-                    device=device, dtype=dtype, timeout=args.peer_timeout,
+                    peer,
+                    f"{peer}_harvest.py",
+                    str(model_dir),
+                    str(work / "batches.npz"),
+                    str(layer),
+                    log=log,
+                    device=device,
+                    dtype=dtype,
+                    timeout=args.peer_timeout,
                 )
             except Exception as err:  # report, do not hide: the figure is then missing from the JSON
                 log(f"{peer}: {err}")

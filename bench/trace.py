@@ -169,15 +169,11 @@ def factual_path(subject, transcoders: dict, max_feature_nodes: int = 256, group
 
 
 def budget(args: argparse.Namespace, device: torch.device) -> dict:
-    """attribute()'s batch size and memory budget: --batch-size (both sides get it), and --memory-budget
-    (GB; default: attribute's own on the CPU, half the free memory on a GPU)."""
+    """attribute()'s batch size (--batch-size: both sides get it) and, where --memory-budget (GB) is given, its
+    memory budget (else attribute's default: half the free memory of the model's device)."""
     settings: dict[str, float] = {"batch_size": args.batch_size}
     if args.memory_budget:
         settings["memory_budget"] = args.memory_budget * 1e9
-    elif device.type == "cuda":
-        from aimri.devices import free_memory
-
-        settings["memory_budget"] = 0.5 * free_memory(device)
     return settings
 
 
@@ -262,10 +258,16 @@ def main() -> None:
     )
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, .gguf file or HF directory")
-    parser.add_argument("--corpus", type=Path, default=None, help="text the sweep's prompts come from (default: the default corpus)")
+    parser.add_argument(
+        "--corpus", type=Path, default=None, help="text the sweep's prompts come from (default: the default corpus)"
+    )
     parser.add_argument("--no-factual", action="store_true", help="skip the known-answer check (random weights)")
-    parser.add_argument("--batch-size", type=int, default=32, help="copies per backward pass, ours and circuit-tracer's")
-    parser.add_argument("--memory-budget", type=float, default=0.0, help="GB for our copies (0: see budget())")
+    parser.add_argument("--random-transcoders", default="", metavar="WIDTH:K",
+                        help="make random TopK transcoders at --transcoders first if there are none (speed only)")  # fmt: skip
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="copies per backward pass, ours and circuit-tracer's"
+    )
+    parser.add_argument("--memory-budget", type=float, default=0.0, help="GB for our copies (0: attribute's default)")
     parser.add_argument("--peer-timeout", type=float, default=None, help="seconds the circuit-tracer run may take")
     add_device_args(parser)
     args = parser.parse_args()
@@ -274,6 +276,11 @@ def main() -> None:
     if args.child:
         print(json.dumps(one(args.transcoders, args.child, args.max_feature_nodes, args)))
         return
+    if args.random_transcoders and not (args.transcoders / "layer-0" / "cfg.json").exists():
+        from gpu_models import make_transcoders
+
+        width, k = (int(v) for v in args.random_transcoders.split(":"))
+        print(f"random transcoders: {make_transcoders(Path(args.model), args.transcoders, width, k)}", file=sys.stderr)
     if not (args.transcoders / "layer-0" / "cfg.json").exists():
         sys.exit(f"no transcoders at {args.transcoders}: run `mri train-transcoders` first (or pass --transcoders)")
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
@@ -281,9 +288,26 @@ def main() -> None:
     gflops = peak_gflops(device)
     by_len: dict[str, dict] = {}
     for length in [int(x) for x in args.lengths.split(",") if x.strip()]:
-        cmd = [sys.executable, __file__, "--child", str(length), "--transcoders", str(args.transcoders),
-               "--max-feature-nodes", str(args.max_feature_nodes), "--model", args.model, "--device", args.device,
-               "--dtype", args.dtype, "--batch-size", str(args.batch_size), "--memory-budget", str(args.memory_budget)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            str(length),
+            "--transcoders",
+            str(args.transcoders),
+            "--max-feature-nodes",
+            str(args.max_feature_nodes),
+            "--model",
+            args.model,
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            "--batch-size",
+            str(args.batch_size),
+            "--memory-budget",
+            str(args.memory_budget),
+        ]
         cmd += ["--corpus", str(args.corpus)] if args.corpus else []  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -300,7 +324,9 @@ def main() -> None:
     log(f"factual path: {path}")
     peer = None
     if args.peer_length:
-        peer = compare_with_circuit_tracer(subject, tcs, args.transcoders, args.peer_length, args.max_feature_nodes, log, args)
+        peer = compare_with_circuit_tracer(
+            subject, tcs, args.transcoders, args.peer_length, args.max_feature_nodes, log, args
+        )
         log(f"circuit-tracer comparison: {peer}")
     theirs = peer is not None and peer["theirs_s"] is not None
     emit(
@@ -324,7 +350,9 @@ def main() -> None:
             "speedup_vs_circuit_tracer": round(peer["theirs_s"] / peer["ours_s"], 3) if theirs else None,
             "circuit_tracer_edge_agreement": round(peer["max_abs_diff_over_max_edge"], 6) if theirs else None,
             "circuit_tracer_peak_mb": round(peer["theirs_peak_mb"]) if theirs else None,
-            "factual_path": None if path is None else {
+            "factual_path": None
+            if path is None
+            else {
                 k: path[k]
                 for k in (
                     "feature",

@@ -80,7 +80,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--heldout", type=int, default=8192)
     parser.add_argument("--peers", default="sae_lens,sparsify")
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="the model harvested when --store is not given")
+    parser.add_argument(
+        "--model", default="smollm2-135m-instruct", help="the model harvested when --store is not given"
+    )
     parser.add_argument("--corpus", type=Path, default=None, help="text to harvest (default: the default corpus)")
     parser.add_argument("--peer-timeout", type=float, default=None, help="seconds each peer run may take")
     add_device_args(parser)
@@ -100,12 +102,15 @@ def main() -> None:
     on_device = torch.from_numpy(rows[:train_rows]).to(device)
     batches = [on_device[s * args.batch_size : (s + 1) * args.batch_size] for s in range(args.steps)]
 
+    chosen: list[str] = []  # the Trainer's resolved selection dtype ("auto" resolved by device)
+
     def train_ours(select_dtype: str) -> tuple[float, float, float]:
         """tokens/s, held-out FVU and dead fraction of our TopK trainer."""
         trainer = Trainer(
             DictionaryConfig("topk", d, args.width, k=args.k),
             train_config(device, total_tokens=train_rows, batch_size=args.batch_size, select_dtype=select_dtype),
         )
+        chosen.append(trainer.select_dtype)
         synchronize(device)
         start = time.perf_counter()
         for batch in batches:
@@ -122,7 +127,9 @@ def main() -> None:
     # on the CPU: bf16 selection where the CPU multiplies bf16 natively, checked against fp32; on a GPU the
     # Trainer's own choice ("auto"), one run
     select = "auto" if device.type != "cpu" else ("bfloat16" if bf16_gemm_is_fast() else "float32")
-    warm = Trainer(DictionaryConfig("topk", d, args.width, k=args.k), train_config(device, total_tokens=4 * args.batch_size))
+    warm = Trainer(
+        DictionaryConfig("topk", d, args.width, k=args.k), train_config(device, total_tokens=4 * args.batch_size)
+    )
     for s in range(3):  # first-touch allocations and GEMM kernel selection, outside the timing
         warm.step(batches[s % len(batches)])
     del warm
@@ -138,7 +145,7 @@ def main() -> None:
         "gflop_per_token": round(flops / 1e9, 6),
         "fvu": round(fvu, 4),
         "dead_frac": round(dead, 4),
-        "select_dtype": select,
+        "select_dtype": chosen[0],
         "tokens_per_s_fp32_select": round(exact_rate, 1),
         "fvu_fp32_select": round(exact_fvu, 4),
         "gemm_gflops": round(gflops, 1),

@@ -44,8 +44,13 @@ def for_transformers_4(folder: str) -> str:
         config.write_text(json.dumps(data))
     model_config = copy / "config.json"
     data = json.loads(model_config.read_text())
-    for key, value in (data.get("rope_parameters") or {}).items():
-        data.setdefault(key, value)
+    rope = data.get("rope_parameters") or {}
+    if "full_attention" in rope:  # Gemma 3: one rope per attention type; v4 names the local one apart
+        data.setdefault("rope_theta", rope["full_attention"]["rope_theta"])
+        data.setdefault("rope_local_base_freq", rope.get("sliding_attention", rope["full_attention"])["rope_theta"])
+    else:
+        for key, value in rope.items():
+            data.setdefault(key, value)
     model_config.unlink()
     model_config.write_text(json.dumps(data))
     return str(copy)
@@ -67,10 +72,10 @@ for layer in range(n_layers):
         tc.b_enc.copy_(w["b_enc"])
         tc.b_dec.copy_(w["b_dec"])
     transcoders[layer] = tc
-tset = TranscoderSet(transcoders, feature_input_hook="mlp.hook_in", feature_output_hook="mlp.hook_out")
-model = ReplacementModel.from_pretrained_and_transcoders(
-    model_dir, tset, backend="nnsight", dtype=DTYPE, device=DEVICE
-)
+# MLP input after its norm -> what the MLP adds to the residual (for Gemma, after its post-norm), as ours:
+# circuit-tracer's nnsight mapping names these mlp.hook_in and hook_mlp_out for both Llama and Gemma 3
+tset = TranscoderSet(transcoders, feature_input_hook="mlp.hook_in", feature_output_hook="hook_mlp_out")
+model = ReplacementModel.from_pretrained_and_transcoders(model_dir, tset, backend="nnsight", dtype=DTYPE, device=DEVICE)
 ids = json.loads(Path(ids_path).read_text())
 attribute(torch.tensor(ids[:8]), model, max_feature_nodes=8, batch_size=min(batch_size, 8))  # warm-up
 synchronize()

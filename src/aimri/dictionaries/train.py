@@ -83,7 +83,12 @@ class Trainer:
 
     A model's buffers are running statistics of the training batches, not parameters (BatchTopK's threshold
     average): checkpoints keep them, and after every step their floating-point ones are averaged across ranks,
-    so every rank holds the same."""
+    so every rank holds the same.
+
+    Device: the dictionary, its gradients, fused Adam's moments and the TopK workspace live on `tcfg.device`
+    (auto: CUDA when present); batches are copied there as they come (rows from a GPU stream are already
+    there). Weights, losses and optimiser state are fp32 on every device; only the TopK selection GEMM may
+    run in bf16 (`select_dtype`: on a GPU and on CPUs with bf16 units), its chosen values recomputed in fp32."""
 
     def __init__(self, dcfg: DictionaryConfig, tcfg: TrainConfig, ranks: Group | None = None) -> None:
         if dcfg.k is not None and dcfg.k > dcfg.d_sae:
@@ -116,6 +121,7 @@ class Trainer:
             select = "bfloat16" if self.device.type == "cuda" or bf16_gemm_is_fast() else "float32"
         if select not in ("float32", "bfloat16"):
             raise AimriError(f"select_dtype must be auto, float32 or bfloat16, not {tcfg.select_dtype!r}")
+        self.select_dtype = select  # the resolved choice, for reports
         self._workspace = torch.empty(0, dcfg.d_sae, dtype=getattr(torch, select), device=self.device)  # TopK pre-acts
         self._grad_buffers: tuple[Tensor, Tensor] | None = None  # TopK: W_enc's (latent-major) and W_dec's
 

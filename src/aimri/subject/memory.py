@@ -3,8 +3,9 @@
 Estimates, not measurements: they count the tensors a decoder layer holds at its peak (the residual, the
 attention's q/k/v/output, the MLP's gated hidden activations, and the attention scores where the kernel
 materialises them) and the logits where asked for. aimri.devices.Plan turns them into a refusal before
-work when a job would not fit. Measured on SmolLM2-135M on this CPU, the forward estimate is within 2x of
-the resident-memory growth of one batch (it errs high: no kernel keeps every term at once).
+work when a job would not fit. Measured once on SmolLM2-135M (fp32, CPU, 8 windows of 256 tokens read at
+resid.15): estimate 167 MiB, peak resident-memory growth 123 MiB (it errs high: no kernel keeps every term
+at once).
 """
 
 from __future__ import annotations
