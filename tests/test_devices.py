@@ -297,3 +297,18 @@ def test_cuda_attribution_matches_the_cpu_reference(tiny_lm_dir: str) -> None:
     a, b = graphs
     assert torch.equal(a.features, b.features)
     assert torch.allclose(a.edge_weights.sum(), b.edge_weights.sum(), rtol=1e-3)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_taps_are_bitwise_the_models_own_pass(tiny_lm_dir: str) -> None:
+    gpu = aimri.load(tiny_lm_dir, device="cuda", dtype="float32")
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = gpu.model(input_ids=ids.cuda(), output_hidden_states=True)
+        with gpu.tap(read=["resid.0", "resid.1"], edit={"resid.0": lambda x: x}) as t:
+            tapped = gpu.model(input_ids=ids.cuda()).logits
+    assert torch.equal(plain.logits, tapped)  # reading and an identity edit change no bit
+    assert torch.equal(t.acts["resid.0"], plain.hidden_states[1]) and torch.equal(
+        t.acts["resid.1"], plain.hidden_states[2]
+    )
