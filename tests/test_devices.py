@@ -126,21 +126,31 @@ def test_bf16_model_harvest_records_its_dtype_and_trains(tiny_lm_dir: str, corpu
     # a store at least as precise: read as fp32, with a note; a less precise one than the training rows: refused
     assert "read as float32" in check_dtype(ref, sae)
     sae.cfg.model_dtype = "float32"
-    with pytest.raises(AimriError, match=r"computed in bfloat16, but the dictionary was trained on float32 ones"):
+    with pytest.raises(AimriError, match=r"rounded to bfloat16, but the dictionary was trained on float32 ones"):
         check_dtype(low, sae)
+    half_on_disk = _harvest(fp32, corpus, tmp_path / "fp16-disk", max_tokens=512, dtype="float16")
+    with pytest.raises(AimriError, match=r"rounded to float16, .* `--dtype float32 --store-dtype float32`"):
+        check_dtype(half_on_disk, sae)  # an fp32 model's rows written in fp16 are fp16's rounding too
+    sae.cfg.model_dtype = "float16"
+    with pytest.raises(AimriError, match="rounded to bfloat16, but the dictionary was trained on float16"):
+        check_dtype(low, sae)  # bf16 keeps 7 mantissa bits, fp16 10
     sae.cfg.model_dtype = ""  # not recorded (an older or a foreign file): nothing to compare
     assert check_dtype(low, sae) == ""
 
 
-def test_store_from_before_the_dtype_was_recorded_resumes(tiny_lm_dir: str, corpus: Corpus, tmp_path: Path) -> None:
+def test_store_from_before_the_dtype_was_recorded_resumes_with_its_batch_size(
+    tiny_lm_dir: str, corpus: Corpus, tmp_path: Path
+) -> None:
     subject = aimri.load(tiny_lm_dir, device="cpu")
     store = _harvest(subject, corpus, tmp_path / "store", max_tokens=512)
     manifest = json.loads((store.path / "manifest.json").read_text())
     del manifest["spec"]["model"]["dtype"]
-    manifest["spec"]["batch_size"] = 4  # recorded before; it changes no row
+    manifest["complete"], manifest["shards"] = False, manifest["shards"][:1]  # interrupted after one shard
     (store.path / "manifest.json").write_text(json.dumps(manifest))
-    again = _harvest(subject, corpus, tmp_path / "store", max_tokens=512, batch_size=2)
-    assert again.complete and len(again.shards) == len(store.shards)
+    again = _harvest(subject, corpus, tmp_path / "store", max_tokens=512, batch_size=None)  # the recorded 4
+    assert again.complete and [s["files"] for s in again.shards] == [s["files"] for s in store.shards]
+    with pytest.raises(AimriError, match="batch_size: store has 4, this run has 2"):  # it decides the sinks
+        _harvest(subject, corpus, tmp_path / "store", max_tokens=512, batch_size=2)
     with pytest.raises(AimriError, match="model.dtype: store has float32, this run has bfloat16"):
         _harvest(aimri.load(tiny_lm_dir, device="cpu", dtype="bf16"), corpus, tmp_path / "store", max_tokens=512)
 
@@ -241,7 +251,7 @@ def test_out_of_memory_mid_harvest_keeps_shards_and_resumes(
     kept = ActivationStore(tmp_path / "store")
     assert not kept.complete and len(kept.shards) == 2
     monkeypatch.setattr(subject, "run", real)
-    resumed = _harvest(subject, corpus, tmp_path / "store", batch_size=2)
+    resumed = _harvest(subject, corpus, tmp_path / "store")
     assert [s["files"] for s in resumed.shards] == [s["files"] for s in ref.shards]  # identical checksums
 
 
@@ -312,3 +322,23 @@ def test_cuda_taps_are_bitwise_the_models_own_pass(tiny_lm_dir: str) -> None:
     assert torch.equal(t.acts["resid.0"], plain.hidden_states[1]) and torch.equal(
         t.acts["resid.1"], plain.hidden_states[2]
     )
+
+
+def test_checkpoint_from_before_devices_resumes(tmp_path: Path) -> None:
+    """A checkpoint written before the Trainer had a device and dictionaries a model dtype resumes, on any device."""
+    from aimri.dictionaries import DictionaryConfig, TrainConfig, Trainer
+    from aimri.dictionaries.train import fit
+
+    rows = torch.randn(40 * 64, 16, generator=torch.Generator().manual_seed(1))
+    batches = list(rows.split(64))
+    old = Trainer(DictionaryConfig("topk", 16, 48, k=3), TrainConfig(40 * 64, 64, checkpoint_every=10, device="auto"))
+    fit([old], batches[:20], checkpoint_dir=tmp_path, progress=False)
+    state = torch.load(tmp_path / "dictionary-0.pt", weights_only=True)
+    del state["dictionary_config"]["model_dtype"], state["train_config"]["device"]
+    torch.save(state, tmp_path / "dictionary-0.pt")
+    new = Trainer(
+        DictionaryConfig("topk", 16, 48, k=3, model_dtype="float32"),
+        TrainConfig(40 * 64, 64, checkpoint_every=10, device="cpu"),
+    )
+    new.load_checkpoint(tmp_path / "dictionary-0.pt")
+    assert new.step_index == 20 and new.device == torch.device("cpu")

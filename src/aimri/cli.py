@@ -111,7 +111,9 @@ def harvest(
     max_tokens: Annotated[
         int | None, typer.Option(help="stop after about this many tokens (0 = whole corpus)")
     ] = 65_536,
-    store_dtype: Annotated[str, typer.Option(help="float32 or float16 on disk")] = "float32",
+    store_dtype: Annotated[
+        str, typer.Option(help="float32 or float16 on disk (until 2026-12 this was --dtype, now the model's dtype)")
+    ] = "float32",
     text_field: Annotated[str, typer.Option(help="field holding the text in JSONL/Parquet/datasets")] = "text",
     keep_special: Annotated[bool, typer.Option(help="also harvest special and chat-template tokens")] = False,
     sink_ratio: Annotated[
@@ -400,6 +402,7 @@ def atlas(
         ),
     ] = None,
     jsonl: Annotated[Path | None, typer.Option(help="also export Neuronpedia-style feature JSONL here")] = None,
+    batch_windows: Annotated[int, typer.Option(help="windows encoded at once (lower it when memory is short)")] = 32,
     allow_other_model: Annotated[
         bool, typer.Option(help="use a dictionary trained on another model (a deliberate transfer)")
     ] = False,
@@ -428,8 +431,10 @@ def atlas(
         name = f"neurons-{neurons}"
         out = out or Run.for_model(subject.name).neuron_atlas(int(neurons or 0))
     paths = corpus or [default_corpus_path(log=lambda m: console.print(m))]
-    result = build_atlas(sae, subject, Corpus.from_paths(paths), out, tokens=tokens, context=context, top_n=top,
-                         dictionary_name=name, progress=not quiet, allow_other_model=allow_other_model)  # fmt: skip
+    with _flags_named("batch_windows"):
+        result = build_atlas(sae, subject, Corpus.from_paths(paths), out, tokens=tokens, context=context, top_n=top,
+                             dictionary_name=name, progress=not quiet, allow_other_model=allow_other_model,
+                             batch_windows=batch_windows)  # fmt: skip
     console.print(f"[green]wrote[/] {out}: {result.n_features:,} features over {result.meta['tokens']:,} tokens")
     if jsonl:
         console.print(f"[green]wrote[/] {result.export_jsonl(jsonl)}")

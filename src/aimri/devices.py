@@ -83,6 +83,14 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def _native_bf16(device: torch.device) -> bool:
+    """Whether this CUDA device multiplies bf16 in hardware (Ampere, compute capability 8.0, and later); torch's
+    is_bf16_supported also counts emulation, which is far slower than fp16 there."""
+    import torch
+
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """The model's dtype on `device`. None or "auto": float32 on the CPU, bfloat16 on a GPU with bf16
     support (float16 otherwise). Raises DeviceError for an unknown name or a dtype the device cannot run
@@ -95,14 +103,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         name = (dtype or "auto").strip().lower().removeprefix("torch.")
         if name == "auto":
             if device.type == "cuda":
-                return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+                return torch.bfloat16 if _native_bf16(device) else torch.float16
             return torch.float32
         if name not in _DTYPE_NAMES:
             raise DeviceError(f"dtype {name!r} is not one a model runs in; use auto, float32, bfloat16 or float16")
         chosen = getattr(torch, _DTYPE_NAMES[name])
     if chosen not in (torch.float32, torch.bfloat16, torch.float16):
         raise DeviceError(f"dtype {chosen} is not one a model runs in; use auto, float32, bfloat16 or float16")
-    if chosen is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if chosen is torch.bfloat16 and device.type == "cuda" and not _native_bf16(device):
         raise DeviceError(
             f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 support; use --dtype float16"
         )

@@ -130,6 +130,7 @@ def build_atlas(
     progress: bool = True,
     allow_other_model: bool = False,
     store: str | Path | None = None,
+    batch_windows: int = 32,
 ) -> Atlas:
     """Mine `dictionary`'s features over `tokens` tokens of `corpus` run through `subject` and write the atlas
     (SQLite) at `out` (temp file, rename). With `store` (a store harvested from `corpus` by `subject` at the
@@ -154,7 +155,8 @@ def build_atlas(
     work = Path(tempfile.mkdtemp(prefix=".atlas-", dir=out.parent))
     try:
         mined = mine(dictionary, subject, corpus, work, tokens=tokens, context=context, top_n=top_n,
-                     reservoir=reservoir, seed=seed, progress=progress, source=source)  # fmt: skip
+                     reservoir=reservoir, seed=seed, progress=progress, source=source,
+                     batch_windows=batch_windows)  # fmt: skip
         tmp = work / "atlas.sqlite"
         atlas = Atlas.create(tmp)
         _write(atlas, mined, dictionary, subject, negatives, seed)

@@ -22,7 +22,7 @@ from torch import Tensor
 from aimri.data.corpus import Corpus, Packing, pack
 from aimri.data.harvest import keep_rows
 from aimri.data.store import ActivationStore
-from aimri.devices import Plan
+from aimri.devices import Plan, out_of_memory
 from aimri.dictionaries.base import Dictionary
 from aimri.dictionaries.match import packing_for
 from aimri.errors import AimriError
@@ -187,7 +187,8 @@ def mine(
         dictionary = copy.deepcopy(dictionary).to(subject.device)
     packing = packing_for(dictionary, subject.tokenizer, context)  # windows open as the dictionary's training ones
     n_windows = max(1, tokens // context)
-    for plan in atlas_plans(subject, F, context, batch_windows, top_n, reservoir, from_model=source is None):
+    plans = atlas_plans(subject, F, context, batch_windows, top_n, reservoir, from_model=source is None)
+    for plan in plans:
         plan.check()  # refused before any work, with the estimate and the `batch_windows` that fits
     workdir.mkdir(parents=True, exist_ok=True)
     ids_path, codes_path = workdir / "windows.i32", workdir / "codes.idx"
@@ -216,7 +217,10 @@ def mine(
             yield ids, valid, acts[site]
 
     batches = iter(source) if source is not None else from_model()
-    with progress_bar(disable=not progress) as bar:
+    with (
+        progress_bar(disable=not progress) as bar,
+        out_of_memory(plans[-1], "nothing is written until the atlas is whole"),
+    ):
         task = bar.add_task("atlas", total=n_windows, rate="")
         while done < n_windows and (batch := next(batches, None)) is not None:
             ids, valid, site_acts = (t[: n_windows - done] for t in batch)

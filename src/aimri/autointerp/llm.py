@@ -249,7 +249,7 @@ class HFChat:
         tok = self.subject.tokenizer
         out: list[Any] = []
         for messages, check in zip(prompts, _parsers(parse, len(prompts)), strict=True):
-            prompt = torch.tensor([chat_ids(tok, messages)])
+            prompt = torch.tensor([chat_ids(tok, messages)], device=self.subject.device)
             model: Any = self.subject.model
             with torch.no_grad():
                 generated = model.generate(

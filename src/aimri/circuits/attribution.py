@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from aimri.circuits.replacement import ReplacementModel
-from aimri.devices import Plan, free_memory
+from aimri.devices import Plan, free_memory, out_of_memory
 from aimri.dictionaries.match import prompt_ids
 from aimri.errors import AimriError
 from aimri.progress import progress_bar
@@ -163,6 +163,7 @@ def attribute(
         memory_budget = 0.5 * free_memory(subject.device)
         plan.check()  # one copy must fit: refused before any work, with the estimate
     batch_size = max(1, min(batch_size, int(memory_budget // per_copy)))
+    plan.units = batch_size
     copies = max(1, min(batch_size, max(10, max_feature_nodes)))  # 10: the most logit rows
     # one batched forward serves every backward pass (kept with retain_graph); copy 0 gives the nodes
     run = model.run(ids_t, copies=copies, last_only=True)
@@ -239,7 +240,7 @@ def attribute(
             expanded[t] = True
 
     logit_nodes = list(range(graph.logit_start, n))
-    with progress_bar(disable=not progress) as bar:
+    with progress_bar(disable=not progress) as bar, out_of_memory(plan):
         task = bar.add_task("attribution", total=len(logit_nodes) + budget, rate="")
         for i in range(0, len(logit_nodes), batch_size):
             expand(logit_nodes[i : i + batch_size])

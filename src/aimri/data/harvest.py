@@ -58,6 +58,15 @@ def harvest_plan(subject: Subject, context: int, batch_size: int, sites: int = 1
     return Plan("the harvest", subject.device, "`batch_size`", batch_size, per_window)
 
 
+def _recorded_batch_size(out: str | Path) -> int | None:
+    """The batch size a store at `out` was harvested with (None: no store there yet)."""
+    manifest = Path(out) / "manifest.json"
+    try:
+        return int(json.loads(manifest.read_text())["spec"]["batch_size"]) if manifest.exists() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable: StoreWriter says what is wrong with it
+
+
 def _batched(it: Iterator[Window], n: int) -> Iterator[list[Window]]:
     while batch := list(itertools.islice(it, n)):
         yield batch
@@ -93,9 +102,10 @@ def harvest(
 
     The forward passes run on the Subject's device in its dtype (recorded as spec.model.dtype); rows are
     cast to the store's `dtype` there and copied to the host once. `batch_size` None: from the device's free
-    memory (at most 8 windows on the CPU, 64 on a GPU). Raises DeviceError before any work when the batch
-    will not fit (the estimate and the batch size that fits), and on an out-of-memory error mid-run (the
-    finished shards are kept; a rerun resumes)."""
+    memory (at most 8 windows on the CPU, 64 on a GPU), or the one a store being resumed recorded (the sink
+    rule compares tokens within a batch, so the batch size is part of the store's spec). Raises DeviceError
+    before any work when the batch will not fit (the estimate and the batch size that fits), and on an
+    out-of-memory error mid-run (the finished shards are kept; a rerun resumes)."""
     if subject.tokenizer is None:
         raise AimriError("this Subject has no tokenizer; load it with aimri.load(...) or pass one")
     if not sites:
@@ -110,7 +120,8 @@ def harvest(
     if dtype not in DTYPES:
         raise AimriError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     plan = harvest_plan(subject, context, batch_size or 1, len(parsed))
-    batch_size = batch_size or plan.default_units(cap=8 if subject.device.type == "cpu" else 64)
+    if batch_size is None:  # the batch's median decides which tokens are sinks: a resumed store keeps its own
+        batch_size = _recorded_batch_size(out) or plan.default_units(cap=8 if subject.device.type == "cpu" else 64)
     plan.units = batch_size
     if batch_size < 1 or windows_per_shard < 1:
         raise AimriError("batch size and windows per shard must be positive")
@@ -134,14 +145,18 @@ def harvest(
         "max_windows": max_windows,
         "sink_ratio": sink_ratio,
         "windows_per_shard": windows_per_shard,
-    }  # (the batch size changes no row: windows are packed to one length)
+        "batch_size": batch_size,
+    }
     ranks = ranks or Group()
     ranks.agree("the harvest (model revision, sites, corpus, settings)", hashlib.sha256(
         json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest())  # fmt: skip
     writer = _open_writer(out, spec, ranks)
     if writer.manifest.get("complete"):
         return ActivationStore(out)
-    kept = "the finished shards are kept: rerun with a smaller `batch_size` to resume"
+    kept = (
+        "the finished shards are kept: resume with more free memory (a store keeps its batch size), or harvest "
+        "into a new `out` with the lower one"
+    )
     with writer.locked(), progress_bar(disable=not progress) as bar, out_of_memory(plan, kept):
         windows = pack(corpus, subject.tokenizer, packing)
         if max_windows is not None:

@@ -249,7 +249,6 @@ class StoreWriter:
             self.manifest = read_manifest(self.path)
             recorded = json.loads(json.dumps(self.manifest["spec"]))
             recorded.get("model", {}).setdefault("dtype", "float32")  # stores from before it was recorded: fp32
-            recorded.pop("batch_size", None)  # recorded before; it changes no row
             diffs = _spec_diff(recorded, self.spec)
             if diffs:
                 raise StoreError(

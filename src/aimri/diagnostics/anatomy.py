@@ -19,7 +19,8 @@ def unembed(subject: Subject, resid: Tensor) -> Tensor:
     """Logits from a residual [..., d_model] (any dtype; computed in the model's): the model's final norm and
     unembedding (the logit lens), [..., vocab] in fp32."""
     model: Any = subject.model
-    resid = resid.to(dtype=model.get_output_embeddings().weight.dtype)  # (accelerate's hooks place it)
+    weight = model.get_output_embeddings().weight  # on the model's device (an offloaded one: accelerate places it)
+    resid = resid.to(device=subject.device, dtype=weight.dtype)
     norm = model.model.norm if hasattr(model, "model") and hasattr(model.model, "norm") else None
     if norm is None:
         norm = getattr(getattr(model, "transformer", None), "ln_f", None) or getattr(
@@ -80,7 +81,7 @@ def head_roles(subject: Subject, n: int = 8, length: int = 48, seed: int = 0) ->
         seq = torch.cat([torch.full((n, 1), bos), seq], 1)
     off = 1 if bos is not None else 0
     with eager_attention(subject):
-        out: Any = subject.model(input_ids=seq, output_attentions=True, use_cache=False)
+        out: Any = subject.model(input_ids=seq.to(subject.device), output_attentions=True, use_cache=False)
     L, H = subject.n_layers, subject.n_heads
     scores = {k: torch.zeros(L, H) for k in ("previous_token", "duplicate_token", "induction")}
     second = torch.arange(off + length, off + 2 * length)

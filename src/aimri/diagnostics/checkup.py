@@ -139,7 +139,7 @@ def battery_answers(subject: Subject, max_new_tokens: int = 32) -> dict[str, lis
     """Greedy answers to the behaviour battery, cached per model revision (a baseline is scanned against many
     candidates; its answers are the same each time): {category: [[prompt, text, prompt ids, completion ids]]}."""
     battery = prompt_pools()["battery"]
-    key = hashlib.sha256(json.dumps([subject.revision, battery, max_new_tokens]).encode()).hexdigest()[:20]
+    key = hashlib.sha256(json.dumps([subject.cache_key, battery, max_new_tokens]).encode()).hexdigest()[:20]
     path = aimri_home() / "cache" / "battery" / f"{key}.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -210,12 +210,16 @@ def _diff_stage(
         from aimri.dictionaries import load_dictionary
 
         atlas = Atlas(atlas_path) if atlas_path is not None else None
-        features = diffing.feature_shifts(candidate, baseline, load_dictionary(dictionary), windows, atlas)
+        features = diffing.feature_shifts(
+            candidate, baseline, load_dictionary(dictionary).to(candidate.device), windows, atlas
+        )
     latents: list[dict[str, Any]] = []
     if crosscoder is not None:
         from aimri.dictionaries import load_dictionary
 
-        latents = diffing.crosscoder_latents(candidate, baseline, load_dictionary(crosscoder), windows)
+        latents = diffing.crosscoder_latents(
+            candidate, baseline, load_dictionary(crosscoder).to(candidate.device), windows
+        )
     return {
         "lens": lens,
         "features": features,
@@ -426,7 +430,9 @@ def _own_findings(stages: dict[str, Any]) -> list[Finding]:
 def model_cache(subject: Subject, log: Callable[[str], None] = print) -> StageCache:
     """Stages that depend on one model only (its probes, its refusal rates), shared by every scan of it."""
     return StageCache(
-        aimri_home() / "cache" / "checkup" / subject.revision[:24], {"model": subject.revision, "version": 3}, log
+        aimri_home() / "cache" / "checkup" / (subject.revision[:24] + subject.cache_key[len(subject.revision) :]),
+        {"model": subject.cache_key, "version": 3},
+        log,
     )
 
 
@@ -469,7 +475,7 @@ def run_checkup(
     Raises AimriError (DiffingError) when the baseline does not share the subject's tokenizer and architecture."""
     if baseline is not None:
         diffing.check_comparable(subject, baseline)
-    config = {"model": subject.revision, "baseline": baseline.revision if baseline else None,
+    config = {"model": subject.cache_key, "baseline": baseline.cache_key if baseline else None,
               "transcoders": str(transcoders) if transcoders else None,
               "dictionary": str(dictionary) if dictionary else None, "atlas": str(atlas) if atlas else None,
               "crosscoder": str(crosscoder) if crosscoder else None, "version": 1}  # fmt: skip

@@ -31,10 +31,10 @@ def _first_token(subject: Subject, word: str) -> int:
 def decision_inputs(
     subject: Subject, prompt: str = LOAN_PROMPT, options: tuple[str, str] = ("Approve", "Deny")
 ) -> tuple[torch.Tensor, int, int]:
-    """(ids [1, seq], a, b): the prompt as the model's chat opens it with the answer prefix prefilled, so the next
-    token is the decision; a and b are the options' first tokens (after a space)."""
+    """(ids [1, seq] on the model's device, a, b): the prompt as the model's chat opens it with the answer prefix
+    prefilled, so the next token is the decision; a and b are the options' first tokens (after a space)."""
     prefix = subject.tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([prompt_ids(subject, prompt) + list(prefix)])
+    ids = torch.tensor([prompt_ids(subject, prompt) + list(prefix)], device=subject.device)
     a, b = (_first_token(subject, " " + w) for w in options)
     return ids, a, b
 

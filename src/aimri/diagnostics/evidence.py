@@ -107,7 +107,7 @@ def decision_features(
     x, grad = decision_gradient(subject, subject.site(dictionary.cfg.site).name, options)
     with torch.no_grad():
         codes = dictionary.encode(x.to(dictionary.W_enc)[None])[0].float()
-        effect = codes * (dictionary.W_dec.float() @ grad)
+        effect = codes * (dictionary.W_dec.float() @ grad.to(dictionary.W_dec.device))
     order = effect.abs().argsort(descending=True)[:TOP]
     return [cited.row(int(i), activation=float(codes[i]), effect=float(effect[i])) for i in order if codes[i] > 0]
 
@@ -152,7 +152,7 @@ def feature_evidence(
     from aimri.dictionaries.match import check_model
     from aimri.run import Run
 
-    sae = load_dictionary(dictionary_path)
+    sae = load_dictionary(dictionary_path).to(subject.device)  # encodes where the model's rows are
     owner = baseline or subject
     check_model(sae, owner, source=f"the feature set {dictionary_path}")
     cited = Cited(Run.atlas_of(dictionary_path), dictionary_path.name)

@@ -54,25 +54,28 @@ def check_model(
                    getattr(subject, "revision", "unknown"), allow_other_model)  # fmt: skip
 
 
-_PRECISION = {"float32": 2, "bfloat16": 1, "float16": 1}  # fp16 has bf16's precision class (less range, more bits)
+_MANTISSA = {"float32": 23, "float16": 10, "bfloat16": 7}  # bits: what rounding each dtype leaves
 
 
 def check_dtype(store: Any, dictionary: Dictionary | DictionaryConfig) -> str:
-    """Compare the dtype a store's rows were computed in (its spec.model.dtype; fp32 before it was recorded) with
-    the one the dictionary was trained on (`DictionaryConfig.model_dtype`; not recorded: no check).
+    """Compare the precision of a store's rows — the coarser of the dtype the model computed them in (its
+    spec.model.dtype; fp32 before it was recorded) and the one they were written in (spec.dtype) — with the
+    dtype the dictionary was trained on (`DictionaryConfig.model_dtype`; not recorded: no check).
 
-    Returns "" when they agree, or a note when the store's is at least as precise (its rows are read as fp32: no
-    precision is lost, the dictionary sees slightly other numbers than in training). Raises AimriError when the
-    store's is less precise: the figures would measure that rounding, not the dictionary (harvest again with
-    the model in the dictionary's dtype)."""
+    Returns "" when they agree, or a note when the store's rows are at least as precise (read as fp32: no
+    precision is lost; the dictionary sees slightly other numbers than in training). Raises AimriError when they
+    are less precise (fewer mantissa bits): the figures would measure that rounding, not the dictionary
+    (harvest again with the model in the dictionary's dtype, stored in float32)."""
     cfg = dictionary.cfg if isinstance(dictionary, Dictionary) else dictionary
-    have, want = str(store.spec["model"].get("dtype", "float32")), cfg.model_dtype
+    computed, written = str(store.spec["model"].get("dtype", "float32")), str(store.spec.get("dtype", "float32"))
+    have = min((computed, written), key=lambda d: _MANTISSA.get(d, 23))
+    want = cfg.model_dtype
     if not want or have == want:
         return ""
-    if _PRECISION.get(have, 2) < _PRECISION.get(want, 2):
+    if _MANTISSA.get(have, 23) < _MANTISSA.get(want, 23):
         raise AimriError(
-            f"{store.path} holds activations the model computed in {have}, but the dictionary was trained on {want} "
-            f"ones: its figures there would measure {have}'s rounding; harvest again with `--dtype {want}`"
+            f"{store.path} holds activations rounded to {have}, but the dictionary was trained on {want} ones: its "
+            f"figures there would measure {have}'s rounding; harvest again with `--dtype {want} --store-dtype float32`"
         )
     return f"note: {store.path} holds {have} activations, the dictionary was trained on {want} ones; read as float32"
 

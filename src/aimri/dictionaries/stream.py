@@ -86,6 +86,20 @@ def _drain(
         buffer[s] = [joined[s][rest]]
 
 
+def stream_memory(
+    subject: Subject, sites: Sequence[str], batch_size: int, context: int, forward_batch: int = 8
+) -> dict[str, float]:
+    """A training stream's fixed memory on the model's device (bytes): the shuffle buffer (doubled while it
+    drains) and one forward pass of `forward_batch` windows reading `sites`; for aimri.devices.Plan."""
+    from aimri.subject.memory import forward_bytes
+
+    row = 4 * sum(subject.site_dim(s) for s in sites)
+    return {
+        "shuffle buffer": 2.0 * shuffle_rows(row, batch_size) * row,
+        "forward pass": float(forward_batch * forward_bytes(subject, context, reads=len(sites))),
+    }
+
+
 def subject_batches(
     subject: Subject, corpus: Corpus, sites: Sequence[str], batch_size: int = 4096, context: int = 256,
     forward_batch: int = 8, buffer_rows: int | None = None, seed: int = 0, sink_ratio: float = 20.0,

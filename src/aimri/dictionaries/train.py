@@ -302,7 +302,7 @@ class Trainer:
             raise AimriError(f"{path} is not a readable checkpoint ({err}); delete it to start over") from err
         # fields added since a checkpoint was written read as their defaults; how prompts open is not training
         saved, ours = {**_CONFIG_DEFAULTS, **state["dictionary_config"]}, self.dcfg.to_dict()
-        for key in ("prepend_bos", "bos_id"):
+        for key in ("prepend_bos", "bos_id", "model_dtype"):  # how prompts open and what rows came in: not training
             saved.pop(key, None)
             ours.pop(key, None)
         if saved != ours or _algorithmic(state["train_config"]) != _algorithmic(asdict(self.tcfg)):
@@ -344,17 +344,19 @@ class Trainer:
         return out
 
 
-def training_plan(cfgs: list[DictionaryConfig], tcfg: TrainConfig) -> Plan:
+def training_plan(cfgs: list[DictionaryConfig], tcfg: TrainConfig, extra: dict[str, float] | None = None) -> Plan:
     """Peak memory of training `cfgs` together on `tcfg.device` (bytes, estimated from the shapes): per
     dictionary its weights, their gradients and Adam's two moments (16 bytes a parameter, fp32) and the TopK
-    workspace; per batch row the input, target, reconstruction and error rows and the k codes."""
+    workspace; per batch row the input, target, reconstruction and error rows and the k codes, or a dense
+    architecture's codes and pre-activations with their gradients; `extra`: other fixed terms (a stream's
+    shuffle buffer and forward pass on the same device, see stream.stream_memory)."""
     device = resolve_device(tcfg.device)
-    fixed: dict[str, float] = {"weights, gradients and Adam state": 0.0, "TopK workspace": 0.0}
+    fixed: dict[str, float] = {"weights, gradients and Adam state": 0.0, "TopK workspace": 0.0, **(extra or {})}
     per_row = 0.0
     for cfg in cfgs:
         params = cfg.d_sae * (cfg.d_in + cfg.out_dim + 1) + cfg.out_dim + (cfg.d_in * cfg.out_dim if cfg.skip else 0)
         fixed["weights, gradients and Adam state"] += 16.0 * params
-        if cfg.k is not None:
+        if architecture_class(cfg.architecture).sparse_topk:
             fixed["TopK workspace"] += 4.0 * workspace_rows(tcfg.batch_size, cfg.d_sae) * cfg.d_sae
         else:  # dense codes and pre-activations, with their gradients
             per_row += 16.0 * cfg.d_sae
@@ -448,6 +450,7 @@ def _train_and_save(
     cfg: DictionaryConfig, batches: Iterable[Batch], out: str | Path, tcfg: TrainConfig, progress: bool,
     record: dict[str, Any], ranks: Group | None = None,
     heldout: Callable[[Dictionary], dict[str, Any] | None] | None = None, no_heldout: str = "",
+    memory: dict[str, float] | None = None,
 ) -> tuple[Path, dict[str, float]]:  # fmt: skip
     """Train one dictionary (checkpoints in `out`.checkpoints), save it scale-folded in the SAELens layout
     at `out`, and record how in `out`/training.json (rank 0 writes; the ranks' weights are the same).
@@ -468,7 +471,7 @@ def _train_and_save(
     from aimri.dictionaries.formats import load_dictionary, save_dictionary
 
     ranks = ranks or Group()
-    plan = training_plan([cfg], tcfg)
+    plan = training_plan([cfg], tcfg, memory)
     plan.check()
     trainer = Trainer(cfg, tcfg, ranks)
     out = Path(out)
@@ -481,7 +484,8 @@ def _train_and_save(
             yield batch
 
     start = time.perf_counter()
-    with out_of_memory(plan, "the last checkpoint is kept: rerun with a smaller `batch_size` to resume"):
+    kept = f"the last checkpoint is kept: resume with more free memory, or delete {out.name}.checkpoints to start over with the lower one"
+    with out_of_memory(plan, kept):
         last = fit([trainer], remembered(), checkpoint_dir=out.with_name(out.name + ".checkpoints"), progress=progress)[
             0
         ]
@@ -606,7 +610,7 @@ def train_from_subject(
     """As `train_from_store`, but streamed from the model's forward passes (no store on disk; windows of
     `settings.context` tokens): the corpus is cycled when it holds fewer tokens than asked for; resumable
     (the stream replays deterministically)."""
-    from aimri.dictionaries.stream import subject_batches
+    from aimri.dictionaries.stream import stream_memory, subject_batches
 
     settings = settings or DictionarySettings()
     _refuse_crosscoder(settings)
@@ -626,7 +630,8 @@ def train_from_subject(
         "harvested from other text measures it)"
     )
     tcfg = replace(settings.train_config(), device=str(subject.device))  # the rows never leave the model's device
-    return _train_and_save(cfg, batches, out, tcfg, progress, record, no_heldout=why)
+    memory = stream_memory(subject, sites, settings.batch_size, context)
+    return _train_and_save(cfg, batches, out, tcfg, progress, record, no_heldout=why, memory=memory)
 
 
 def train_transcoders(
@@ -645,7 +650,7 @@ def train_transcoders(
     data-parallel."""
     from aimri.dictionaries.evaluate import downstream_metrics, reconstruction_from_pairs, rows_from_windows
     from aimri.dictionaries.formats import load_dictionary, save_dictionary
-    from aimri.dictionaries.stream import heldout_windows, subject_batches
+    from aimri.dictionaries.stream import heldout_windows, stream_memory, subject_batches
     from aimri.progress import progress_bar
 
     c = config or TranscodersConfig()
@@ -678,9 +683,12 @@ def train_transcoders(
         subject, corpus, sites, batch_size=c.batch_size, context=c.context, seed=c.seed, heldout_every=c.heldout_every
     )
     if trainers:
-        plan = training_plan([t.dcfg for t in trainers], trainers[0].tcfg)
+        plan = training_plan(
+            [t.dcfg for t in trainers], trainers[0].tcfg, stream_memory(subject, sites, c.batch_size, c.context)
+        )
         plan.check()
-        with out_of_memory(plan, "the last checkpoints are kept: rerun with a smaller `batch_size` or fewer `layers`"):
+        kept = "the last checkpoints are kept: resume with more free memory, or delete .checkpoints to start over with the lower one"
+        with out_of_memory(plan, kept):
             fit(trainers, batches, checkpoint_dir=checkpoints, progress=progress)
     fresh = next(batches, None) if trainers else None  # rows no step trained on: the inference form's calibration
     for layer, trainer in zip(layers, trainers, strict=True):

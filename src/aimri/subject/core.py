@@ -61,6 +61,13 @@ class Subject:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @property
+    def cache_key(self) -> str:
+        """What a cached result of this model is keyed by: the revision, plus the dtype when it is not fp32
+        (a bf16 model's answers and statistics differ from the fp32 ones; fp32 keys are the plain revision)."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        return self.revision if dtype == "float32" else f"{self.revision}@{dtype}"
+
     def layer(self, index: int) -> nn.Module:
         return self._layers[index]  # type: ignore[index]
 
