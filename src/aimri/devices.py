@@ -201,12 +201,10 @@ class Plan:
 def _is_oom(err: BaseException) -> bool:
     import torch
 
-    if isinstance(err, torch.OutOfMemoryError):
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
         return True
-    text = str(err).lower()
-    return isinstance(err, (RuntimeError, MemoryError)) and (
-        "out of memory" in text or "can't allocate memory" in text or isinstance(err, MemoryError)
-    )
+    text = str(err).lower()  # the CPU allocator's and some backends' RuntimeErrors
+    return "out of memory" in text or "can't allocate memory" in text
 
 
 @contextlib.contextmanager

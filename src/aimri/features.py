@@ -99,8 +99,7 @@ def feature_set_dir(subject: Any, config: FeaturesConfig | None = None) -> Path:
     (every FeaturesConfig field: a set built with other epochs or seed is another set)."""
     c = config or FeaturesConfig()
     digest = hashlib.sha256(json.dumps(_settings(subject, c), sort_keys=True).encode()).hexdigest()[:8]
-    folder = subject.revision[:24] + subject.cache_key[len(subject.revision) :]  # "@bfloat16" for a bf16 model
-    return aimri_home() / "features" / slug(subject.name) / folder / f"{c.name_for(subject)}-{digest}"
+    return aimri_home() / "features" / slug(subject.name) / subject.cache_folder / f"{c.name_for(subject)}-{digest}"
 
 
 def cached_features(subject: Any, config: FeaturesConfig | None = None) -> FeatureSet | None:

@@ -7,7 +7,6 @@ per-token activations of the chosen examples can be read back at the end.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 from collections.abc import Iterable, Iterator
@@ -183,8 +182,7 @@ def mine(
     if subject.site_dim(site) != cfg.d_in:
         raise AimriError(f"{site} is {subject.site_dim(site)} wide; the dictionary expects d_in={cfg.d_in}")
     F = cfg.d_sae
-    if dictionary.W_enc.device != subject.device:  # encoded on the model's device (a copy); statistics on the host
-        dictionary = copy.deepcopy(dictionary).to(subject.device)
+    dictionary = dictionary.on(subject.device)  # encoded on the model's device; statistics on the host
     packing = packing_for(dictionary, subject.tokenizer, context)  # windows open as the dictionary's training ones
     n_windows = max(1, tokens // context)
     plans = atlas_plans(subject, F, context, batch_windows, top_n, reservoir, from_model=source is None)

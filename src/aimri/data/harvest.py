@@ -23,8 +23,7 @@ from aimri.progress import progress_bar
 from aimri.subject.core import Subject
 from aimri.subject.memory import forward_bytes
 
-DTYPES = {"float32": np.float32, "float16": np.float16}  # on disk (numpy has no bfloat16)
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16}  # on disk (numpy, the shards' format, has no bfloat16)
 
 
 def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
@@ -184,7 +183,7 @@ def harvest(
                 valid = sel.numpy()
                 on_device = sel.to(subject.device)
                 for s in parsed:  # cast on the device, then one copy of the kept rows to the host
-                    acts[s].append(out_acts[s][on_device].to(TORCH_DTYPES[dtype]).cpu().numpy())
+                    acts[s].append(out_acts[s][on_device].to(DTYPES[dtype]).cpu().numpy())
                 first = shard_index * windows_per_shard + b * batch_size
                 win_idx = np.broadcast_to(np.arange(first, first + len(batch))[:, None], valid.shape)
                 offsets = np.broadcast_to(np.arange(valid.shape[1], dtype=np.int32), valid.shape)

@@ -430,7 +430,7 @@ def _own_findings(stages: dict[str, Any]) -> list[Finding]:
 def model_cache(subject: Subject, log: Callable[[str], None] = print) -> StageCache:
     """Stages that depend on one model only (its probes, its refusal rates), shared by every scan of it."""
     return StageCache(
-        aimri_home() / "cache" / "checkup" / (subject.revision[:24] + subject.cache_key[len(subject.revision) :]),
+        aimri_home() / "cache" / "checkup" / subject.cache_folder,
         {"model": subject.cache_key, "version": 3},
         log,
     )

@@ -8,6 +8,7 @@ W_dec [d_sae, d_out], b_dec [d_out], optional threshold [d_sae] (JumpReLU) and W
 
 from __future__ import annotations
 
+import copy
 import importlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -224,6 +225,10 @@ class Dictionary(nn.Module):
         """Saving: the tensors `save_dictionary` writes (copies), in the inference form `saved_architecture`
         names; by default the parameters as they are."""
         return {k: v.detach().contiguous().clone() for k, v in self.state_dict().items() if v is not None}
+
+    def on(self, device: torch.device) -> Self:
+        """This dictionary on `device`: itself when already there, else a moved copy (the caller's stays put)."""
+        return self if self.W_enc.device == device else copy.deepcopy(self).to(device)
 
     @property
     def d_sae(self) -> int:

@@ -3,7 +3,6 @@ downstream cost of splicing it into the model (CE loss recovered, KL to the clea
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import math
@@ -148,8 +147,7 @@ def downstream_metrics(
         )
     if not windows:
         raise AimriError("no held-out windows left in the corpus for the downstream evaluation; use a larger corpus")
-    if dictionary.W_enc.device != subject.device:  # spliced on the model's device (a copy: the caller's stays)
-        dictionary = copy.deepcopy(dictionary).to(subject.device)
+    dictionary = dictionary.on(subject.device)  # spliced on the model's device
     dictionary.eval()
     totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
     count = 0

@@ -44,8 +44,8 @@ class LatentIndex:
     """The batch's (token, latent) pairs grouped by latent: a CSR pattern of the [d_sae, batch] code matrix
     ("csr" kernel), or the pairs as they are ("index_add" kernel, see kernel_for)."""
 
-    def __init__(self, idx: Tensor, d_sae: int, kernel: str | None = None) -> None:
-        self.kernel = kernel or kernel_for(idx.device)
+    def __init__(self, idx: Tensor, d_sae: int) -> None:
+        self.kernel = kernel_for(idx.device)
         self.idx, self.d_sae = idx, d_sae
         self.shape = (d_sae, idx.shape[0])
         if self.kernel == "index_add":

@@ -64,7 +64,7 @@ def _split(batch: Batch, cfg: DictionaryConfig, device: torch.device | None = No
     """(input rows, target rows) of a batch, on `device` when given (an SAE's target is its input: one copy)."""
     if isinstance(batch, dict):
         x = batch[cfg.site]
-        x, y = x, batch[cfg.site_out] if cfg.is_transcoder else x
+        y = batch[cfg.site_out] if cfg.is_transcoder else x
     else:
         x, y = batch if isinstance(batch, tuple) else (batch, batch)
     if device is None:
@@ -484,11 +484,10 @@ def _train_and_save(
             yield batch
 
     start = time.perf_counter()
-    kept = f"the last checkpoint is kept: resume with more free memory, or delete {out.name}.checkpoints to start over with the lower one"
+    checkpoints = out.with_name(out.name + ".checkpoints")
+    kept = f"the last checkpoint is kept: resume with more free memory, or delete {checkpoints} to start over with the lower one"
     with out_of_memory(plan, kept):
-        last = fit([trainer], remembered(), checkpoint_dir=out.with_name(out.name + ".checkpoints"), progress=progress)[
-            0
-        ]
+        last = fit([trainer], remembered(), checkpoint_dir=checkpoints, progress=progress)[0]
     record = {**record, "seconds": round(time.perf_counter() - start, 3)}
     if ranks.leader:
         save_dictionary(calibrated(trainer.export(), next(source, None), cfg), out)

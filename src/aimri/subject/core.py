@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from aimri.devices import dtype_name
 from aimri.errors import AimriError
 from aimri.subject.adapters import Adapter, adapter_for, get_module
 from aimri.subject.sites import Site, all_site_names, parse_site
@@ -62,11 +63,19 @@ class Subject:
         return next(self.model.parameters()).dtype
 
     @property
+    def _dtype_tag(self) -> str:
+        return "" if self.dtype == torch.float32 else f"@{dtype_name(self.dtype)}"
+
+    @property
     def cache_key(self) -> str:
         """What a cached result of this model is keyed by: the revision, plus the dtype when it is not fp32
         (a bf16 model's answers and statistics differ from the fp32 ones; fp32 keys are the plain revision)."""
-        dtype = str(self.dtype).removeprefix("torch.")
-        return self.revision if dtype == "float32" else f"{self.revision}@{dtype}"
+        return self.revision + self._dtype_tag
+
+    @property
+    def cache_folder(self) -> str:
+        """`cache_key` as a folder name: the revision's first 24 characters, plus the dtype when not fp32."""
+        return self.revision[:24] + self._dtype_tag
 
     def layer(self, index: int) -> nn.Module:
         return self._layers[index]  # type: ignore[index]
