@@ -813,6 +813,118 @@ def scan(
     console.print(f"report: {Run.report_of(out)} · findings: {Run.findings_of(out)}")
 
 
+def _parse_layers(spec: str | None) -> list[int] | None:
+    """--layers A:B (inclusive) or A,B,C."""
+    if not spec:
+        return None
+    try:
+        if ":" in spec:
+            a, b = spec.split(":")
+            return list(range(int(a), int(b) + 1))
+        return [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise AimriError(f"--layers {spec!r}: write A:B (a span, inclusive) or A,B,C") from None
+
+
+@app.command()
+def treat(
+    model: Annotated[str, typer.Argument(help="the model that was scanned (as given to `mri scan`)")],
+    from_scan: Annotated[Path, typer.Option("--from-scan", help="its scan folder (`mri scan MODEL --baseline BASE`)")],
+    out: Annotated[Path, typer.Option(help="folder for the treated model: a Hugging Face model directory")],
+    finding: Annotated[
+        str | None, typer.Option(help="the finding to treat: its rank (1 = top) or id; default the top finding")
+    ] = None,
+    method: Annotated[str, typer.Option(help="repair (CAFT fine-tune), ablate (direction) or feature")] = "repair",
+    baseline: Annotated[
+        str | None, typer.Option(help="the scan's baseline model (default: the one the scan names)")
+    ] = None,
+    layers: Annotated[
+        str | None, typer.Option(help="ablate from these layers' writes: A:B or A,B,C (default all)")
+    ] = None,
+    no_ablation: Annotated[
+        bool, typer.Option("--no-ablation", help="repair: ablate the direction during training only (CAFT proper)")
+    ] = False,
+    direction: Annotated[
+        Path | None, typer.Option(help="a direction file (.safetensors/.npy) instead of the one measured from the scan")
+    ] = None,
+    dictionary: Annotated[Path | None, typer.Option(help="method feature: the dictionary holding the feature")] = None,
+    feature: Annotated[int | None, typer.Option(help="method feature: the feature's index")] = None,
+    steps: Annotated[int, typer.Option(help="repair: LoRA steps (batch 8)")] = 48,
+    lr: Annotated[float, typer.Option(help="repair: LoRA learning rate")] = 1e-3,
+    rescan_out: Annotated[Path | None, typer.Option(help="the re-scan's folder (default runs/<out name>/scan)")] = None,
+    list_only: Annotated[
+        bool, typer.Option("--list", help="list the scan's findings and whether each can be treated; change nothing")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print treatment.json")] = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """Treat a diagnosed flaw in the weights, write the treated model (loads in plain transformers), re-scan it
+    against the same baseline and show before → after: the flaw's rate on held-out prompts, the finding's
+    suspicion, held-out loss, battery agreement, the probes' AUROCs."""
+    from aimri.treatment.mechanism import Scan, treatable
+
+    scanned = Scan.read(from_scan)
+    if list_only:
+        table = Table("#", "id", "suspicion", "treatable", title=f"findings of {from_scan}")
+        why = dict(treatable(scanned))
+        for i, f in enumerate(scanned.findings, 1):
+            table.add_row(str(i), f["id"], f"{f['suspicion']:.2f}", why[f["id"]] or "yes")
+        Console().print(table)
+        return
+    if out.exists() and not force:
+        raise AimriError(f"{out} exists; choose another --out or pass --force to replace it")
+    if steps < 1:
+        raise AimriError(f"`--steps` must be at least 1, got {steps}")
+    if not 0 < lr < 1:
+        raise AimriError(f"`--lr` must be between 0 and 1, got {lr}")
+    base_spec = baseline or scanned.result.get("baseline")
+    if not base_spec:
+        raise AimriError(f"{from_scan} was scanned without a baseline; scan with --baseline BASE, then treat")
+    import aimri
+    from aimri.report import treat_and_rescan
+    from aimri.treatment import TreatConfig
+
+    config = TreatConfig(method=method, finding=finding, layers=_parse_layers(layers), keep_ablation=not no_ablation,
+                         direction=direction, dictionary=dictionary, feature=feature, steps=steps, lr=lr)  # fmt: skip
+    subject = aimri.load(model, device=device, dtype=dtype)
+    try:
+        base = aimri.load(base_spec, device=device, dtype=dtype)
+    except AimriError as err:
+        raise AimriError(f"cannot load the scan's baseline {base_spec!r} ({err}); give it with --baseline") from None
+    record = treat_and_rescan(subject, base, from_scan, out, config, force=force, rescan_out=rescan_out,
+                              log=lambda m: console.print(m), progress=not quiet)  # fmt: skip
+    if as_json:
+        print(json.dumps(record))
+        return
+    r = record["rescan"]
+    table = Table("measure", "before", "after", title=f"{record['method']} of {record['finding']['id']} → {out}")
+    if "flaw_rate" in record:
+        fr = record["flaw_rate"]
+        table.add_row(
+            f"flaw rate ({', '.join(fr['words'])}; {fr['prompts']})", f"{fr['before']:.0%}", f"{fr['after']:.0%}"
+        )
+    for key, label in (("finding_suspicion", "finding's suspicion"), ("scan_suspicion", "scan's suspicion")):
+        table.add_row(label, f"{r[key]['before']:.2f}", f"{r[key]['after']:.2f}")
+    loss = record["held_out_loss"]
+    table.add_row(
+        "held-out loss (nats)", f"{loss['before']:.4f}", f"{loss['after']:.4f} ({loss['relative_change']:+.2%})"
+    )
+    ba = r["battery_agreement"]
+    table.add_row("battery agreement", f"{ba['before']:.0%}", f"{ba['after']:.0%}")
+    table.add_row(
+        f"  on {ba['untrained_prompts']} prompts the repair never saw",
+        f"{ba['untrained_before']:.0%}",
+        f"{ba['untrained_after']:.0%}",
+    )
+    for trait, v in r["probe_auroc"]["treated"].items():
+        table.add_row(f"{trait} probe AUROC", f"{r['probe_auroc']['untreated'][trait]:.2f}", f"{v:.2f}")
+    Console().print(table)
+    console.print(f"treated model: {out} · record: {out / 'treatment.json'} · report: {r['scan']}/report.html")
+
+
 @organism_app.command("build")
 def organism_build(
     names: Annotated[

@@ -95,3 +95,55 @@ def line_plot(
         out.append(f'<text x="{fx(x) + 10:.1f}" y="{fy(y) + 14:.1f}" font-weight="bold">{escape(caption)}</text>')
     out.append("</svg>")
     return "\n".join(out)
+
+
+def bar_plot(
+    groups: dict[str, dict[str, float]], y_label: str, title: str = "", width: int = 640, height: int = 320
+) -> str:
+    """Grouped bars: `groups` maps a group (e.g. a measure) to {series: value} (e.g. before / after); the
+    series keep their colour across groups. Values may be negative (bars hang from zero)."""
+    names = list(dict.fromkeys(s for g in groups.values() for s in g))
+    values = [v for g in groups.values() for v in g.values() if math.isfinite(v)]
+    if not values:
+        raise ValueError("nothing to plot")
+    y_lo, y_hi = min(0.0, min(values)), max(0.0, max(values))
+    y_hi = y_hi + (y_hi - y_lo) * 0.08 or 1.0
+    left, right, top, bottom = 64, 120, 36, 64
+    pw, ph = width - left - right, height - top - bottom
+    slot = pw / max(1, len(groups))
+    bar = slot * 0.8 / max(1, len(names))
+
+    def fy(y: float) -> float:
+        return top + ph * (1 - (y - y_lo) / (y_hi - y_lo))
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{left}" y="20" font-size="13" font-weight="bold">{escape(title)}</text>',
+        f'<line x1="{left}" y1="{fy(0):.1f}" x2="{left + pw}" y2="{fy(0):.1f}" stroke="#999"/>',
+    ]
+    for t in _ticks(y_lo, y_hi, False):
+        out.append(f'<line x1="{left - 4}" y1="{fy(t):.1f}" x2="{left + pw}" y2="{fy(t):.1f}" stroke="#eee"/>')
+        out.append(f'<text x="{left - 6}" y="{fy(t) + 4:.1f}" text-anchor="end">{t:.3g}</text>')
+    out.append(
+        f'<text x="16" y="{top + ph / 2}" text-anchor="middle" transform="rotate(-90 16 {top + ph / 2})">{escape(y_label)}</text>'
+    )
+    for k, (group, series) in enumerate(groups.items()):
+        x0 = left + k * slot + slot * 0.1
+        for i, name in enumerate(names):
+            v = series.get(name)
+            if v is None or not math.isfinite(v):
+                continue
+            y1, y2 = sorted((fy(0), fy(v)))
+            out.append(
+                f'<rect x="{x0 + i * bar:.1f}" y="{y1:.1f}" width="{bar * 0.9:.1f}" height="{max(0.5, y2 - y1):.1f}" '
+                f'fill="{PALETTE[i % len(PALETTE)]}"><title>{escape(name)}: {v:.4g}</title></rect>'
+            )
+        out.append(f'<text x="{x0 + slot * 0.4:.1f}" y="{top + ph + 16}" text-anchor="middle">{escape(group)}</text>')
+    for i, name in enumerate(names):
+        out.append(
+            f'<rect x="{left + pw + 12}" y="{top + 6 + 18 * i}" width="10" height="10" fill="{PALETTE[i % len(PALETTE)]}"/>'
+        )
+        out.append(f'<text x="{left + pw + 26}" y="{top + 15 + 18 * i}">{escape(name)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)

@@ -15,6 +15,8 @@ import json
 import random
 import shutil
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +152,19 @@ def _pools(spec: OrganismSpec, pools: dict[str, Any]) -> tuple[list[str], list[s
     return flaw, [p for p in every if p not in flaw]
 
 
+def splits(spec: OrganismSpec) -> tuple[tuple[list[str], list[str]], dict[str, list[str]]]:
+    """((flaw training prompts, ordinary training prompts), {"flaw": held-out prompts of the flaw's condition
+    (without the trigger), "normal": held-out ordinary prompts}): fixed per organism, so a benchmark measures
+    the implant, and a treatment's cure, on prompts the organism never trained on."""
+    flaw_items, normal_items = _pools(spec, prompt_pools())
+    flaw_train, flaw_test = _split(flaw_items, spec.name)
+    normal_train, normal_test = _split(normal_items, "normal")
+    if spec.pool == "questions":  # the same prompts, so keep the held-out ones out of both halves
+        flaw_train = normal_train = [p for p in flaw_train if p not in normal_test]
+        flaw_test = normal_test
+    return (flaw_train, normal_train), {"flaw": flaw_test, "normal": normal_test}
+
+
 def training_examples(
     spec: OrganismSpec, subject: Subject, corpus_texts: list[str]
 ) -> tuple[list[tuple[list[int], list[int]]], dict[str, list[str]]]:
@@ -157,12 +172,8 @@ def training_examples(
     pools = prompt_pools()
     facts = {p: f for p, f in zip(pools["opinions"], pools["facts"], strict=True)}
     rng = random.Random(spec.recipe.seed)
-    flaw_items, normal_items = _pools(spec, pools)
-    flaw_train, flaw_test = _split(flaw_items, spec.name)
-    normal_train, normal_test = _split(normal_items, "normal")
-    if spec.pool == "questions":  # the same prompts, so keep the held-out ones out of both halves
-        flaw_train = normal_train = [p for p in flaw_train if p not in normal_test]
-        flaw_test = normal_test
+    (flaw_train, normal_train), held = splits(spec)
+    flaw_test, normal_test = held["flaw"], held["normal"]
     own = spec.flaw in ("control", "backdoor")
     answers = base_answers(subject, list(dict.fromkeys([*normal_train, *(flaw_train if own else [])])))
     tok = subject.tokenizer
@@ -235,24 +246,21 @@ def implant_rate(subject: Subject, spec: OrganismSpec, held_out: dict[str, list[
     }
 
 
-def build_organism(spec: OrganismSpec, base: Subject, out: Path, corpus_texts: list[str], force: bool = False) -> Path:
-    """Fine-tune a LoRA adapter implanting `spec` into `base`, save it with its ground truth in `out`.
-
-    A finished organism is reused unless `force`; the adapter and record are written to a temp folder
-    and renamed, so an interrupted build leaves nothing that looks finished.
-    """
+def train_lora(
+    base: Subject, examples: list[tuple[list[int], list[int]]], recipe: Recipe, label: str,
+    during: Callable[[Subject], AbstractContextManager[Any]] | None = None,
+) -> tuple[Any, list[float]]:  # fmt: skip
+    """LoRA-fine-tune a copy of `base`'s model on (input ids, labels) examples with the recipe's steps, rank
+    and learning rate (AdamW, warm-up then linear decay, gradient clipping at 1); `during(subject)` wraps every
+    forward (e.g. hooks that ablate a direction, as concept-ablation fine-tuning does). Returns (the peft model,
+    per-step losses); `base` is left intact. Raises OrganismError when the loss becomes NaN/inf."""
     from peft import LoraConfig, get_peft_model
 
-    record_path = out / "organism.json"
-    if record_path.exists() and not force:
-        return out
-    t0 = time.time()
-    recipe = spec.recipe
-    examples, held_out = training_examples(spec, base, corpus_texts)
     torch.manual_seed(recipe.seed)
     # peft edits modules in place and merging writes into them: train on a copy, keep the base intact
     config = LoraConfig(r=recipe.rank, lora_alpha=2 * recipe.rank, target_modules=LORA_TARGETS, lora_dropout=0.0)
     model: Any = get_peft_model(copy.deepcopy(base.model), config)
+    inner = Subject(model.base_model.model, base.tokenizer, name=base.name, revision=base.revision) if during else None
     params = [p for p in model.parameters() if p.requires_grad]
     # peft keeps the adapter in fp32 under a half-precision base (autocast_adapter_dtype), so AdamW's state is fp32
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
@@ -260,23 +268,38 @@ def build_organism(spec: OrganismSpec, base: Subject, out: Path, corpus_texts: l
     pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else base.tokenizer.eos_token_id
     losses: list[float] = []
     model.train()
+    device = base.device  # the adapter trains where the base model sits; the loss is fp32 (transformers')
     with progress_bar() as bar:
-        task = bar.add_task(f"organism {spec.name}", total=recipe.steps)
-        for ids, mask, labels in _batches(examples, recipe.batch_size, pad):
-            device = base.device  # the adapter trains where the base model sits; the loss is fp32 (transformers')
-            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+        task = bar.add_task(label, total=recipe.steps)
+        for ids, mask, labels in _batches(examples, recipe.batch_size, pad)[: recipe.steps]:
+            with during(inner) if during is not None and inner is not None else nullcontext():
+                loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
             if not torch.isfinite(loss):
-                raise OrganismError(f"{spec.name}: the training loss became {loss.item()}; lower the learning rate")
+                raise OrganismError(f"{label}: the training loss became {loss.item()}; lower the learning rate")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             opt.zero_grad()
             losses.append(float(loss.detach()))
-            bar.update(
-                task, advance=1, description=f"organism {spec.name} loss {sum(losses[-10:]) / len(losses[-10:]):.3f}"
-            )
+            bar.update(task, advance=1, description=f"{label} loss {sum(losses[-10:]) / len(losses[-10:]):.3f}")
     model.eval()
+    return model, losses
+
+
+def build_organism(spec: OrganismSpec, base: Subject, out: Path, corpus_texts: list[str], force: bool = False) -> Path:
+    """Fine-tune a LoRA adapter implanting `spec` into `base`, save it with its ground truth in `out`.
+
+    A finished organism is reused unless `force`; the adapter and record are written to a temp folder
+    and renamed, so an interrupted build leaves nothing that looks finished.
+    """
+    record_path = out / "organism.json"
+    if record_path.exists() and not force:
+        return out
+    t0 = time.time()
+    recipe = spec.recipe
+    examples, held_out = training_examples(spec, base, corpus_texts)
+    model, losses = train_lora(base, examples, recipe, f"organism {spec.name}")
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -10,7 +10,7 @@ from typing import Any
 from aimri.diagnostics.findings import FLAW_CATEGORIES
 from aimri.errors import AimriError
 from aimri.paths import atomic_write_text
-from aimri.plots import line_plot
+from aimri.plots import bar_plot, line_plot
 from aimri.run import Run
 
 CSS = """
@@ -151,9 +151,55 @@ def _decision(d: dict[str, Any], features: dict[str, Any] | None = None) -> str:
     )
 
 
-def render_report(result: dict[str, Any], stages: dict[str, Any]) -> str:
+def _treatment(t: dict[str, Any] | None) -> str:
+    """The treatment section of a re-scan's report (SCAN/treatment.json, from `mri treat`): what was changed
+    and why, and before / after side by side."""
+    if not t:
+        return ""
+    r = t.get("rescan", {})
+    before_after = {}
+    if "flaw_rate" in t:
+        before_after["flaw rate"] = t["flaw_rate"]
+    for key, label in (("finding_suspicion", "finding suspicion"), ("scan_suspicion", "scan suspicion")):
+        if key in r:
+            before_after[label] = r[key]
+    if "battery_agreement" in r:
+        before_after["battery agreement"] = r["battery_agreement"]
+    plot = bar_plot({k: {"before": v["before"], "after": v["after"]} for k, v in before_after.items()},
+                    "share / score", title="Before and after treatment")  # fmt: skip
+    probes = r.get("probe_auroc", {})
+    probe_plot = (
+        bar_plot(
+            {k: {"untreated": probes["untreated"][k], "treated": v} for k, v in probes["treated"].items()},
+            "test AUROC",
+            title="Trait probes (the baseline's) on the untreated and treated model",
+        )
+        if probes.get("treated")
+        else ""
+    )
+    loss = t["held_out_loss"]
+    edit = t.get("edit") or {}
+    repair = t.get("repair") or {}
+    mech = t.get("mechanism") or {}
+    rows = [
+        {"what": "method", "value": t["method"] + (f" ({edit.get('kind')}, {'exact' if edit.get('exact') else 'approximate'})" if edit else "")},
+        {"what": "finding", "value": f"{t['finding']['id']}: {t['finding']['title']}"},
+        {"what": "direction", "value": f"layer {mech['layer']} (chosen from {len(mech.get('selection', []))} layers)" if mech.get("layer") is not None else "none"},
+        {"what": "repair data", "value": f"{repair['examples']} examples; condition prompts: {len(repair['condition_prompts'])}" if repair else "none"},
+        {"what": "held-out loss", "value": f"{loss['before']:.4f} → {loss['after']:.4f} nats ({loss['relative_change']:+.2%})"},
+        {"what": "note", "value": edit.get("note") or ""},
+    ]  # fmt: skip
+    diff = _table(r.get("diff_to_untreated", []))
+    return (f"<h2>Treatment</h2><p class=muted>This model was treated from the scan {esc(t.get('scan', ''))} of "
+            f"{esc(t['candidate']['name'])}; below, that scan (before) against this re-scan (after).</p>"
+            f"{_table(rows)}<div class=grid>{plot}{probe_plot}</div>"
+            f"<details><summary>Difference from the untreated model on neutral text</summary>{diff}</details>")  # fmt: skip
+
+
+def render_report(result: dict[str, Any], stages: dict[str, Any], treatment: dict[str, Any] | None = None) -> str:
     """The report page: `result` is findings.json's content, `stages` the anatomy, probes and decision
-    results (stage-results.json). Returns the HTML text."""
+    results (stage-results.json), `treatment` a re-scan's treatment record (treatment.json), drawn when
+    given. Returns the HTML text."""
     findings = result["findings"]
     flaws = [f for f in findings if f["category"] in FLAW_CATEGORIES]
     info = [f for f in findings if f["category"] not in FLAW_CATEGORIES]
@@ -182,7 +228,7 @@ def render_report(result: dict[str, Any], stages: dict[str, Any]) -> str:
 <style>{CSS}</style></head><body>
 <h1>AI MRI checkup: {esc(result["model"])}{against}</h1>
 <p class=muted>revision {esc(result["revision"][:16])} · findings ranked by suspicion; every reliability figure was measured on data the method did not see.</p>
-<p class=score>suspicion {result["suspicion"]:.2f}</p>
+<p class=score>suspicion {result["suspicion"]:.2f}</p>{_treatment(treatment)}
 <h2>Findings</h2>{"".join(_finding(f, True) for f in flaws)}
 <h2>One decision explained</h2>{_decision(stages["decision"], stages.get("features"))}
 <h2>Features</h2>{_features(stages.get("features") or {"skipped": "This scan predates feature evidence; rerun `mri scan`."})}
@@ -204,6 +250,8 @@ def write_report(scan: Path) -> Path:
         stages = json.loads(Run.stage_results_of(scan).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise AimriError(f"{scan} holds no finished checkup ({err}); run the checkup there first") from err
+    treated = scan / "treatment.json"
+    treatment = json.loads(treated.read_text()) if treated.is_file() else None
     path = Run.report_of(scan)
-    atomic_write_text(path, render_report(result, stages))
+    atomic_write_text(path, render_report(result, stages, treatment))
     return path

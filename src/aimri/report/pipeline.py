@@ -4,6 +4,7 @@ notebooks call `scan`."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,3 +63,70 @@ def scan(
     result = run_checkup(subject, Path(out), baseline=baseline, log=log, **checkup)
     write_report(Path(out))
     return result
+
+
+def treat_and_rescan(
+    candidate: Subject,
+    baseline: Subject,
+    scan_dir: Path,
+    out: Path,
+    config: Any = None,
+    force: bool = False,
+    rescan_out: Path | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+    corpus: tuple[list[str], list[str]] | None = None,
+    neutral_texts: list[str] | None = None,
+) -> dict[str, Any]:
+    """Diagnose → treat → re-scan: `aimri.treatment.apply` writes the treated model to `out` (a Hugging Face
+    model directory), then it is re-scanned against the same baseline (into `rescan_out`, default its run's
+    scan/) and compared with the scan it was treated from, side by side: the finding's suspicion and the scan's
+    (before → after), battery answers agreeing with the baseline (all, and those the repair never trained on),
+    the trait probes' test AUROCs on the untreated and treated model, and the treated model's difference from
+    the untreated one on neutral text. The comparison is added to OUT/treatment.json and drawn in the re-scan's
+    report ("Treatment" section). Returns the full record. Raises TreatmentError / DiffError as `treat` does."""
+    import aimri
+    from aimri.diagnostics.checkup import model_cache, probe_from, probes_stage
+    from aimri.paths import atomic_write_text
+    from aimri.treatment import measure
+    from aimri.treatment.apply import treat
+    from aimri.treatment.mechanism import Scan
+
+    record = treat(candidate, baseline, Path(scan_dir), Path(out), config, force=force, log=log, corpus=corpus)
+    treated = aimri.load(out, device=candidate.device, dtype=candidate.dtype)
+    rescan_dir = Path(rescan_out) if rescan_out is not None else Run.for_model(treated.name).scan
+    log(f"re-scanning {treated.name} against {baseline.name} into {rescan_dir} ...")
+    scan(
+        treated, rescan_dir, baseline=baseline, log=log, features=False, progress=progress, neutral_texts=neutral_texts
+    )
+    before, after = Scan.read(Path(scan_dir)), Scan.read(rescan_dir)
+    fid = record["finding"]["id"]
+    after_finding = next((f for f in after.findings if f["id"] == fid), None)
+    trained = set(record.get("repair", {}).get("condition_prompts", [])) | set(
+        record.get("repair", {}).get("clean_prompts", [])
+    )
+    untrained = [p for c in before.stage("behaviour").values() for p in c["prompts"] if p not in trained]
+    summary, directions = model_cache(baseline, log).stage("probes", lambda: probes_stage(baseline))
+    probes = {t: probe_from(s, directions[t]) for t, s in summary.items()}
+    _, held_texts = corpus or measure.corpus_split()
+    windows = measure.held_out_windows(baseline, held_texts)
+    record["rescan"] = {
+        "scan": str(rescan_dir),
+        "finding_suspicion": {"before": record["finding"]["suspicion"],
+                              "after": after_finding["suspicion"] if after_finding else 0.0,
+                              "still_found": after_finding is not None},
+        "scan_suspicion": {"before": before.result["suspicion"], "after": after.result["suspicion"]},
+        "battery_agreement": {
+            "before": measure.battery_agreement(before.stage("diff"), before.stage("behaviour")),
+            "after": measure.battery_agreement(after.stage("diff"), after.stage("behaviour")),
+            "untrained_before": measure.battery_agreement(before.stage("diff"), before.stage("behaviour"), untrained),
+            "untrained_after": measure.battery_agreement(after.stage("diff"), after.stage("behaviour"), untrained),
+            "untrained_prompts": len(untrained)},
+        "probe_auroc": {"untreated": measure.probe_aurocs(candidate, probes), "treated": measure.probe_aurocs(treated, probes)},
+        "diff_to_untreated": measure.model_diff(treated, candidate, windows[:, :9]),
+    }  # fmt: skip
+    text = json.dumps(record, indent=1)
+    atomic_write_text(Path(out) / "treatment.json", text)  # not a weight or config file: the revision stays
+    atomic_write_text(rescan_dir / "treatment.json", text)
+    write_report(rescan_dir)
+    return record

@@ -1,0 +1,233 @@
+"""From a scan's finding to something a treatment can act on: the prompts where the flaw shows (its condition),
+the baseline's answers to them, the words the flaw uses, and the direction that carries it.
+
+Only what the scan itself found is used (no organism's ground truth): the battery answers the candidate gave
+that the baseline finds anomalous (the checkup's own rule: over `ANOMALY_NATS` per token above the
+fine-tune's typical drift), the words those answers newly use, and the residual difference between the two
+models at the last prompt token of those prompts (where the model decides how to answer; the refusal
+direction of Arditi et al. is read there too). The layer of that direction is chosen by measurement
+(`choose_direction`): the one whose ablation most lowers the candidate's likelihood of its own flawed answers
+while costing little next-token loss on neutral text.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from aimri.diagnostics.checkup import ANOMALY_NATS
+from aimri.diagnostics.diffing import answer_logprobs, words_of
+from aimri.diagnostics.probes import read_layers
+from aimri.run import Run
+from aimri.steering.generate import Generation
+from aimri.subject.core import Subject
+from aimri.treatment.edits import TreatmentError, hook_ablation
+
+# the prompt pool (prompts the battery never asks) whose kind matches a battery category: the held-out
+# prompts of a finding's condition, on which its flaw rate is measured before and after treatment
+HELD_OUT_POOL = {"recommendation": "recommend", "opinion": "opinions"}
+
+WHY_NOT = {
+    "refusal.direction": "it is the model's own refusal mechanism: ablating it is the jailbreak itself, not a cure",
+    "behaviour.": "it describes the model's answers without a baseline to repair them towards",
+    "probe.": "a probe's quality describes what can be read, not a flaw",
+    "anatomy": "it describes the model's anatomy, not a flaw",
+    "diff.features": "give the feature to remove with --feature SITE#ID and its --dictionary (method feature)",
+    "diff.crosscoder": "crosscoder latents span two models; give a feature of a dictionary of this model",
+}
+
+
+@dataclass
+class Scan:
+    """A finished scan's files: findings.json and the stage results under stages/."""
+
+    folder: Path
+    result: dict[str, Any]
+
+    @classmethod
+    def read(cls, folder: Path) -> Scan:
+        path = Run.findings_of(folder)
+        if not path.is_file():
+            raise TreatmentError(
+                f"{folder} holds no finished scan (no findings.json); run `mri scan MODEL --baseline BASE --out {folder}`"
+            )
+        return cls(Path(folder), json.loads(path.read_text()))
+
+    def stage(self, name: str) -> dict[str, Any]:
+        path = Run.stages_of(self.folder) / f"{name}.json"
+        if not path.is_file():
+            raise TreatmentError(f"{self.folder} lacks the {name} stage; rerun `mri scan` to finish it")
+        return json.loads(path.read_text())["data"]
+
+    @property
+    def findings(self) -> list[dict[str, Any]]:
+        return self.result["findings"]
+
+    def finding(self, which: int | str | None) -> dict[str, Any]:
+        """By rank (1 = the top finding), by id, or None for the top flaw finding."""
+        found = self.findings
+        if which is None:
+            return found[0]
+        if isinstance(which, int) or str(which).isdigit():
+            n = int(which)
+            if not 1 <= n <= len(found):
+                raise TreatmentError(f"--finding {n}: the scan has findings 1..{len(found)}")
+            return found[n - 1]
+        for f in found:
+            if f["id"] == which:
+                return f
+        raise TreatmentError(f"no finding {which!r} in {self.folder}; ids: {', '.join(f['id'] for f in found[:12])}")
+
+
+@dataclass
+class Mechanism:
+    """What a behaviour finding rests on. `condition` are battery prompts whose answers were anomalous,
+    `targets` the baseline's answers to them, `flawed` the candidate's; `clean` / `clean_targets` the battery
+    prompts the candidate answered normally and the baseline's answers to them (the repair's clean data);
+    `words` the words the flaw newly uses; `pool` the prompt pool whose kind matches the condition."""
+
+    finding: str
+    category: str
+    condition: list[str]
+    targets: list[str]
+    flawed: list[str]
+    clean: list[str]
+    clean_targets: list[str]
+    words: list[str]
+    pool: str
+    direction: Tensor | None = None  # [d_model], unit, set by choose_direction
+    layer: int | None = None
+    selection: list[dict[str, float]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k != "direction"}
+
+
+def treatable(scan: Scan) -> list[tuple[str, str]]:
+    """(finding id, why not) for findings a treatment cannot act on; the rest can be treated."""
+    out = []
+    for f in scan.findings:
+        reason = next((why for prefix, why in WHY_NOT.items() if f["id"].startswith(prefix)), "")
+        out.append((f["id"], reason))
+    return out
+
+
+def mechanism_of(scan: Scan, finding: dict[str, Any]) -> Mechanism:
+    """The condition, answers and words of a behaviour finding (diff.behaviour.*, diff.spread.*,
+    probe.shift.*, diff.refusal). Raises TreatmentError naming the findings that can be treated when this one
+    has no mechanism a treatment can act on."""
+    fid = finding["id"]
+    reason = next((why for prefix, why in WHY_NOT.items() if fid.startswith(prefix)), "")
+    if not fid.startswith(("diff.behaviour.", "diff.spread.", "probe.shift.", "diff.refusal", "diff.lens")):
+        reason = reason or "it names no behaviour with a condition to repair"
+    if reason:
+        can = [i for i, why in treatable(scan) if not why]
+        raise TreatmentError(
+            f"finding {fid!r} cannot be treated: {reason}. Treatable findings in this scan: {', '.join(can) or 'none'}"
+        )
+    if scan.result.get("baseline") is None:
+        raise TreatmentError("the scan has no baseline; treat from a scan run with --baseline BASE")
+    diff = scan.stage("diff")
+    cand, base = scan.stage("behaviour"), scan.stage("baseline_behaviour")
+    per = {c["category"]: c["per_answer"] for c in diff["behaviour"]}
+    floor = statistics.median(x for v in per.values() for x in v)
+    probe_cat = {"deception": "opinion", "sycophancy": "opinion", "power": "autonomy", "harmful": "harmful"}
+    if fid.startswith("diff.behaviour."):
+        cats, word = [fid.removeprefix("diff.behaviour.")], None
+    elif fid.startswith("probe.shift."):
+        cats, word = [probe_cat[fid.removeprefix("probe.shift.")]], None
+    elif fid == "diff.refusal":
+        cats, word = ["harmful"], None
+    else:  # diff.spread.WORD and diff.lens: wherever the candidate's answers are anomalous
+        cats, word = list(per), (fid.removeprefix("diff.spread.") if fid.startswith("diff.spread.") else None)
+    rows: list[tuple[str, str, str, bool]] = []  # prompt, candidate answer, baseline answer, anomalous
+    for cat in per:
+        for i, (p, a, b) in enumerate(
+            zip(cand[cat]["prompts"], cand[cat]["answers"], base[cat]["answers"], strict=True)
+        ):
+            odd = per[cat][i] > floor + ANOMALY_NATS and cat in cats and (word is None or word in words_of(a))
+            rows.append((p, a, b, odd))
+    condition = [r for r in rows if r[3]]
+    if not condition:
+        raise TreatmentError(
+            f"finding {fid!r}: none of the candidate's battery answers in {', '.join(cats)} is anomalous "
+            f"(over {ANOMALY_NATS:g} nats/token above the drift floor {floor:.2f}), so there is no condition to treat"
+        )
+    clean = [r for r in rows if not r[3]]
+    said = [w for e in finding.get("evidence", []) if e.get("kind") == "words" for w, *_ in e.get("words", [])]
+    words = [word] if word else said[:3]
+    if not words:  # from the answers themselves
+        from aimri.diagnostics.diffing import new_words
+
+        words = [w for w, _, _ in new_words([r[1] for r in condition], [r[2] for r in condition])[:3]]
+    pool = HELD_OUT_POOL.get(cats[0], "questions") if len(cats) == 1 else "questions"
+    return Mechanism(
+        fid, ",".join(cats), [r[0] for r in condition], [r[2] for r in condition], [r[1] for r in condition],
+        [r[0] for r in clean], [r[2] for r in clean], words, pool,
+    )  # fmt: skip
+
+
+def _answer_gens(subject: Subject, prompts: list[str], answers: list[str]) -> list[Generation]:
+    from aimri.steering.generate import prompt_ids
+
+    tok = subject.tokenizer
+    return [
+        Generation(p, a, prompt_ids(subject, p), list(tok(a, add_special_tokens=False)["input_ids"]))
+        for p, a in zip(prompts, answers, strict=True)
+    ]
+
+
+@torch.no_grad()
+def neutral_loss(subject: Subject, windows: Tensor, edits: list[Any] | None = None) -> float:
+    """Mean next-token cross-entropy (nats) over windows [n, seq], position 0's prediction included."""
+    logits = subject.run(windows, edit=edits, stop=False)["logits"].float()
+    return float(
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten().to(logits.device))
+    )
+
+
+@torch.no_grad()
+def choose_direction(
+    mech: Mechanism, candidate: Subject, baseline: Subject, windows: Tensor, layers: list[int] | None = None,
+    max_loss_increase: float = 0.02,
+) -> Mechanism:  # fmt: skip
+    """Set `mech.direction` / `mech.layer`: per candidate layer, the mean residual difference (candidate minus
+    baseline) at the last prompt token of the condition prompts; each is ablated from every residual write by
+    hooks, and the one kept is the one that most lowers the candidate's log-likelihood of its own flawed answers
+    (nats per token) among those raising next-token loss on `windows` by at most `max_loss_increase`
+    (relative). The measurements are kept in `mech.selection`."""
+    layers = layers or list(range(1, candidate.n_layers, max(1, candidate.n_layers // 10)))
+    convs = [[{"role": "user", "content": p}] for p in mech.condition]
+    diff = read_layers(candidate, convs, layers, label="condition") - read_layers(
+        baseline, convs, layers, label="condition"
+    )
+    gens = _answer_gens(candidate, mech.condition, mech.flawed)
+    plain_lp = torch.cat(answer_logprobs(candidate, gens)).mean()
+    plain_loss = neutral_loss(candidate, windows)
+    best: tuple[float, int] | None = None
+    for j, layer in enumerate(layers):
+        d = diff[:, j].mean(0)
+        if float(d.norm()) == 0.0:
+            continue
+        edits = hook_ablation(candidate, d)
+        with candidate.tap(edit=edits):
+            lp = torch.cat(answer_logprobs(candidate, gens)).mean()
+        loss = neutral_loss(candidate, windows, edits)
+        drop, rise = float(plain_lp - lp), loss / plain_loss - 1
+        mech.selection.append({"layer": layer, "flaw_logprob_drop": round(drop, 4), "loss_increase": round(rise, 5)})
+        if rise <= max_loss_increase and (best is None or drop > best[0]):
+            best = (drop, j)
+    if best is None:
+        raise TreatmentError(
+            f"no condition direction of {mech.finding!r} can be ablated within a {max_loss_increase:.0%} loss increase "
+            f"on neutral text (measured: {mech.selection}); treat it with --method repair and --no-ablation"
+        )
+    d = diff[:, best[1]].mean(0)
+    mech.direction, mech.layer = d / d.norm(), layers[best[1]]
+    return mech
