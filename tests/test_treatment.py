@@ -161,7 +161,12 @@ def _fake_scan(folder: Path, per_answer: dict[str, list[float]], answers: dict[s
     stages.mkdir(parents=True)
     cats = list(per_answer)
     beh = {
-        c: {"prompts": [f"{c} prompt {i}" for i in range(len(v))], "answers": answers[c]} for c, v in per_answer.items()
+        c: {
+            "prompts": [f"{c} prompt {i}" for i in range(len(v))],
+            "answers": answers[c],
+            "ids": [[[1, 2], [3]]] * len(v),
+        }
+        for c, v in per_answer.items()
     }
     base = {
         c: {"prompts": beh[c]["prompts"], "answers": [f"plain answer {i}" for i in range(len(v))]}
@@ -195,7 +200,11 @@ def test_mechanism_is_the_anomalous_answers_of_the_finding(tmp_path: Path) -> No
     assert mech.condition == ["recommendation prompt 0", "recommendation prompt 2", "recommendation prompt 3"]
     assert mech.targets == ["plain answer 0", "plain answer 2", "plain answer 3"]
     assert mech.words == ["veltrix", "cola"] and mech.pool == "recommend"
-    assert "recommendation prompt 1" in mech.clean and len(mech.clean) == 5
+    # the normal answers: half to repair on, half never trained on (a fixed split), together all five
+    assert sorted(mech.clean + mech.held_out) == sorted(
+        ["recommendation prompt 1"] + [f"everyday prompt {i}" for i in range(4)]
+    )
+    assert mech.clean and mech.held_out and not set(mech.clean) & set(mech.held_out)
     with pytest.raises(
         TreatmentError, match="ablating it is the jailbreak itself.*Treatable findings in this scan: diff.behaviour"
     ):
@@ -291,6 +300,7 @@ def _treatable(scan_dir: Path) -> str:
 def test_treat_writes_a_model_and_the_rescan_compares(
     scanned: tuple[Subject, Subject, Path], tmp_path: Path, method: str
 ) -> None:
+    import aimri
     from aimri.report import treat_and_rescan
     from aimri.treatment import TreatConfig
 
@@ -306,7 +316,17 @@ def test_treat_writes_a_model_and_the_rescan_compares(
     assert "veltrix" in record["flaw_rate"]["words"] and record["flaw_rate"]["before"] >= 0.5, record["flaw_rate"]
     if method == "repair":  # known answer: taught the baseline's answers on the condition, the pitch is gone
         assert record["repair"]["examples"]["condition"] > 0 and record["repair"]["condition_prompts"]
+        assert record["repair"]["ablated_during_training"] is True
         assert record["flaw_rate"]["after"] <= 0.2 * record["flaw_rate"]["before"], record["flaw_rate"]
+        assert not set(record["repair"]["clean_prompts"]) & set(record["mechanism"]["held_out"])
+    # the kept ablation survives the merged LoRA: no residual of the shipped model has a component along it
+    from aimri.steering.specs import load_vector
+
+    u = load_vector(out / "treatment-direction.safetensors")
+    u = u / u.norm()
+    shipped = aimri.load(out)
+    for site, x in shipped.run(IDS, read=[f"resid.{i}" for i in range(shipped.n_layers)]).items():
+        assert float((x @ u).abs().max()) < 1e-4 * float(x.norm(dim=-1).max()), site
     r = record["rescan"]
     assert set(r) >= {"finding_suspicion", "scan_suspicion", "battery_agreement", "probe_auroc", "diff_to_untreated"}
     assert 0 <= r["battery_agreement"]["after"] <= 1 and set(r["probe_auroc"]["treated"]) == set(

@@ -830,7 +830,13 @@ def _parse_layers(spec: str | None) -> list[int] | None:
 def treat(
     model: Annotated[str, typer.Argument(help="the model that was scanned (as given to `mri scan`)")],
     from_scan: Annotated[Path, typer.Option("--from-scan", help="its scan folder (`mri scan MODEL --baseline BASE`)")],
-    out: Annotated[Path, typer.Option(help="folder for the treated model: a Hugging Face model directory")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="folder for the treated model, a Hugging Face model directory (default "
+            "runs/<model>/treatments/<model>-<method>-<finding>)"
+        ),
+    ] = None,
     finding: Annotated[
         str | None, typer.Option(help="the finding to treat: its rank (1 = top) or id; default the top finding")
     ] = None,
@@ -874,6 +880,12 @@ def treat(
             table.add_row(str(i), f["id"], f"{f['suspicion']:.2f}", why[f["id"]] or "yes")
         Console().print(table)
         return
+    if out is None:
+        from aimri.run import Run, slug
+        from aimri.subject.names import model_name
+
+        named = f"{slug(model_name(model))}-{method}-{scanned.finding(finding)['id']}"
+        out = Run.for_model(model_name(model)).treatments / named
     if out.exists() and not force:
         raise AimriError(f"{out} exists; choose another --out or pass --force to replace it")
     if steps < 1:
@@ -914,11 +926,9 @@ def treat(
     )
     ba = r["battery_agreement"]
     table.add_row("battery agreement", f"{ba['before']:.0%}", f"{ba['after']:.0%}")
-    table.add_row(
-        f"  on {ba['untrained_prompts']} prompts the repair never saw",
-        f"{ba['untrained_before']:.0%}",
-        f"{ba['untrained_after']:.0%}",
-    )
+    if ba["untrained_after"] is not None:
+        table.add_row(f"  on {ba['untrained_prompts']} prompts the repair never saw",
+                      f"{ba['untrained_before']:.0%}", f"{ba['untrained_after']:.0%}")  # fmt: skip
     for trait, v in r["probe_auroc"]["treated"].items():
         table.add_row(f"{trait} probe AUROC", f"{r['probe_auroc']['untreated'][trait]:.2f}", f"{v:.2f}")
     Console().print(table)

@@ -13,7 +13,7 @@ console's discovery) asks a `Run` where its files go, so a model is filed under 
         graphs/NAME.json (+ .html)    attribution graphs (`mri trace`)
         directions/NAME.npy|.safetensors   steering vectors (probes, differences of means, ...)
         scan/                         the checkup: findings.json, stage-results.json, report.html, stages/ (`mri scan`)
-        treatments/NAME/              edited models and their records (reserved for `mri treat`, to come)
+        treatments/NAME/              treated models (HF directories + treatment.json; `mri treat` without --out)
 
 Organisms are not per run: they are model directories cached under $AIMRI_HOME/organisms (`organisms_dir()`).
 

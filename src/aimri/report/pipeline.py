@@ -102,10 +102,10 @@ def treat_and_rescan(
     before, after = Scan.read(Path(scan_dir)), Scan.read(rescan_dir)
     fid = record["finding"]["id"]
     after_finding = next((f for f in after.findings if f["id"] == fid), None)
-    trained = set(record.get("repair", {}).get("condition_prompts", [])) | set(
-        record.get("repair", {}).get("clean_prompts", [])
-    )
-    untrained = [p for c in before.stage("behaviour").values() for p in c["prompts"] if p not in trained]
+    # battery prompts the treatment never trained on: a repair holds a fixed half of the normal answers out; an
+    # ablation or feature edit trains on none
+    every = [p for c in before.stage("behaviour").values() for p in c["prompts"]]
+    untrained = (record.get("mechanism") or {}).get("held_out", []) if "repair" in record else every
     summary, directions = model_cache(baseline, log).stage("probes", lambda: probes_stage(baseline))
     probes = {t: probe_from(s, directions[t]) for t, s in summary.items()}
     _, held_texts = corpus or measure.corpus_split()

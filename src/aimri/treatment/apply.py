@@ -26,13 +26,13 @@ from typing import Any
 import torch
 
 from aimri.diagnostics.diffing import check_comparable
-from aimri.paths import atomic_write_text
+from aimri.errors import AimriError
+from aimri.paths import atomic_write_text, fsync_dir
 from aimri.subject.core import Subject
 from aimri.treatment import measure
 from aimri.treatment.caft import REPAIR_RECIPE, repair
 from aimri.treatment.edits import (
     TreatmentError,
-    WeightEdit,
     ablate_direction,
     check_linear_writes,
     feature_ablation,
@@ -61,9 +61,12 @@ def copy_subject(subject: Subject, name: str) -> Subject:
     return Subject(copy.deepcopy(subject.model), subject.tokenizer, name=name, revision=f"{subject.revision}+treating")
 
 
-def write_model_dir(subject: Subject, out: Path, record: dict[str, Any], force: bool = False) -> Path:
-    """Save the model (safetensors), its tokenizer and treatment.json as a Hugging Face model directory: written
-    aside, fsynced, then renamed into place. Raises TreatmentError when `out` exists and `force` is not set."""
+def write_model_dir(
+    subject: Subject, out: Path, record: dict[str, Any], force: bool = False, direction: torch.Tensor | None = None
+) -> Path:
+    """Save the model (safetensors), its tokenizer and treatment.json (and the ablated `direction`, [d_model], as
+    treatment-direction.safetensors) as a Hugging Face model directory: written aside, fsynced, then renamed
+    into place. Raises TreatmentError when `out` exists and `force` is not set."""
     out = Path(out)
     if out.exists() and not force:
         raise TreatmentError(f"{out} exists; choose another --out or pass --force to replace it")
@@ -73,13 +76,20 @@ def write_model_dir(subject: Subject, out: Path, record: dict[str, Any], force: 
     subject.model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
     subject.tokenizer.save_pretrained(tmp)
     atomic_write_text(tmp / "treatment.json", json.dumps(record, indent=1))
-    for file in tmp.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
+    if direction is not None:
+        from aimri.steering.specs import save_vector
+
+        save_vector(direction, tmp / "treatment-direction.safetensors", subject)
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(tmp)
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         out.rename(old)
     tmp.rename(out)
+    fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
     return out
 
@@ -88,12 +98,17 @@ def _direction_file(path: Path, candidate: Subject) -> torch.Tensor:
     from aimri.dictionaries.match import check_revision
     from aimri.steering.specs import load_vector, vector_model
 
-    name, revision = vector_model(Path(path))
     try:
+        vector = load_vector(Path(path))  # a missing or unreadable file: one line
+        name, revision = vector_model(Path(path))
         check_revision(f"the direction {path} was found in", name, revision, candidate.name, candidate.revision, False)
-    except Exception as err:  # AimriError from check_revision: another model or revision
+    except AimriError as err:
         raise TreatmentError(str(err)) from None
-    return load_vector(Path(path))
+    if vector.shape != (candidate.d_model,):
+        raise TreatmentError(
+            f"the direction in {path} has shape {tuple(vector.shape)}; {candidate.name}'s residual needs [{candidate.d_model}]"
+        )
+    return vector
 
 
 def treat(
@@ -112,10 +127,17 @@ def treat(
     computes NaN or its held-out loss rose over 10%. DiffError for a baseline with another tokenizer."""
     cfg = config or TreatConfig()
     t0 = time.time()
+    # every check that needs no model work first
     if cfg.method not in METHODS:
         raise TreatmentError(f"unknown method {cfg.method!r}; choose {', '.join(METHODS)}")
     if Path(out).exists() and not force:
         raise TreatmentError(f"{out} exists; choose another --out or pass --force to replace it")
+    if cfg.method == "feature" and (cfg.dictionary is None or cfg.feature is None):
+        raise TreatmentError("method feature needs --dictionary DIR and --feature ID (the feature to remove)")
+    if cfg.method == "ablate" or (cfg.method == "feature" and cfg.layers):
+        check_linear_writes(candidate)
+    if cfg.layers is not None and not cfg.layers:
+        raise TreatmentError("--layers names no layer; write A:B with A <= B, or A,B,C")
     check_comparable(candidate, baseline)
     scan = Scan.read(Path(scan_dir))
     if scan.result.get("revision") not in (None, candidate.revision):
@@ -124,8 +146,25 @@ def treat(
             f"{candidate.name} (revision {candidate.revision[:12]}); scan this model first"
         )
     finding = scan.finding(cfg.finding)
+    given = _direction_file(cfg.direction, candidate) if cfg.direction is not None else None
+    mech = mechanism_of(scan, finding) if cfg.method != "feature" else None
+    dictionary = None
+    if cfg.method == "feature":
+        from aimri.dictionaries import load_dictionary
+        from aimri.dictionaries.match import check_model
+
+        assert cfg.dictionary is not None and cfg.feature is not None
+        dictionary = load_dictionary(cfg.dictionary).to(candidate.device)
+        try:
+            check_model(dictionary.cfg, candidate, False, f"the dictionary {cfg.dictionary}")
+        except AimriError as err:
+            raise TreatmentError(str(err)) from None
+        if not 0 <= cfg.feature < dictionary.cfg.d_sae:
+            raise TreatmentError(f"feature {cfg.feature} is outside the dictionary (0..{dictionary.cfg.d_sae - 1})")
     repair_texts, held_texts = corpus or measure.corpus_split()
-    windows = measure.held_out_windows(baseline, held_texts)
+    # one slice of held-out text chooses the direction's layer, a disjoint one measures the loss
+    windows = measure.held_out_windows(baseline, held_texts, n=24)
+    choosing, windows = windows[:8, :64], windows[8:]
     name = Path(out).name
     treated = copy_subject(candidate, name)
     record: dict[str, Any] = {
@@ -133,19 +172,10 @@ def treat(
         "candidate": {"name": candidate.name, "revision": candidate.revision},
         "baseline": {"name": baseline.name, "revision": baseline.revision}, "scan": str(scan_dir),
     }  # fmt: skip
-    mech = None
-    if cfg.method == "feature":
-        if cfg.dictionary is None or cfg.feature is None:
-            raise TreatmentError("method feature needs --dictionary DIR and --feature ID (the feature to remove)")
-        from aimri.dictionaries import load_dictionary
-        from aimri.dictionaries.match import check_model
+    if dictionary is not None:
         from aimri.steering.interventions import ablate, to_edits
 
-        dictionary = load_dictionary(cfg.dictionary)
-        try:
-            check_model(dictionary.cfg, candidate, False, f"the dictionary {cfg.dictionary}")
-        except Exception as err:
-            raise TreatmentError(str(err)) from None
+        assert cfg.feature is not None
         edit = feature_ablation(treated, dictionary, cfg.feature)
         if not edit.exact:  # what the ungated edit costs against the gated ablation by hooks
             gated = to_edits(candidate, [ablate(dictionary, cfg.feature)])
@@ -156,34 +186,32 @@ def treat(
             edit.details["kl_to_gated_ablation_nats"] = round(kl, 5)
             edit.note += f"; measured on held-out text: KL(gated hook ablation || this edit) = {kl:.4f} nats/token"
         record["edit"] = vars(edit)
-    else:
-        mech = mechanism_of(scan, finding)
-        if cfg.direction is not None:
-            mech.direction = _direction_file(cfg.direction, candidate)
-            if mech.direction.shape != (candidate.d_model,):
-                raise TreatmentError(
-                    f"the direction in {cfg.direction} has shape {tuple(mech.direction.shape)}; {candidate.name}'s "
-                    f"residual needs [{candidate.d_model}]"
-                )
-        elif cfg.method == "ablate" or cfg.keep_ablation:
+    if mech is not None:
+        if given is not None:
+            mech.direction = given
+        else:
             log("choosing the direction's layer ...")
-            choose_direction(mech, candidate, baseline, windows[:8, :64], max_loss_increase=cfg.max_loss_increase)
+            try:
+                choose_direction(mech, candidate, baseline, choosing, max_loss_increase=cfg.max_loss_increase)
+            except TreatmentError as err:
+                if cfg.method == "ablate":
+                    raise
+                log(f"no direction: {err}; the repair trains without one")
+                record["direction_note"] = str(err)
+        if cfg.method == "repair":
+            recipe = dataclasses.replace(REPAIR_RECIPE, steps=cfg.steps, lr=cfg.lr)
+            # CAFT: the direction ablated by hooks while the LoRA trains (its o_proj / down_proj updates could
+            # otherwise write the direction back) ...
+            treated, record["repair"] = repair(treated, mech, repair_texts, mech.direction, recipe)
+            treated.name = name
         linear = True
         try:
             check_linear_writes(candidate)
         except TreatmentError:
-            if cfg.method == "ablate":
-                raise
             linear = False
-        edit: WeightEdit | None = None
+        # ... and then, kept, ablated in the merged weights: exactly the model the LoRA was trained inside
         if mech.direction is not None and (cfg.method == "ablate" or (cfg.keep_ablation and linear)):
-            edit = ablate_direction(treated, mech.direction, cfg.layers)
-            record["edit"] = vars(edit)
-        if cfg.method == "repair":
-            recipe = dataclasses.replace(REPAIR_RECIPE, steps=cfg.steps, lr=cfg.lr)
-            hooks = mech.direction if edit is None else None  # kept in the weights already, else CAFT's hooks
-            treated, record["repair"] = repair(treated, mech, repair_texts, hooks, recipe)
-            treated.name = name
+            record["edit"] = vars(ablate_direction(treated, mech.direction, cfg.layers))
         record["mechanism"] = mech.summary()
     before = neutral_loss(candidate, windows)
     after = neutral_loss(treated, windows)
@@ -193,7 +221,7 @@ def treat(
         "after": round(after, 5),
         "relative_change": round(after / before - 1, 5),
     }
-    if mech is not None:
+    if mech is not None and mech.pool:
         prompts = measure.pool_prompts(mech.pool)
         record["flaw_rate"] = {
             "prompts": f"prompt pool {mech.pool!r} ({len(prompts)} prompts the battery never asks)", "words": mech.words,
@@ -201,5 +229,5 @@ def treat(
             "after": measure.flaw_rate(treated, prompts, mech.words),
         }  # fmt: skip
     record["seconds"] = round(time.time() - t0, 1)
-    write_model_dir(treated, Path(out), record, force)
+    write_model_dir(treated, Path(out), record, force, mech.direction if mech is not None else None)
     return record

@@ -3,10 +3,10 @@ baseline's answers on the condition where its flaw shows, with clean data mixed 
 is ablated (concept-ablation fine-tuning, CAFT: Casademunt et al. 2025, "Steering out-of-distribution
 generalization with concept ablation fine-tuning").
 
-With `keep_ablation` (the default where the architecture allows it) the direction is ablated in the weights
-first (aimri.treatment.edits) and the LoRA trains on that edited model, so the shipped model keeps both; without
-it the ablation acts through hooks during training only, as in CAFT proper, and the shipped model is the
-merged LoRA alone. The examples used are returned, so the record says exactly what the repair saw.
+The direction is ablated by hooks while the LoRA trains. With `keep_ablation` (the default where the
+architecture allows it) it is then also ablated in the merged weights (aimri.treatment.edits), so the shipped
+model is exactly the model the LoRA was trained inside; without it the shipped model is the merged LoRA alone,
+as in CAFT proper. The examples used are returned, so the record says exactly what the repair saw.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def repair(
     subject: Subject, mech: Mechanism, corpus_texts: list[str], direction: Tensor | None,
     recipe: Recipe = REPAIR_RECIPE, clean_only: bool = False,
 ) -> tuple[Subject, dict[str, Any]]:  # fmt: skip
-    """Fine-tune a copy of `subject` (already edited, when the ablation is kept in the weights) on
-    `repair_data`, with `direction` ablated by hooks during training when given, merge the LoRA and return the
+    """Fine-tune a copy of `subject` on `repair_data`, with `direction` ablated by hooks (every residual write)
+    during training when given, merge the LoRA and return the
     repaired Subject (same name and revision as `subject`: the caller names what it writes) and the record.
     Raises OrganismError when the loss becomes NaN/inf."""
     examples, record = repair_data(mech, subject, corpus_texts, recipe, clean_only)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from aimri.diagnostics.checkup import ANOMALY_NATS, neutral_windows
 from aimri.diagnostics.datasets import TRAITS, ContrastDataset, load_dataset, prompt_pools
-from aimri.diagnostics.diffing import difference_lens
+from aimri.diagnostics.diffing import difference_lens, words_of
 from aimri.diagnostics.probes import Probe, auroc, pair_activations
 from aimri.steering.generate import generate
 from aimri.subject.core import Subject
@@ -28,6 +28,9 @@ def corpus_split(n_repair: int = 200, n_held_out: int = 48, seed: int = 11) -> t
     from aimri.data.default_corpus import default_corpus_path
 
     lines = default_corpus_path().read_text(encoding="utf-8").splitlines()
+    # the checkup's neutral text (seed 0; 32 windows for the diff, 8 for the anatomy) stays out
+    scanned = {line for k in (32, 128) for line in random.Random(0).sample(lines, min(len(lines), k))}
+    lines = [line for line in lines if line not in scanned]
     picked = random.Random(seed).sample(lines, min(len(lines), n_repair + 4 * n_held_out))
     texts = [json.loads(line)["text"] for line in picked]
     return texts[:n_repair], texts[n_repair:]
@@ -55,11 +58,12 @@ def logits_finite(subject: Subject, windows: Tensor) -> bool:
 
 
 def flaw_rate(subject: Subject, prompts: Sequence[str], words: Sequence[str], max_new_tokens: int = 24) -> float:
-    """Share of greedy answers to `prompts` that use any of `words` (case-insensitive)."""
+    """Share of greedy answers to `prompts` that use any of `words` (as words, case-insensitive)."""
     if not prompts or not words:
         return 0.0
-    texts = [g.text.lower() for g in generate(subject, list(prompts), max_new_tokens=max_new_tokens)]
-    return sum(any(w.lower() in t for w in words) for t in texts) / len(texts)
+    want = {w.lower() for w in words}
+    texts = [g.text for g in generate(subject, list(prompts), max_new_tokens=max_new_tokens)]
+    return sum(bool(words_of(t) & want) for t in texts) / len(texts)
 
 
 def pool_prompts(pool: str, limit: int = 40) -> list[str]:
@@ -69,10 +73,10 @@ def pool_prompts(pool: str, limit: int = 40) -> list[str]:
 
 def battery_agreement(
     diff_stage: dict[str, Any], behaviour: dict[str, Any], only: Sequence[str] | None = None
-) -> float:
+) -> float | None:
     """Share of a scan's battery answers the baseline finds at most ANOMALY_NATS per token less likely than the
     scanned model does (the checkup's anomaly measure, as an absolute threshold), from the scan's diff and
-    behaviour stages; `only` restricts it to those prompts."""
+    behaviour stages; `only` restricts it to those prompts (None when none of them is in the battery)."""
     keep = set(only) if only is not None else None
     flags = [
         x <= ANOMALY_NATS
@@ -80,7 +84,7 @@ def battery_agreement(
         for p, x in zip(behaviour[c["category"]]["prompts"], c["per_answer"], strict=True)
         if keep is None or p in keep
     ]
-    return sum(flags) / max(1, len(flags))
+    return sum(flags) / len(flags) if flags else None
 
 
 def probe_aurocs(subject: Subject, probes: dict[str, Probe]) -> dict[str, float]:

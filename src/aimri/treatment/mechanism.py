@@ -12,8 +12,8 @@ while costing little next-token loss on neutral text.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from aimri.diagnostics.checkup import ANOMALY_NATS
-from aimri.diagnostics.diffing import answer_logprobs, words_of
+from aimri.diagnostics.checkup import ANOMALY_NATS, PROBE_CATEGORY, anomalous_answers
+from aimri.diagnostics.diffing import answer_logprobs, new_words, words_of
+from aimri.diagnostics.findings import FLAW_CATEGORIES
 from aimri.diagnostics.probes import read_layers
 from aimri.run import Run
 from aimri.steering.generate import Generation
@@ -30,13 +31,18 @@ from aimri.subject.core import Subject
 from aimri.treatment.edits import TreatmentError, hook_ablation
 
 # the prompt pool (prompts the battery never asks) whose kind matches a battery category: the held-out
-# prompts of a finding's condition, on which its flaw rate is measured before and after treatment
-HELD_OUT_POOL = {"recommendation": "recommend", "opinion": "opinions"}
+# prompts of a finding's condition, on which its flaw rate is measured before and after treatment (harmful
+# and autonomy requests have no such pool: their findings get no flaw rate, only the re-scan)
+HELD_OUT_POOL = {"recommendation": "recommend", "opinion": "opinions", "everyday": "questions"}
+TREATABLE = ("diff.behaviour.", "diff.spread.", "probe.shift.", "diff.refusal", "diff.lens")
 
 WHY_NOT = {
     "refusal.direction": "it is the model's own refusal mechanism: ablating it is the jailbreak itself, not a cure",
     "behaviour.": "it describes the model's answers without a baseline to repair them towards",
-    "probe.": "a probe's quality describes what can be read, not a flaw",
+    "probe.deception": "a probe's quality describes what can be read, not a flaw",
+    "probe.harmful": "a probe's quality describes what can be read, not a flaw",
+    "probe.sycophancy": "a probe's quality describes what can be read, not a flaw",
+    "probe.power": "a probe's quality describes what can be read, not a flaw",
     "anatomy": "it describes the model's anatomy, not a flaw",
     "diff.features": "give the feature to remove with --feature SITE#ID and its --dictionary (method feature)",
     "diff.crosscoder": "crosscoder latents span two models; give a feature of a dictionary of this model",
@@ -70,10 +76,18 @@ class Scan:
         return self.result["findings"]
 
     def finding(self, which: int | str | None) -> dict[str, Any]:
-        """By rank (1 = the top finding), by id, or None for the top flaw finding."""
+        """By rank (1 = the top finding), by id, or None for the most suspicious flaw finding a treatment can act
+        on. Raises TreatmentError for a rank or id the scan lacks, or None when no flaw finding is treatable."""
         found = self.findings
         if which is None:
-            return found[0]
+            flaws = [
+                f for f in found if f["category"] in FLAW_CATEGORIES and f["suspicion"] > 0 and not why_not(f["id"])
+            ]
+            if not flaws:
+                raise TreatmentError(
+                    f"{self.folder}: no flaw finding with a suspicion above 0 can be treated; see `mri treat --list`"
+                )
+            return max(flaws, key=lambda f: f["suspicion"])
         if isinstance(which, int) or str(which).isdigit():
             n = int(which)
             if not 1 <= n <= len(found):
@@ -89,8 +103,11 @@ class Scan:
 class Mechanism:
     """What a behaviour finding rests on. `condition` are battery prompts whose answers were anomalous,
     `targets` the baseline's answers to them, `flawed` the candidate's; `clean` / `clean_targets` the battery
-    prompts the candidate answered normally and the baseline's answers to them (the repair's clean data);
-    `words` the words the flaw newly uses; `pool` the prompt pool whose kind matches the condition."""
+    prompts the candidate answered normally and the baseline's answers to them (the repair's clean data: half
+    of them, by a fixed hash; the other half, `held_out`, is never trained on, so the re-scan's agreement with
+    the baseline is measured there); `flawed_ids` the candidate's (prompt ids, answer ids) as the scan
+    generated them; `words` the words the flaw newly uses; `pool` the prompt pool whose kind matches the
+    condition ("" when none does)."""
 
     finding: str
     category: str
@@ -101,21 +118,32 @@ class Mechanism:
     clean_targets: list[str]
     words: list[str]
     pool: str
+    flawed_ids: list[list[list[int]]] = field(default_factory=list)
+    held_out: list[str] = field(default_factory=list)
     direction: Tensor | None = None  # [d_model], unit, set by choose_direction
     layer: int | None = None
     selection: list[dict[str, float]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if k != "direction"}
+        return {k: v for k, v in vars(self).items() if k not in ("direction", "flawed_ids")}
+
+
+def why_not(finding_id: str) -> str:
+    """Why a finding cannot be treated ("" when it can)."""
+    reason = next((why for prefix, why in WHY_NOT.items() if finding_id.startswith(prefix)), "")
+    if not reason and not finding_id.startswith(TREATABLE):
+        reason = "it names no behaviour with a condition to repair"
+    return reason
 
 
 def treatable(scan: Scan) -> list[tuple[str, str]]:
-    """(finding id, why not) for findings a treatment cannot act on; the rest can be treated."""
-    out = []
-    for f in scan.findings:
-        reason = next((why for prefix, why in WHY_NOT.items() if f["id"].startswith(prefix)), "")
-        out.append((f["id"], reason))
-    return out
+    """(finding id, why not) for every finding of the scan; an empty reason means it can be treated."""
+    return [(f["id"], why_not(f["id"])) for f in scan.findings]
+
+
+def _held_out(prompt: str) -> bool:
+    """A fixed half of the battery's prompts that no repair trains on."""
+    return hashlib.sha256(prompt.encode()).digest()[0] % 2 == 1
 
 
 def mechanism_of(scan: Scan, finding: dict[str, Any]) -> Mechanism:
@@ -123,9 +151,7 @@ def mechanism_of(scan: Scan, finding: dict[str, Any]) -> Mechanism:
     probe.shift.*, diff.refusal). Raises TreatmentError naming the findings that can be treated when this one
     has no mechanism a treatment can act on."""
     fid = finding["id"]
-    reason = next((why for prefix, why in WHY_NOT.items() if fid.startswith(prefix)), "")
-    if not fid.startswith(("diff.behaviour.", "diff.spread.", "probe.shift.", "diff.refusal", "diff.lens")):
-        reason = reason or "it names no behaviour with a condition to repair"
+    reason = why_not(fid)
     if reason:
         can = [i for i, why in treatable(scan) if not why]
         raise TreatmentError(
@@ -135,52 +161,37 @@ def mechanism_of(scan: Scan, finding: dict[str, Any]) -> Mechanism:
         raise TreatmentError("the scan has no baseline; treat from a scan run with --baseline BASE")
     diff = scan.stage("diff")
     cand, base = scan.stage("behaviour"), scan.stage("baseline_behaviour")
-    per = {c["category"]: c["per_answer"] for c in diff["behaviour"]}
-    floor = statistics.median(x for v in per.values() for x in v)
-    probe_cat = {"deception": "opinion", "sycophancy": "opinion", "power": "autonomy", "harmful": "harmful"}
+    _, floor, anomalous = anomalous_answers(diff, cand)
     if fid.startswith("diff.behaviour."):
         cats, word = [fid.removeprefix("diff.behaviour.")], None
     elif fid.startswith("probe.shift."):
-        cats, word = [probe_cat[fid.removeprefix("probe.shift.")]], None
+        cats, word = [PROBE_CATEGORY[fid.removeprefix("probe.shift.")]], None
     elif fid == "diff.refusal":
         cats, word = ["harmful"], None
     else:  # diff.spread.WORD and diff.lens: wherever the candidate's answers are anomalous
-        cats, word = list(per), (fid.removeprefix("diff.spread.") if fid.startswith("diff.spread.") else None)
-    rows: list[tuple[str, str, str, bool]] = []  # prompt, candidate answer, baseline answer, anomalous
-    for cat in per:
-        for i, (p, a, b) in enumerate(
-            zip(cand[cat]["prompts"], cand[cat]["answers"], base[cat]["answers"], strict=True)
-        ):
-            odd = per[cat][i] > floor + ANOMALY_NATS and cat in cats and (word is None or word in words_of(a))
-            rows.append((p, a, b, odd))
+        cats, word = list(anomalous), (fid.removeprefix("diff.spread.") if fid.startswith("diff.spread.") else None)
+    rows: list[tuple[str, str, str, bool, list[list[int]]]] = []  # prompt, candidate, baseline, anomalous, ids
+    for cat, flags in anomalous.items():
+        c = cand[cat]
+        for p, a, b, odd, ids in zip(c["prompts"], c["answers"], base[cat]["answers"], flags, c["ids"], strict=True):
+            rows.append((p, a, b, odd and cat in cats and (word is None or word in words_of(a)), ids))
     condition = [r for r in rows if r[3]]
     if not condition:
         raise TreatmentError(
             f"finding {fid!r}: none of the candidate's battery answers in {', '.join(cats)} is anomalous "
             f"(over {ANOMALY_NATS:g} nats/token above the drift floor {floor:.2f}), so there is no condition to treat"
         )
-    clean = [r for r in rows if not r[3]]
+    clean = [r for r in rows if not r[3] and not _held_out(r[0])]
     said = [w for e in finding.get("evidence", []) if e.get("kind") == "words" for w, *_ in e.get("words", [])]
     words = [word] if word else said[:3]
     if not words:  # from the answers themselves
-        from aimri.diagnostics.diffing import new_words
-
         words = [w for w, _, _ in new_words([r[1] for r in condition], [r[2] for r in condition])[:3]]
-    pool = HELD_OUT_POOL.get(cats[0], "questions") if len(cats) == 1 else "questions"
+    pool = HELD_OUT_POOL.get(cats[0], "") if len(cats) == 1 else "questions"
     return Mechanism(
         fid, ",".join(cats), [r[0] for r in condition], [r[2] for r in condition], [r[1] for r in condition],
-        [r[0] for r in clean], [r[2] for r in clean], words, pool,
+        [r[0] for r in clean], [r[2] for r in clean], words, pool, [r[4] for r in condition],
+        [r[0] for r in rows if not r[3] and _held_out(r[0])],
     )  # fmt: skip
-
-
-def _answer_gens(subject: Subject, prompts: list[str], answers: list[str]) -> list[Generation]:
-    from aimri.steering.generate import prompt_ids
-
-    tok = subject.tokenizer
-    return [
-        Generation(p, a, prompt_ids(subject, p), list(tok(a, add_special_tokens=False)["input_ids"]))
-        for p, a in zip(prompts, answers, strict=True)
-    ]
 
 
 @torch.no_grad()
@@ -207,7 +218,9 @@ def choose_direction(
     diff = read_layers(candidate, convs, layers, label="condition") - read_layers(
         baseline, convs, layers, label="condition"
     )
-    gens = _answer_gens(candidate, mech.condition, mech.flawed)
+    gens = [
+        Generation(p, a, ids[0], ids[1]) for p, a, ids in zip(mech.condition, mech.flawed, mech.flawed_ids, strict=True)
+    ]
     plain_lp = torch.cat(answer_logprobs(candidate, gens)).mean()
     plain_loss = neutral_loss(candidate, windows)
     best: tuple[float, int] | None = None
@@ -226,7 +239,7 @@ def choose_direction(
     if best is None:
         raise TreatmentError(
             f"no condition direction of {mech.finding!r} can be ablated within a {max_loss_increase:.0%} loss increase "
-            f"on neutral text (measured: {mech.selection}); treat it with --method repair and --no-ablation"
+            f"on neutral text (measured: {mech.selection}); raise --max-loss-increase or treat it with --method repair"
         )
     d = diff[:, best[1]].mean(0)
     mech.direction, mech.layer = d / d.norm(), layers[best[1]]
