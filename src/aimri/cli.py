@@ -820,10 +820,14 @@ def _parse_layers(spec: str | None) -> list[int] | None:
     try:
         if ":" in spec:
             a, b = spec.split(":")
-            return list(range(int(a), int(b) + 1))
-        return [int(x) for x in spec.split(",")]
+            layers = list(range(int(a), int(b) + 1))
+        else:
+            layers = [int(x) for x in spec.split(",")]
     except ValueError:
         raise AimriError(f"--layers {spec!r}: write A:B (a span, inclusive) or A,B,C") from None
+    if not layers:
+        raise AimriError(f"--layers {spec!r} names no layer: write A:B with A <= B")
+    return layers
 
 
 @app.command()
@@ -857,6 +861,9 @@ def treat(
     feature: Annotated[int | None, typer.Option(help="method feature: the feature's index")] = None,
     steps: Annotated[int, typer.Option(help="repair: LoRA steps (batch 8)")] = 48,
     lr: Annotated[float, typer.Option(help="repair: LoRA learning rate")] = 1e-3,
+    max_loss_increase: Annotated[
+        float, typer.Option(help="the direction's layer must cost at most this relative loss on neutral text")
+    ] = 0.02,
     rescan_out: Annotated[Path | None, typer.Option(help="the re-scan's folder (default runs/<out name>/scan)")] = None,
     list_only: Annotated[
         bool, typer.Option("--list", help="list the scan's findings and whether each can be treated; change nothing")
@@ -900,7 +907,8 @@ def treat(
     from aimri.treatment import TreatConfig
 
     config = TreatConfig(method=method, finding=finding, layers=_parse_layers(layers), keep_ablation=not no_ablation,
-                         direction=direction, dictionary=dictionary, feature=feature, steps=steps, lr=lr)  # fmt: skip
+                         direction=direction, dictionary=dictionary, feature=feature, steps=steps, lr=lr,
+                         max_loss_increase=max_loss_increase)  # fmt: skip
     subject = aimri.load(model, device=device, dtype=dtype)
     try:
         base = aimri.load(base_spec, device=device, dtype=dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from html import escape
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
@@ -18,6 +19,32 @@ def _ticks(lo: float, hi: float, log: bool, n: int = 5) -> list[float]:
     step = min((m * mag for m in (1, 2, 5, 10) if m * mag >= step), default=step)
     start = math.ceil(lo / step) * step
     return [start + i * step for i in range(int((hi - start) / step) + 1)]
+
+
+def _frame(
+    width: int,
+    height: int,
+    box: tuple[int, int, int, int],
+    title: str,
+    y_range: tuple[float, float],
+    y_label: str,
+    fy: Callable[[float], float],
+) -> list[str]:
+    """An SVG's opening, title, horizontal y grid with tick labels and the rotated y label; box = (left, top,
+    plot width, plot height)."""
+    left, top, pw, ph = box
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{left}" y="20" font-size="13" font-weight="bold">{escape(title)}</text>',
+    ]
+    for t in _ticks(*y_range, False):
+        out.append(f'<line x1="{left - 4}" y1="{fy(t):.1f}" x2="{left + pw}" y2="{fy(t):.1f}" stroke="#eee"/>')
+        out.append(f'<text x="{left - 6}" y="{fy(t) + 4:.1f}" text-anchor="end">{t:.3g}</text>')
+    out.append(
+        f'<text x="16" y="{top + ph / 2}" text-anchor="middle" transform="rotate(-90 16 {top + ph / 2})">{escape(y_label)}</text>'
+    )
+    return out
 
 
 def line_plot(
@@ -58,22 +85,12 @@ def line_plot(
     def fy(y: float) -> float:
         return top + ph * (1 - (y - y_lo) / (y_hi - y_lo))
 
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{left}" y="20" font-size="13" font-weight="bold">{escape(title)}</text>',
-        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
-    ]
+    out = _frame(width, height, (left, top, pw, ph), title, (y_lo, y_hi), y_label, fy)
+    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
     for t in _ticks(x_lo, x_hi, log_x):
         out.append(f'<line x1="{fx(t):.1f}" y1="{top + ph}" x2="{fx(t):.1f}" y2="{top + ph + 4}" stroke="#999"/>')
         out.append(f'<text x="{fx(t):.1f}" y="{top + ph + 16}" text-anchor="middle">{t:g}</text>')
-    for t in _ticks(y_lo, y_hi, False):
-        out.append(f'<line x1="{left - 4}" y1="{fy(t):.1f}" x2="{left + pw}" y2="{fy(t):.1f}" stroke="#eee"/>')
-        out.append(f'<text x="{left - 6}" y="{fy(t) + 4:.1f}" text-anchor="end">{t:.3g}</text>')
     out.append(f'<text x="{left + pw / 2}" y="{height - 10}" text-anchor="middle">{escape(x_label)}</text>')
-    out.append(
-        f'<text x="16" y="{top + ph / 2}" text-anchor="middle" transform="rotate(-90 16 {top + ph / 2})">{escape(y_label)}</text>'
-    )
     for i, (name, pts) in enumerate(series.items()):
         colour = PALETTE[i % len(PALETTE)]
         good = [
@@ -116,18 +133,8 @@ def bar_plot(
     def fy(y: float) -> float:
         return top + ph * (1 - (y - y_lo) / (y_hi - y_lo))
 
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{left}" y="20" font-size="13" font-weight="bold">{escape(title)}</text>',
-        f'<line x1="{left}" y1="{fy(0):.1f}" x2="{left + pw}" y2="{fy(0):.1f}" stroke="#999"/>',
-    ]
-    for t in _ticks(y_lo, y_hi, False):
-        out.append(f'<line x1="{left - 4}" y1="{fy(t):.1f}" x2="{left + pw}" y2="{fy(t):.1f}" stroke="#eee"/>')
-        out.append(f'<text x="{left - 6}" y="{fy(t) + 4:.1f}" text-anchor="end">{t:.3g}</text>')
-    out.append(
-        f'<text x="16" y="{top + ph / 2}" text-anchor="middle" transform="rotate(-90 16 {top + ph / 2})">{escape(y_label)}</text>'
-    )
+    out = _frame(width, height, (left, top, pw, ph), title, (y_lo, y_hi), y_label, fy)
+    out.append(f'<line x1="{left}" y1="{fy(0):.1f}" x2="{left + pw}" y2="{fy(0):.1f}" stroke="#999"/>')
     for k, (group, series) in enumerate(groups.items()):
         x0 = left + k * slot + slot * 0.1
         for i, name in enumerate(names):
