@@ -4,8 +4,8 @@ the baseline's answers to them, the words the flaw uses, and the direction that 
 Only what the scan itself found is used (no organism's ground truth): the battery answers the candidate gave
 that the baseline finds anomalous (the checkup's own rule: over `ANOMALY_NATS` per token above the
 fine-tune's typical drift), the words those answers newly use, and the residual difference between the two
-models at the last prompt token of those prompts (where the model decides how to answer; the refusal
-direction of Arditi et al. is read there too). The layer of that direction is chosen by measurement
+models reading those answers (from the last prompt token, where the answer is decided, through the answer;
+attention sinks left out). The layer of that direction is chosen by measurement
 (`choose_direction`): the one whose ablation most lowers the candidate's likelihood of its own flawed answers
 while costing little next-token loss on neutral text.
 """
@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from aimri.data.harvest import keep_rows
 from aimri.diagnostics.checkup import ANOMALY_NATS, PROBE_CATEGORY, anomalous_answers
 from aimri.diagnostics.diffing import answer_logprobs, new_words, words_of
 from aimri.diagnostics.findings import FLAW_CATEGORIES
-from aimri.diagnostics.probes import read_layers
 from aimri.run import Run
 from aimri.steering.generate import Generation
 from aimri.subject.core import Subject
@@ -122,7 +122,7 @@ class Mechanism:
     held_out: list[str] = field(default_factory=list)
     direction: Tensor | None = None  # [d_model], unit, set by choose_direction
     layer: int | None = None
-    selection: list[dict[str, float]] = field(default_factory=list)
+    selection: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if k not in ("direction", "flawed_ids")}
@@ -204,20 +204,70 @@ def neutral_loss(subject: Subject, windows: Tensor, edits: list[Any] | None = No
 
 
 @torch.no_grad()
+def condition_differences(
+    candidate: Subject, baseline: Subject, rows: list[list[list[int]]], layers: list[int], sink_ratio: float = 20.0
+) -> Tensor:
+    """[len(layers), d_model]: the mean residual difference, candidate minus baseline, over the tokens of the
+    candidate's flawed answers (`rows`: [prompt ids, answer ids] as the scan generated them, teacher-forced
+    into both models; the last prompt token, where the answer is decided, included). Attention sinks (tokens
+    whose residual norm exceeds `sink_ratio` x the median: SmolLM2 parks massive activations on position 0 and
+    on the chat template's delimiters) are left out, by the harvest's rule: their huge shared components would
+    otherwise make the difference a direction the model cannot lose."""
+    sites = [f"resid.{layer}" for layer in layers]
+    total = torch.zeros(len(layers), candidate.d_model, dtype=torch.float64)
+    count = 0
+    for prompt, answer in rows:
+        if not answer:
+            continue
+        ids = torch.tensor([list(prompt) + list(answer)])
+        a, b = candidate.run(ids, read=sites), baseline.run(ids, read=sites)
+        valid = torch.zeros(ids.shape, dtype=torch.bool)
+        valid[0, len(prompt) - 1 :] = True
+        keep = keep_rows(a, sites, valid, sink_ratio, "the flawed answers") & keep_rows(
+            b, sites, valid, sink_ratio, "the flawed answers"
+        )
+        for j, site in enumerate(sites):
+            total[j] += (a[site][keep].double() - b[site][keep].double()).sum(0).cpu()
+        count += int(keep.sum())
+    if count == 0:
+        raise TreatmentError("the flawed answers have no tokens to read a direction from")
+    return (total / count).float()
+
+
+@torch.no_grad()
+def rogue_dimensions(subject: Subject, windows: Tensor, layers: list[int], ratio: float = 10.0) -> Tensor:
+    """[len(layers), d_model] bool: the residual's rogue dimensions at each layer, those whose mean magnitude
+    or spread over neutral text (position 0 and sinks left out) is over `ratio` x the median dimension's.
+    SmolLM2 keeps large offsets there on every token; a direction with a component along them cannot be
+    ablated without wrecking the model (measured: +25% to +250% next-token loss), so the condition direction
+    leaves them out."""
+    sites = [f"resid.{layer}" for layer in layers]
+    acts = subject.run(windows, read=sites)
+    valid = torch.ones(windows.shape, dtype=torch.bool)
+    valid[:, 0] = False
+    keep = keep_rows(acts, sites, valid, 20.0, "neutral text")
+    out = torch.zeros(len(layers), subject.d_model, dtype=torch.bool)
+    for j, site in enumerate(sites):
+        x = acts[site][keep.to(acts[site].device)].float()
+        mean, spread = x.mean(0).abs(), x.std(0)
+        out[j] = ((mean > ratio * mean.median()) | (spread > ratio * spread.median())).cpu()
+    return out
+
+
+@torch.no_grad()
 def choose_direction(
     mech: Mechanism, candidate: Subject, baseline: Subject, windows: Tensor, layers: list[int] | None = None,
     max_loss_increase: float = 0.02,
 ) -> Mechanism:  # fmt: skip
     """Set `mech.direction` / `mech.layer`: per candidate layer, the mean residual difference (candidate minus
-    baseline) at the last prompt token of the condition prompts; each is ablated from every residual write by
-    hooks, and the one kept is the one that most lowers the candidate's log-likelihood of its own flawed answers
+    baseline) over the condition's flawed answers (`condition_differences`), the baseline's rogue dimensions
+    left out (`rogue_dimensions`); each is ablated from every residual write by hooks, and the one kept is the one that most lowers the candidate's log-likelihood of its own flawed answers
     (nats per token) among those raising next-token loss on `windows` by at most `max_loss_increase`
     (relative). The measurements are kept in `mech.selection`."""
     layers = layers or list(range(1, candidate.n_layers, max(1, candidate.n_layers // 10)))
-    convs = [[{"role": "user", "content": p}] for p in mech.condition]
-    diff = read_layers(candidate, convs, layers, label="condition") - read_layers(
-        baseline, convs, layers, label="condition"
-    )
+    diff = condition_differences(candidate, baseline, mech.flawed_ids, layers)
+    rogue = rogue_dimensions(baseline, windows, layers)
+    diff = diff.masked_fill(rogue, 0.0)  # a direction along them is one the model cannot lose
     gens = [
         Generation(p, a, ids[0], ids[1]) for p, a, ids in zip(mech.condition, mech.flawed, mech.flawed_ids, strict=True)
     ]
@@ -225,7 +275,7 @@ def choose_direction(
     plain_loss = neutral_loss(candidate, windows)
     best: tuple[float, int] | None = None
     for j, layer in enumerate(layers):
-        d = diff[:, j].mean(0)
+        d = diff[j]
         if float(d.norm()) == 0.0:
             continue
         edits = hook_ablation(candidate, d)
@@ -233,7 +283,8 @@ def choose_direction(
             lp = torch.cat(answer_logprobs(candidate, gens)).mean()
         loss = neutral_loss(candidate, windows, edits)
         drop, rise = float(plain_lp - lp), loss / plain_loss - 1
-        mech.selection.append({"layer": layer, "flaw_logprob_drop": round(drop, 4), "loss_increase": round(rise, 5)})
+        mech.selection.append({"layer": layer, "flaw_logprob_drop": round(drop, 4), "loss_increase": round(rise, 5),
+                               "rogue_dims_left_out": rogue[j].nonzero().flatten().tolist()})  # fmt: skip
         if rise <= max_loss_increase and (best is None or drop > best[0]):
             best = (drop, j)
     if best is None:
@@ -241,6 +292,6 @@ def choose_direction(
             f"no condition direction of {mech.finding!r} can be ablated within a {max_loss_increase:.0%} loss increase "
             f"on neutral text (measured: {mech.selection}); raise --max-loss-increase or treat it with --method repair"
         )
-    d = diff[:, best[1]].mean(0)
+    d = diff[best[1]]
     mech.direction, mech.layer = d / d.norm(), layers[best[1]]
     return mech
