@@ -138,8 +138,10 @@ def main() -> None:
         "battery_agreement": statistics.median([r["battery_agreement"] for r in treated]) if treated else None,
         "cured_frac_clean_finetune": frac("clean_ft_reduction"),
         "cured_frac_oracle": frac("oracle_reduction"),
-        "controls_max_loss_increase": max((r.get("loss_increase", 0.0) for r in controls), default=None),
-        "controls_min_battery_agreement": min((r.get("battery_agreement", 1.0) for r in controls), default=None),
+        # a control whose scan gives no condition is not treated (left exactly as it is)
+        "controls_untreated": sum(not r["treated"] for r in controls),
+        "controls_max_loss_increase": max((r["loss_increase"] for r in controls if r["treated"]), default=None),
+        "controls_min_battery_agreement": min((r["battery_agreement"] for r in controls if r["treated"]), default=None),
         "n_flawed": len(flawed), "n_controls": len(controls), "organisms": rows,
         "organism_build_s": round(build_s, 1),
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",

@@ -272,6 +272,8 @@ def train_lora(
     with progress_bar() as bar:
         task = bar.add_task(label, total=recipe.steps)
         for ids, mask, labels in _batches(examples, recipe.batch_size, pad)[: recipe.steps]:
+            # peft calls the wrapped model's forward directly, so a Tap's model-level pre-hook (padding mask) does
+            # not fire: its edits then act on padding too, harmless here (right padding, padded labels are -100)
             with during(inner) if during is not None and inner is not None else nullcontext():
                 loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
             if not torch.isfinite(loss):
