@@ -185,10 +185,9 @@ def _treatment(t: dict[str, Any] | None) -> str:
         {"what": "method", "value": t["method"] + (f" ({edit.get('kind')}, {'exact' if edit.get('exact') else 'approximate'})" if edit else "")},
         {"what": "finding", "value": f"{t['finding']['id']}: {t['finding']['title']}"},
         {"what": "direction", "value": f"layer {mech['layer']} (chosen from {len(mech.get('selection', []))} layers)" if mech.get("layer") is not None else "none"},
-        {"what": "repair data", "value": f"{repair['examples']} examples; condition prompts: {len(repair['condition_prompts'])}" if repair else "none"},
+        {"what": "repair data", "value": (", ".join(f"{n} {k}" for k, n in repair["examples"].items()) + f" examples (batch 8); {len(repair['condition_prompts'])} condition prompts; direction ablated while training: {repair.get('ablated_during_training')}") if repair else "none"},
         {"what": "held-out loss", "value": f"{loss['before']:.4f} → {loss['after']:.4f} nats ({loss['relative_change']:+.2%})"},
-        {"what": "note", "value": edit.get("note") or ""},
-    ]  # fmt: skip
+    ] + ([{"what": "note", "value": edit["note"]}] if edit.get("note") else [])  # fmt: skip
     diff = _table(r.get("diff_to_untreated", []))
     return (f"<h2>Treatment</h2><p class=muted>This model was treated from the scan {esc(t.get('scan', ''))} of "
             f"{esc(t['candidate']['name'])}; below, that scan (before) against this re-scan (after).</p>"
