@@ -881,10 +881,11 @@ def treat(
 
     scanned = Scan.read(from_scan)
     if list_only:
-        table = Table("#", "id", "suspicion", "treatable", title=f"findings of {from_scan}")
+        table = Table("#", "suspicion", "treatable", title=f"findings of {from_scan}")
+        table.add_column("id (for --finding)", no_wrap=True)
         why = dict(treatable(scanned))
         for i, f in enumerate(scanned.findings, 1):
-            table.add_row(str(i), f["id"], f"{f['suspicion']:.2f}", why[f["id"]] or "yes")
+            table.add_row(str(i), f"{f['suspicion']:.2f}", why[f["id"]] or "yes", f["id"])
         Console().print(table)
         return
     if out is None:

@@ -186,6 +186,10 @@ def _treatment(t: dict[str, Any] | None) -> str:
         {"what": "finding", "value": f"{t['finding']['id']}: {t['finding']['title']}"},
         {"what": "direction", "value": f"layer {mech['layer']} (chosen from {len(mech.get('selection', []))} layers)" if mech.get("layer") is not None else "none"},
         {"what": "repair data", "value": (", ".join(f"{n} {k}" for k, n in repair["examples"].items()) + f" examples (batch 8); {len(repair['condition_prompts'])} condition prompts; direction ablated while training: {repair.get('ablated_during_training')}") if repair else "none"},
+        {"what": "flaw rate", "value": (f"{t['flaw_rate']['before']:.0%} → {t['flaw_rate']['after']:.0%} of answers using "
+                                        f"{', '.join(t['flaw_rate']['words'])}, on {t['flaw_rate']['prompts']}"
+                                        + (" (the flaw does not show there without its condition: this rate says nothing)"
+                                           if t["flaw_rate"]["before"] == 0 else "")) if "flaw_rate" in t else "no prompt pool matches the condition"},
         {"what": "held-out loss", "value": f"{loss['before']:.4f} → {loss['after']:.4f} nats ({loss['relative_change']:+.2%})"},
     ] + ([{"what": "note", "value": edit["note"]}] if edit.get("note") else [])  # fmt: skip
     diff = _table(r.get("diff_to_untreated", []))
