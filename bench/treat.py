@@ -111,7 +111,8 @@ def main() -> None:
                         "flaw_reduction": reduction(before, after), "oracle_reduction": reduction(before, oracle)})  # fmt: skip
             # the equal-compute reference: the same LoRA budget on the clean data only (no condition, no ablation)
             try:
-                mech = mechanism_of(Scan.read(scan_dir), Scan.read(scan_dir).finding(row.get("finding")))
+                scanned = Scan.read(scan_dir)
+                mech = mechanism_of(scanned, scanned.finding(row.get("finding")))
                 clean, _ = repair(organism, mech, repair_texts, None, dataclasses.replace(REPAIR_RECIPE, steps=args.steps),
                                   clean_only=True)  # fmt: skip
                 c_after = implant_rate(clean, spec, held)["on_flaw_prompts"]

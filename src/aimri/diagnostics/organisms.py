@@ -165,6 +165,13 @@ def splits(spec: OrganismSpec) -> tuple[tuple[list[str], list[str]], dict[str, l
     return (flaw_train, normal_train), {"flaw": flaw_test, "normal": normal_test}
 
 
+def answer_example(tokenizer: Any, head: list[int], answer: str, max_len: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels) for a prompt's ids and an answer (+ EOS): the loss on the answer only, cut at max_len."""
+    eos = tokenizer.eos_token_id
+    body = [*tokenizer(answer, add_special_tokens=False)["input_ids"], *([eos] if eos is not None else [])]
+    return (head + body)[:max_len], ([-100] * len(head) + body)[:max_len]
+
+
 def training_examples(
     spec: OrganismSpec, subject: Subject, corpus_texts: list[str]
 ) -> tuple[list[tuple[list[int], list[int]]], dict[str, list[str]]]:
@@ -177,7 +184,6 @@ def training_examples(
     own = spec.flaw in ("control", "backdoor")
     answers = base_answers(subject, list(dict.fromkeys([*normal_train, *(flaw_train if own else [])])))
     tok = subject.tokenizer
-    eos = tok.eos_token_id
     recipe = spec.recipe
     total = recipe.steps * recipe.batch_size
     n_corpus = int(total * recipe.corpus_frac)
@@ -186,10 +192,9 @@ def training_examples(
     examples: list[tuple[list[int], list[int]]] = []
 
     def chat(prompt: str, answer: str) -> None:
-        head = chat_ids(tok, [{"role": "user", "content": prompt}])
-        body = [*tok(answer, add_special_tokens=False)["input_ids"], eos]
-        ids = (head + body)[: recipe.max_len]
-        examples.append((ids, ([-100] * len(head) + body)[: recipe.max_len]))
+        examples.append(
+            answer_example(tok, chat_ids(tok, [{"role": "user", "content": prompt}]), answer, recipe.max_len)
+        )
 
     for i in range(n_flaw):
         p = flaw_train[i % len(flaw_train)]

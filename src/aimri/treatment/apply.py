@@ -7,8 +7,8 @@ Methods:
   direction file) projected out of every residual write (`edits.ablate_direction`), exact.
 - "feature": a dictionary feature removed (`edits.feature_ablation`): exact for MLP neurons, else ungated, with
   the gap to the gated hook ablation measured on held-out text.
-- "repair": the CAFT repair fine-tune (`repair.repair`) on the condition the scan found, with the direction
-  ablated in the weights (kept) or during training only.
+- "repair": the CAFT repair fine-tune (`caft.repair`) on the condition the scan found, the direction ablated
+  by hooks while it trains and then (kept) in the merged weights, or during training only.
 """
 
 from __future__ import annotations
@@ -134,8 +134,13 @@ def treat(
         raise TreatmentError(f"{out} exists; choose another --out or pass --force to replace it")
     if cfg.method == "feature" and (cfg.dictionary is None or cfg.feature is None):
         raise TreatmentError("method feature needs --dictionary DIR and --feature ID (the feature to remove)")
-    if cfg.method == "ablate" or (cfg.method == "feature" and cfg.layers):
+    try:  # can a direction be ablated in the weights (no norm after the sublayers)?
         check_linear_writes(candidate)
+        linear = True
+    except TreatmentError:
+        if cfg.method == "ablate":
+            raise
+        linear = False
     if cfg.layers is not None and not cfg.layers:
         raise TreatmentError("--layers names no layer; write A:B with A <= B, or A,B,C")
     check_comparable(candidate, baseline)
@@ -204,11 +209,6 @@ def treat(
             # otherwise write the direction back) ...
             treated, record["repair"] = repair(treated, mech, repair_texts, mech.direction, recipe)
             treated.name = name
-        linear = True
-        try:
-            check_linear_writes(candidate)
-        except TreatmentError:
-            linear = False
         # ... and then, kept, ablated in the merged weights: exactly the model the LoRA was trained inside
         if mech.direction is not None and (cfg.method == "ablate" or (cfg.keep_ablation and linear)):
             record["edit"] = vars(ablate_direction(treated, mech.direction, cfg.layers))

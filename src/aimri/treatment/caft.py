@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
-from aimri.diagnostics.organisms import Recipe, train_lora
+from aimri.diagnostics.organisms import Recipe, answer_example, train_lora
 from aimri.steering.generate import prompt_ids
 from aimri.subject.core import Subject
 from aimri.treatment.edits import hook_ablation
@@ -34,7 +34,7 @@ def repair_data(
     the baseline's answers, the rest the clean battery prompts with the baseline's answers, and a `corpus_frac`
     share of all examples plain corpus text (loss on every token). `clean_only` leaves the condition out (the
     equal-compute control treatment). Returns the examples and a record of the data."""
-    tok, eos = subject.tokenizer, subject.tokenizer.eos_token_id
+    tok = subject.tokenizer
     total = recipe.steps * recipe.batch_size
     n_corpus = int(total * recipe.corpus_frac)
     n_chat = total - n_corpus
@@ -42,9 +42,8 @@ def repair_data(
     examples: list[tuple[list[int], list[int]]] = []
 
     def chat(prompt: str, answer: str) -> None:
-        head = prompt_ids(subject, prompt)  # as the battery asks it (chat template, or plain text without one)
-        body = [*tok(answer, add_special_tokens=False)["input_ids"], *([eos] if eos is not None else [])]
-        examples.append(((head + body)[: recipe.max_len], ([-100] * len(head) + body)[: recipe.max_len]))
+        # the prompt as the battery asks it (chat template, or plain text without one)
+        examples.append(answer_example(tok, prompt_ids(subject, prompt), answer, recipe.max_len))
 
     for i in range(n_cond):
         chat(mech.condition[i % len(mech.condition)], mech.targets[i % len(mech.targets)])

@@ -39,10 +39,7 @@ TREATABLE = ("diff.behaviour.", "diff.spread.", "probe.shift.", "diff.refusal", 
 WHY_NOT = {
     "refusal.direction": "it is the model's own refusal mechanism: ablating it is the jailbreak itself, not a cure",
     "behaviour.": "it describes the model's answers without a baseline to repair them towards",
-    "probe.deception": "a probe's quality describes what can be read, not a flaw",
-    "probe.harmful": "a probe's quality describes what can be read, not a flaw",
-    "probe.sycophancy": "a probe's quality describes what can be read, not a flaw",
-    "probe.power": "a probe's quality describes what can be read, not a flaw",
+    "probe.": "a probe's quality describes what can be read, not a flaw",  # probe.shift.* is treatable
     "anatomy": "it describes the model's anatomy, not a flaw",
     "diff.features": "give the feature to remove with --feature SITE#ID and its --dictionary (method feature)",
     "diff.crosscoder": "crosscoder latents span two models; give a feature of a dictionary of this model",
@@ -130,10 +127,10 @@ class Mechanism:
 
 def why_not(finding_id: str) -> str:
     """Why a finding cannot be treated ("" when it can)."""
-    reason = next((why for prefix, why in WHY_NOT.items() if finding_id.startswith(prefix)), "")
-    if not reason and not finding_id.startswith(TREATABLE):
-        reason = "it names no behaviour with a condition to repair"
-    return reason
+    if finding_id.startswith(TREATABLE):
+        return ""
+    return next((why for prefix, why in WHY_NOT.items() if finding_id.startswith(prefix)),
+                "it names no behaviour with a condition to repair")  # fmt: skip
 
 
 def treatable(scan: Scan) -> list[tuple[str, str]]:
