@@ -143,7 +143,7 @@ def attribute(
     BOS and every word of the prompt gets nodes; token ids are used as given."""
     subject = model.subject
     tok = subject.tokenizer
-    ids = list(prompt) if isinstance(prompt, list) else prompt_ids(tok, prompt, model.transcoders.values())
+    ids = list(prompt) if isinstance(prompt, list) else prompt_ids(tok, prompt, model.configs())
 
     def text(i: list[int]) -> str:
         return tok.decode(i) if tok is not None else " ".join(map(str, i))
@@ -197,7 +197,7 @@ def attribute(
     for e in errors.values():
         e[:constant_positions] = 0
     embeds = run.embeddings[0].detach().float()
-    W_enc = {layer: model.transcoders[layer].W_enc.detach() for layer in range(L)}
+    W_enc = {layer: model.encoder(layer).detach() for layer in range(L)}
     rows_t: list[Tensor] = []
     rows_s: list[Tensor] = []
     rows_w: list[Tensor] = []

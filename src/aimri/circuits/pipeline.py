@@ -17,8 +17,7 @@ from aimri.circuits.attribution import Graph, attribute
 from aimri.circuits.config import TraceConfig
 from aimri.circuits.export import atlas_clerps, graph_json, render_html
 from aimri.circuits.prune import Pruned, prune, supernodes
-from aimri.circuits.replacement import ReplacementModel, load_transcoders
-from aimri.dictionaries.base import Dictionary
+from aimri.circuits.replacement import ReplacementModel, Transcoders, load_transcoders
 from aimri.errors import AimriError
 from aimri.paths import atomic_write_text
 from aimri.subject.core import Subject
@@ -58,7 +57,7 @@ def check_trace(prompt: str, config: TraceConfig) -> None:
 
 def trace_prompt(
     subject: Subject,
-    transcoders: Path | dict[int, Dictionary],
+    transcoders: Path | Transcoders,
     prompt: str,
     out: Path,
     config: TraceConfig | None = None,
@@ -78,20 +77,21 @@ def trace_prompt(
     config = config or TraceConfig()
     check_trace(prompt, config)
     note = step or (lambda stage, done, total: None)
-    if isinstance(transcoders, dict):
+    if not isinstance(transcoders, (str, Path)):
         tcs = transcoders
     else:
         note("loading transcoders", 0, 1)
         tcs, clerps_from = load_transcoders(transcoders, subject), clerps_from or Path(transcoders)
     note("attributing", 0, 3)
+    model = ReplacementModel(subject, tcs)
     graph = attribute(
-        ReplacementModel(subject, tcs), prompt, max_feature_nodes=config.max_feature_nodes,
+        model, prompt, max_feature_nodes=config.max_feature_nodes,
         batch_size=config.batch_size, progress=progress, constant_positions=config.constant_positions,
     )  # fmt: skip
     note("pruning", 1, 3)
     pruned = prune(graph, config.node_threshold, config.edge_threshold)
     clerps = atlas_clerps(graph, pruned, clerps_from) if clerps_from is not None else {}
-    groups = supernodes(graph, pruned.node_mask, {k: tc.W_dec.detach() for k, tc in tcs.items()}, clerps)
+    groups = supernodes(graph, pruned.node_mask, {layer: model.decoder_rows(layer) for layer in range(subject.n_layers)}, clerps)
     out = Path(out)
     data = graph_json(graph, pruned, out.stem, subject.name, clerps, groups, config.node_threshold)
     note("writing", 2, 3)

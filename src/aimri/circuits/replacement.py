@@ -1,5 +1,6 @@
 """The local replacement model: a prompt's forward pass on the Hugging Face modules in which every MLP is
-a transcoder plus an error term, attention patterns and normalisation denominators are frozen, so that
+a transcoder (per-layer transcoders, or a cross-layer transcoder whose layer-L output sums the decoders of the
+features of layers <= L) plus an error term, attention patterns and normalisation denominators are frozen, so that
 the pass is linear from feature activations (and token embeddings and errors) to everything downstream.
 
 Nothing is re-implemented. Each frozen piece returns HF's own output value, `out.detach() + (lin - lin.detach())`,
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.modeling_utils import AttentionInterface
 
-from aimri.dictionaries.base import Dictionary
+from aimri.dictionaries.base import Dictionary, DictionaryConfig
+from aimri.dictionaries.clt import CrossLayerTranscoder
 from aimri.dictionaries.match import check_model
 from aimri.errors import AimriError
 from aimri.run import Run
@@ -146,15 +148,25 @@ def _frozen_norm(name: str, module: nn.Module):  # type: ignore[no-untyped-def]
     return pre, hook
 
 
-def load_transcoders(folder: str | Path, subject: Subject, allow_other_model: bool = False) -> dict[int, Dictionary]:
-    """Transcoders saved by `mri train-transcoders` (FOLDER/layer-L), checked against the subject: trained on
-    this model (aimri.dictionaries.match.check_model; `allow_other_model` for a deliberate transfer), placed on
-    the Subject's device."""
+# per-layer transcoders {layer: mlp.in.L -> mlp.out.L}, or one cross-layer transcoder
+Transcoders = Mapping[int, Dictionary] | CrossLayerTranscoder
+
+
+def load_transcoders(folder: str | Path, subject: Subject, allow_other_model: bool = False) -> Transcoders:
+    """Transcoders saved by `mri train-transcoders` (FOLDER/layer-L), or a cross-layer transcoder (`mri
+    train-clt`, circuit-tracer's or Gemma Scope 2's files: aimri.dictionaries.clt_formats), checked against the
+    subject: trained on this model (aimri.dictionaries.match; `allow_other_model` for a deliberate transfer), its
+    layer count and width those of the model, placed on the Subject's device."""
     from aimri.dictionaries import load_dictionary
+    from aimri.dictionaries.clt_formats import check_clt, is_clt, load_clt
 
     folder = Path(folder)
     if not folder.is_dir():
         raise AimriError(f"{folder} is not a folder of transcoders; make one with `mri train-transcoders`")
+    if is_clt(folder):
+        clt = load_clt(folder)
+        check_clt(clt, subject, allow_other_model, folder)
+        return clt.to(subject.device)
     found: dict[int, Dictionary] = {}
     for layer in range(subject.n_layers):
         sub = Run.transcoder_layer(folder, layer)
@@ -168,9 +180,19 @@ def load_transcoders(folder: str | Path, subject: Subject, allow_other_model: bo
 
 
 class ReplacementModel:
-    """A Subject with a transcoder (mlp.in.L -> mlp.out.L) at every layer."""
+    """A Subject with a transcoder (mlp.in.L -> mlp.out.L) at every layer, or one cross-layer transcoder."""
 
-    def __init__(self, subject: Subject, transcoders: Mapping[int, Dictionary]) -> None:
+    def __init__(self, subject: Subject, transcoders: Transcoders) -> None:
+        self.subject = subject
+        self._keeps_logits = "logits_to_keep" in inspect.signature(subject.model.forward).parameters
+        self.clt: CrossLayerTranscoder | None = None
+        self.transcoders: dict[int, Dictionary] = {}
+        if isinstance(transcoders, CrossLayerTranscoder):
+            from aimri.dictionaries.clt_formats import check_clt
+
+            check_clt(transcoders, subject, allow_other_model=True)  # shapes; the revision was checked at loading
+            self.clt = transcoders
+            return
         missing = [layer for layer in range(subject.n_layers) if layer not in transcoders]
         if missing:
             raise AimriError(
@@ -187,8 +209,33 @@ class ReplacementModel:
                     f"the transcoder for layer {layer} is {tc.cfg.d_in} -> {tc.cfg.out_dim} wide but {subject.name} has "
                     f"d_model {subject.d_model}: it belongs to another model"
                 )
-        self.subject, self.transcoders = subject, dict(transcoders)
-        self._keeps_logits = "logits_to_keep" in inspect.signature(subject.model.forward).parameters
+        self.transcoders = dict(transcoders)
+
+    # -- what attribution reads of either kind -------------------------------------------------------------
+    def configs(self) -> list[DictionaryConfig]:
+        """Each layer's encoder as a transcoder config (for the prompt's opening: match.prompt_ids)."""
+        if self.clt is not None:
+            return [self.clt.cfg.layer_config(layer) for layer in range(self.clt.n_layers)]
+        return [tc.cfg for tc in self.transcoders.values()]
+
+    def encoder(self, layer: int) -> Tensor:
+        """[d_model, width]: layer L's encoder (a feature's pre-activation is mlp_in @ encoder[:, i] + b_enc[i])."""
+        return self.clt.encoder(layer) if self.clt is not None else self.transcoders[layer].W_enc
+
+    def width(self, layer: int) -> int:
+        return self.clt.cfg.widths[layer] if self.clt is not None else self.transcoders[layer].cfg.d_sae
+
+    def decoder_rows(self, layer: int) -> Tensor:
+        """[width, n_out x d_model]: what layer L's features write (a CLT: to every later layer, side by side)."""
+        if self.clt is not None:
+            return self.clt.W_dec[layer].detach().flatten(1)
+        return self.transcoders[layer].W_dec.detach()
+
+    def _encode(self, layer: int, x: Tensor) -> Tensor:
+        if self.clt is not None:
+            return self.clt.encode(layer, x)
+        tc = self.transcoders[layer]
+        return tc.encode(x.to(tc.W_enc))
 
     @contextmanager
     def _frozen(self, state: dict[str, Any]) -> Iterator[None]:
@@ -197,13 +244,13 @@ class ReplacementModel:
         for name, module in _norm_modules(subj):
             pre, hook = _frozen_norm(name, module)
             handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(hook)]
-        for layer, tc in self.transcoders.items():
+        for layer in range(subj.n_layers):
             block = subj.layer(layer)
             handles.append(
                 get_module(block, subj.adapter.mlp).register_forward_pre_hook(self._read_input(layer, state))
             )
             handles.append(
-                get_module(block, subj.adapter.mlp_out_module).register_forward_hook(self._replace(layer, tc, state))
+                get_module(block, subj.adapter.mlp_out_module).register_forward_hook(self._replace(layer, state))
             )
         embed = subj.model.get_input_embeddings()  # type: ignore[operator]
         handles.append(embed.register_forward_hook(self._embed_leaf(state)))
@@ -234,8 +281,37 @@ class ReplacementModel:
 
         return hook
 
-    @staticmethod
-    def _replace(layer: int, tc: Dictionary, state: dict[str, Any]):  # type: ignore[no-untyped-def]
+    def _decoded(self, layer: int, x: Tensor, state: dict[str, Any], copies: int, seq: int) -> Tensor:
+        """Layer L's reconstruction [copies, seq, d] (fp32) from the leaves: the sparse sum of active features'
+        decoder rows (a CLT: those of every layer <= L, to L) + b_dec (+ the skip term)."""
+        recon = None
+        sources = range(layer + 1) if self.clt is not None else [layer]
+        for source in sources:
+            pos, idx = state["active"][source]
+            leaf = state["codes"][source]
+            counts = torch.bincount(pos, minlength=seq)
+            starts = counts.cumsum(0) - counts
+            offsets = (starts[None] + len(idx) * torch.arange(copies, device=pos.device)[:, None]).flatten()
+            if self.clt is not None:
+                rows = self.clt.decoder(source, layer).detach().float()
+            else:
+                rows = self.transcoders[layer].W_dec.detach().float()
+            part = F.embedding_bag(idx.repeat(copies), rows, offsets, mode="sum",
+                                   per_sample_weights=leaf.reshape(-1)).view(copies, seq, -1)  # fmt: skip
+            recon = part if recon is None else recon + part
+        assert recon is not None
+        if self.clt is not None:
+            recon = recon + self.clt.b_dec[layer].detach().float()
+            if self.clt.W_skip is not None:
+                recon = recon + (x.to(self.clt.W_skip) @ self.clt.W_skip[layer].detach()).float()
+            return recon
+        tc = self.transcoders[layer]
+        recon = recon + tc.b_dec.detach().float()
+        if tc.W_skip is not None:
+            recon = recon + (x.to(tc.W_skip) @ tc.W_skip.detach()).float()
+        return recon
+
+    def _replace(self, layer: int, state: dict[str, Any]):  # type: ignore[no-untyped-def]
         def hook(mod: nn.Module, args: tuple, out: Any) -> Any:
             true = out[0] if isinstance(out, tuple) else out
             x = state["inputs"][layer]
@@ -244,24 +320,16 @@ class ReplacementModel:
             # the transcoder computes in its own dtype and the node values are fp32, whatever the model's dtype
             # (a bf16 model with fp32 transcoders); the reconstruction is cast back to the model's
             with torch.no_grad():  # every copy holds the same prompt: encode one, copy the activations
-                codes = tc.encode(x[0].detach().to(tc.W_enc)).float()
+                codes = self._encode(layer, x[0].detach()).float()
                 pos, idx = codes.nonzero(as_tuple=True)  # position-major, as embedding_bag's bags
                 values = codes[pos, idx]
-                counts = torch.bincount(pos, minlength=seq)
-                starts = counts.cumsum(0) - counts
-                offsets = (starts[None] + len(idx) * torch.arange(copies, device=pos.device)[:, None]).flatten()
             leaf = (values.expand(copies, -1).clone() if batched else values).requires_grad_(True)
-            # sum of activation x decoder row per position: the gradient reaches only the active features
-            recon = F.embedding_bag(idx.repeat(copies), tc.W_dec.detach().float(), offsets, mode="sum",
-                                    per_sample_weights=leaf.reshape(-1)).view(copies, seq, -1)  # fmt: skip
-            recon = recon + tc.b_dec.detach().float()
-            if tc.W_skip is not None:
-                recon = recon + (x.to(tc.W_skip) @ tc.W_skip.detach()).float()
-            recon = recon.to(true)
-            error = (true - recon).detach()
-            error = (error if batched else error[0]).requires_grad_(True)  # the error node, a leaf too
             state.setdefault("codes", {})[layer] = leaf
             state.setdefault("active", {})[layer] = (pos, idx)
+            # sum of activation x decoder row per position: the gradient reaches only the active features
+            recon = self._decoded(layer, x, state, copies, seq).to(true)
+            error = (true - recon).detach()
+            error = (error if batched else error[0]).requires_grad_(True)  # the error node, a leaf too
             state.setdefault("errors", {})[layer] = error
             lin = recon + (error if batched else error[None])
             new = true.detach() + (lin - lin.detach())

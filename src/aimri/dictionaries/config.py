@@ -132,3 +132,36 @@ class CrosscoderConfig(DictionarySettings):
         default="crosscoder", metadata=_help("crosscoder (one encoder over the models' concatenated activations)")
     )
     tokens: int = field(default=1_000_000, metadata=_help("training tokens (the corpus is cycled if smaller)"))
+
+
+@dataclass
+class CLTTrainConfig:
+    """A cross-layer transcoder streamed from a model (`mri train-clt`, `train_clt`): BatchTopK per layer while
+    training, saved as JumpReLU with per-feature thresholds calibrated afterwards. Every `heldout_every`-th
+    window is held out for its metrics."""
+
+    width: int = field(default=1024, metadata=_help("features per layer"))
+    widths: list[int] | None = field(default=None, metadata=_help("features of each layer (overrides width)"))
+    k: int = field(default=16, metadata=_help("active features per token per layer (BatchTopK, in training)"))
+    tokens: int = field(default=200_000, metadata=_help("training tokens (the corpus is cycled if smaller)"))
+    batch_size: int = field(default=1024, metadata=_help("rows per optimiser step"))
+    lr: float = field(default=2e-3, metadata=_help("Adam learning rate"))
+    skip: bool = field(default=False, metadata=_help("add a linear skip term per layer (a skip-CLT)"))
+    seed: int = _as(TrainConfig, "seed")
+    context: int = field(default=256, metadata=_help("tokens per window"))
+    heldout_every: int = field(
+        default=50, metadata=_help("never train on every Nth window: the metrics' held-out windows (0: none)")
+    )
+    eval_windows: int = field(default=8, metadata=_help("held-out windows for each layer's FVU and L0"))
+    downstream_windows: int = field(
+        default=4, metadata=_help("held-out windows for CE loss recovered with the whole CLT replacing the MLPs")
+    )
+    checkpoint_every: int = field(default=25, metadata=_help("steps between checkpoints"))
+    calibration_batches: int = field(default=4, metadata=_help("batches that set the JumpReLU thresholds"))
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // self.batch_size)
+
+    def widths_for(self, n_layers: int) -> list[int]:
+        return list(self.widths) if self.widths is not None else [self.width] * n_layers
