@@ -17,7 +17,7 @@ from rich.table import Table
 from aimri.autointerp.config import LabelConfig
 from aimri.circuits.config import TraceConfig
 from aimri.devices import DEVICE_HELP, DTYPE_HELP
-from aimri.dictionaries.config import CrosscoderConfig, DictionarySettings, TranscodersConfig
+from aimri.dictionaries.config import CLTTrainConfig, CrosscoderConfig, DictionarySettings, TranscodersConfig
 from aimri.errors import AimriError
 from aimri.features import FeaturesConfig
 from aimri.subject.names import DEFAULT_MODEL
@@ -301,6 +301,57 @@ def train_transcoders_cmd(
         held = "" if "fvu" not in m else f"held-out fvu={m['fvu']:.4f} l0={m['l0']:.1f} dead={m['dead_frac']:.3f}"
         ce = f" ce_recovered={m['ce_loss_recovered']:.3f}" if "ce_loss_recovered" in m else ""
         console.print(f"layer {layer:>2}: train fvu={m['train_fvu']:.4f}  {held}{ce}")
+    console.print(f"[green]saved[/] {out}")
+
+
+@app.command("train-clt")
+def train_clt_cmd(
+    model: Annotated[str, typer.Argument(help="embedded name, .gguf file, HF directory or hub id")] = DEFAULT_MODEL,
+    width: int = _opt(CLTTrainConfig, "width"),
+    widths: Annotated[str, typer.Option(help="features of each layer, a comma list (overrides --width)")] = "",
+    k: int = _opt(CLTTrainConfig, "k"),
+    tokens: int = _opt(CLTTrainConfig, "tokens"),
+    batch_size: int = _opt(CLTTrainConfig, "batch_size"),
+    lr: float = _opt(CLTTrainConfig, "lr"),
+    skip: bool = _opt(CLTTrainConfig, "skip"),
+    corpus: Annotated[list[Path], typer.Option(help="default: the default corpus")] = [],  # noqa: B006
+    out: Annotated[Path | None, typer.Option(help="default: runs/<model>/clt")] = None,
+    context: int = _opt(CLTTrainConfig, "context"),
+    quiet: Annotated[bool, typer.Option()] = False,
+    nproc: Annotated[int, typer.Option(help="start this many local ranks under torchrun (data-parallel)")] = 1,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """Train a cross-layer transcoder over every layer (each layer's features write to its MLP output and every
+    later one), streamed from the model; resumable; saved in circuit-tracer's layout + clt.json."""
+    import aimri
+    from aimri.data.corpus import Corpus
+    from aimri.data.default_corpus import default_corpus_path
+    from aimri.dictionaries.clt_train import train_clt
+    from aimri.run import Run
+
+    try:
+        per_layer = [int(x) for x in widths.split(",")] if widths.strip() else None
+    except ValueError:
+        raise AimriError(f"--widths {widths!r}: give one integer per layer, comma-separated") from None
+    ranks = _join_ranks(nproc)
+    subject = _leader_first(ranks, lambda: aimri.load(model, device=device, dtype=dtype))
+    config = CLTTrainConfig(width=width, widths=per_layer, k=k, tokens=tokens, batch_size=batch_size, lr=lr,
+                            skip=skip, context=context)  # fmt: skip
+    out = out or Run.for_model(subject.name).clt
+    paths = corpus or [_leader_first(ranks, lambda: default_corpus_path(log=lambda m: console.print(m)))]
+    with _flags_named("batch_size"):
+        record = train_clt(subject, Corpus.from_paths(paths), out, config, progress=not quiet, ranks=ranks)
+    if not ranks.leader:
+        return
+    for layer, m in record.get("layers", {}).items():
+        console.print(f"layer {int(layer):>2}: held-out fvu={m['fvu']:.4f} l0={m['l0']:.1f} dead={m['dead_frac']:.3f}")
+    whole = record.get("replacement")
+    if whole:
+        console.print(
+            f"every MLP replaced: ce_recovered={whole['ce_loss_recovered']:.3f} kl={whole['kl_div']:.3f} "
+            f"top-1 agreement={whole['top1_agreement']:.3f} ({whole['tokens']} held-out tokens)"
+        )
     console.print(f"[green]saved[/] {out}")
 
 

@@ -98,6 +98,11 @@ class Run:
     def transcoders(self) -> Path:
         return self.root / "transcoders"
 
+    @property
+    def clt(self) -> Path:
+        """The cross-layer transcoder `mri train-clt` writes (a folder; `mri trace --transcoders` takes it)."""
+        return self.root / "clt"
+
     @staticmethod
     def transcoder_layer(transcoders: Path, layer: int) -> Path:
         return Path(transcoders) / f"layer-{layer}"

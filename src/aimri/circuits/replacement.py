@@ -18,7 +18,7 @@ import inspect
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +36,23 @@ from aimri.subject.adapters import get_module
 from aimri.subject.core import Subject
 
 
-def _freeze_pattern(kernel: Callable[..., Any]) -> Callable[..., Any]:
-    """The model's own attention kernel with the pattern held constant (query and key detached)."""
+def _freeze_pattern(kernel: Callable[..., Any], state: dict[str, Any]) -> Callable[..., Any]:
+    """The model's own attention kernel with the pattern held constant (query and key detached). For QK
+    attribution (aimri.circuits.qk), the query and key handed to the kernel of layer state["capture"] are kept,
+    with the gradient they carry, and state["freeze_values"] detaches the values too (no path crosses positions)."""
 
     def frozen(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
+        if state.get("capture") is not None and getattr(module, "layer_idx", None) == state["capture"]:
+            state["qk"] = (query, key, kwargs.get("scaling"), module)
+        if state.get("freeze_values"):
+            value = value.detach()
         return kernel(module, query.detach(), key.detach(), value, *args, **kwargs)
 
     return frozen
 
 
 @contextmanager
-def _frozen_attention(subject: Subject) -> Iterator[None]:
+def _frozen_attention(subject: Subject, state: dict[str, Any]) -> Iterator[None]:
     """Swap the attention kernel the model uses for its pattern-frozen version, for the duration: the
     registered kernel (sdpa, flash, ...) in transformers' table, or the modeling file's eager function."""
     attn = get_module(subject.layer(0), subject.adapter.attn)
@@ -55,7 +61,7 @@ def _frozen_attention(subject: Subject) -> Iterator[None]:
     if impl == "eager":
         owner: Any = sys.modules[type(attn).__module__]
         original = owner.eager_attention_forward
-        owner.eager_attention_forward = _freeze_pattern(original)
+        owner.eager_attention_forward = _freeze_pattern(original, state)
         try:
             yield
         finally:
@@ -67,7 +73,7 @@ def _frozen_attention(subject: Subject) -> Iterator[None]:
             f"cannot freeze attention implemented as {impl!r}; load the model with sdpa or eager attention"
         )
     original = table[impl]
-    table[impl] = _freeze_pattern(original)
+    table[impl] = _freeze_pattern(original, state)
     try:
         yield
     finally:
@@ -87,6 +93,10 @@ class Replaced:
     errors: dict[int, Tensor]
     embeddings: Tensor
     mlp_inputs: dict[int, Tensor]
+    # what `run(options=...)` asked to keep (aimri.circuits.qk): "qk" (query, key, scaling, module) of the
+    # captured layer, "heads" {layer: the attention output projection's input [copies, seq, heads x head_dim]},
+    # "biases" {layer: the decoder bias leaf [copies, 1, d]}
+    kept: dict[str, Any] = field(default_factory=dict)
 
 
 def _norm_modules(subject: Subject) -> list[tuple[str, nn.Module]]:
@@ -254,8 +264,12 @@ class ReplacementModel:
             )
         embed = subj.model.get_input_embeddings()  # type: ignore[operator]
         handles.append(embed.register_forward_hook(self._embed_leaf(state)))
+        if state.get("capture_heads"):
+            for layer in range(subj.n_layers):
+                o_proj = get_module(subj.layer(layer), subj.adapter.o_proj)
+                handles.append(o_proj.register_forward_pre_hook(self._keep_heads(layer, state)))
         try:
-            with _frozen_attention(subj):
+            with _frozen_attention(subj, state):
                 yield
         finally:
             for h in handles:
@@ -267,6 +281,18 @@ class ReplacementModel:
             leaf = (out if state["batched"] else out[0]).detach().clone().requires_grad_(True)
             state["embeddings"] = leaf
             return leaf if state["batched"] else leaf[None]
+
+        return hook
+
+    @staticmethod
+    def _keep_heads(layer: int, state: dict[str, Any]):  # type: ignore[no-untyped-def]
+        def hook(mod: nn.Module, args: tuple) -> tuple | None:
+            if state.get("freeze_values"):  # a constant then: made a leaf, so gradients can be read at it
+                z = args[0].detach().requires_grad_(True)
+                state.setdefault("heads", {})[layer] = z
+                return (z, *args[1:])
+            state.setdefault("heads", {})[layer] = args[0]
+            return None
 
         return hook
 
@@ -300,13 +326,17 @@ class ReplacementModel:
                                    per_sample_weights=leaf.reshape(-1)).view(copies, seq, -1)  # fmt: skip
             recon = part if recon is None else recon + part
         assert recon is not None
+        bias = (self.clt.b_dec[layer] if self.clt is not None else self.transcoders[layer].b_dec).detach().float()
+        if state.get("bias_leaves"):  # b_dec as a leaf per copy, so its share of a linear readout can be read
+            bias = bias.expand(copies, 1, -1).clone().requires_grad_(True)
+            state.setdefault("biases", {})[layer] = bias
         if self.clt is not None:
-            recon = recon + self.clt.b_dec[layer].detach().float()
+            recon = recon + bias
             if self.clt.W_skip is not None:
                 recon = recon + (x.to(self.clt.W_skip) @ self.clt.W_skip[layer].detach()).float()
             return recon
         tc = self.transcoders[layer]
-        recon = recon + tc.b_dec.detach().float()
+        recon = recon + bias
         if tc.W_skip is not None:
             recon = recon + (x.to(tc.W_skip) @ tc.W_skip.detach()).float()
         return recon
@@ -337,12 +367,17 @@ class ReplacementModel:
 
         return hook
 
-    def run(self, input_ids: Tensor, copies: int = 0, last_only: bool = False) -> Replaced:
+    def run(
+        self, input_ids: Tensor, copies: int = 0, last_only: bool = False, options: dict[str, Any] | None = None
+    ) -> Replaced:
         """One prompt ([seq] or [1, seq]); returns logits [seq, vocab] equal to the model's, and the nodes.
         With `copies` = B > 0 the prompt runs B times side by side and every tensor keeps a batch dimension:
         B independent backward passes in one (row b's gradient answers row b's target). `last_only`: logits
         for the last position only ([1, vocab] per copy), skipping the unembedding everywhere else — at a
-        49k vocabulary that is a fifth of a small model's FLOPs, forward and backward."""
+        49k vocabulary that is a fifth of a small model's FLOPs, forward and backward. `options` (for QK
+        attribution): {"capture": layer} keeps that layer's query and key, {"capture_heads": True} every layer's
+        per-head attention output, {"freeze_values": True} detaches the attention values as well, {"bias_leaves": True} makes each layer's
+        decoder bias a leaf ("biases" {layer: [copies, 1, d]}; unbatched, its copy dimension is 1)."""
         ids = input_ids.reshape(1, -1)
         if ids.shape[1] == 0:
             raise AimriError("the prompt is empty")
@@ -350,7 +385,7 @@ class ReplacementModel:
             raise AimriError(
                 f"a prompt of {ids.shape[1]} tokens exceeds {self.subject.name}'s context of {self.subject.context_length}"
             )
-        state: dict[str, Any] = {"batched": copies > 0}
+        state: dict[str, Any] = {"batched": copies > 0, **(options or {})}
         keep: dict[str, int] = {"logits_to_keep": 1} if last_only and self._keeps_logits else {}
         weights = [p for p in self.subject.model.parameters() if p.requires_grad]
         try:  # gradients go to the leaves only: no autograd record of the weights
@@ -368,4 +403,5 @@ class ReplacementModel:
         return Replaced(
             logits=logits if copies else logits[0], codes=state["codes"], active=state["active"], errors=state["errors"],
             embeddings=state["embeddings"], mlp_inputs=inputs,
+            kept={k: state[k] for k in ("qk", "heads", "biases") if k in state},
         )  # fmt: skip

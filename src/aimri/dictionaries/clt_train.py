@@ -112,7 +112,7 @@ class CLTTrainer:
     def reconstruct(self, xs: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
         """xs [rows, n_layers, d] (scaled) -> recon [rows, n_layers, d] and each layer's kept entries."""
         rows, L, d = xs.shape
-        recon = self.clt.b_dec.expand(rows, L, d).clone()
+        parts: list[list[Tensor]] = [[] for _ in range(L)]  # per target layer, what each source writes there
         kept = []
         for i in range(L):
             pre = self.clt.pre_acts(i, xs[:, i])
@@ -121,7 +121,10 @@ class CLTTrainer:
             offsets = torch.searchsorted(r, torch.arange(rows, device=r.device))
             w = self.clt.W_dec[i]
             out = F.embedding_bag(f, w.reshape(w.shape[0], -1), offsets, mode="sum", per_sample_weights=v)
-            recon[:, i:] = recon[:, i:] + out.view(rows, L - i, d)
+            # unbind, not slices: its backward stacks the targets' gradients once instead of filling a copy each
+            for t, piece in enumerate(out.view(rows, L - i, d).unbind(1)):
+                parts[i + t].append(piece)
+        recon = torch.stack([torch.stack(p).sum(0) for p in parts], 1) + self.clt.b_dec
         if self.clt.W_skip is not None:
             recon = recon + torch.einsum("rld,lde->rle", xs, self.clt.W_skip)
         return recon, kept
@@ -145,7 +148,7 @@ class CLTTrainer:
             self.fired[i][f] = True
         self.step_index += 1
         l0 = sum(len(f) for _, f, _ in kept) / (xs.shape[0] * xs.shape[1])
-        self.last = {"step": self.step_index, "fvu": float(fvu.mean()), "l0_per_layer": l0}
+        self.last = {"step": self.step_index, "fvu": float(fvu.detach().mean()), "l0_per_layer": l0}
         return self.last
 
     @torch.no_grad()
