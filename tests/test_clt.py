@@ -78,7 +78,9 @@ def test_cross_layer_decoders_are_summed_and_graph_rows_add_up() -> None:
             recon = clt.decode(t, codes)
             assert torch.allclose(recon + replaced.errors[t].detach(), acts[f"mlp.out.{t}"][0], atol=1e-5)
     assert float(clt.decoder(0, 2).abs().sum()) > 0  # the cross-layer decoders are in play
-    graph = attribute(model, ids.tolist(), max_feature_nodes=10_000, batch_size=16, progress=False, constant_positions=0)
+    graph = attribute(
+        model, ids.tolist(), max_feature_nodes=10_000, batch_size=16, progress=False, constant_positions=0
+    )
     with torch.no_grad():
         logits = subject.model(input_ids=ids[None]).logits[0, -1]
     for j, token in enumerate(graph.logit_tokens):
@@ -194,3 +196,64 @@ def test_clt_trains_resumes_and_is_measured(tiny_lm_dir: str, tmp_path: Path, mo
         train_clt(subject, corpus, tmp_path / "part", other, progress=False)
     with pytest.raises(AimriError, match="one per layer"):
         train_clt(subject, corpus, tmp_path / "w", CLTTrainConfig(widths=[8, 8], tokens=128), progress=False)
+
+
+def test_clt_interventions_act_on_every_layer_they_write() -> None:
+    """On the exact CLT, scaling a feature equals scaling the same per-layer transcoder feature (its cross-layer
+    decoders are zero); on a random CLT, x1 changes nothing and x0 of a layer-0 feature changes the logits
+    through its decoders to layers 1 and 2 as well (zeroing those decoders gives another answer)."""
+    from aimri.circuits.intervene import Change, intervene
+
+    subject, clt = exact_clt()
+    _, tcs = exact_gpt2()
+    ids = torch.randint(1, 96, (8,), generator=torch.Generator().manual_seed(5)).tolist()
+    x = subject.run(torch.tensor([ids]), read=["mlp.in.0"])["mlp.in.0"][0]
+    feature = int(clt.encode(0, x)[5].argmax())
+    change = [Change(0, feature, [5], "scale", -3.0)]
+    assert intervene(subject, clt, ids, change, k=8) == intervene(subject, tcs, ids, change, k=8)
+    llama = tiny_subject("llama")
+    random = random_clt(llama)
+    x = llama.run(torch.tensor([ids]), read=["mlp.in.0"])["mlp.in.0"][0]
+    feature = int(random.encode(0, x)[4].argmax())
+    same = intervene(llama, random, ids, [Change(0, feature, [4], "scale", 1.0)], k=5)
+    assert same["after"] == same["before"]
+    off = intervene(llama, random, ids, [Change(0, feature, None, "scale", 0.0)], k=5)
+    with torch.no_grad():
+        random.W_dec[0][:, 1:] = 0
+    own_only = intervene(llama, random, ids, [Change(0, feature, None, "scale", 0.0)], k=5)
+    assert off["after"] != off["before"] and off["after"] != own_only["after"]
+    with pytest.raises(AimriError, match="no transcoder for layer 3"):
+        intervene(llama, random, ids, [Change(3, 0, None, "scale", 0.0)])
+
+
+def test_cli_traces_through_a_clt_with_attention_edges(tiny_lm_dir: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import aimri
+
+    subject = aimri.load(tiny_lm_dir)
+    clt = random_clt(subject, width=16)
+    clt.cfg.model_name, clt.cfg.model_revision = subject.name, subject.revision
+    save_clt(clt, tmp_path / "clt")
+    cli = [sys.executable, "-m", "aimri.cli", "trace", tiny_lm_dir, "The lighthouse keeper climbed the",
+           "--transcoders", str(tmp_path / "clt"), "--out", str(tmp_path / "g.json"), "--quiet", "--qk-edges", "2",
+           "--intervene", "0/3=x0"]  # fmt: skip
+    done = subprocess.run(cli, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    said = done.stdout + done.stderr
+    assert "memory estimate" in said and "linearity check 0.0e+00 (linear)" in said
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["transcoder_kind"] == "cross-layer transcoder" and summary["hessian"] < 1e-6
+    assert 0 < summary["replacement_full"] <= 1 and {"before", "after"} <= set(summary["intervention"])
+    data = json.loads((tmp_path / "g.json").read_text())
+    assert len(data["qk"]) == 2 and data["metadata"]["info"]["hessian"] == summary["hessian"]
+    for edge in data["qk"]:
+        parts = edge["residual"] + sum(h["weight"] for h in edge["heads"])
+        assert parts == pytest.approx(edge["weight"], rel=1e-3, abs=1e-5)  # heads list the top 8 only
+        assert "qk" not in edge or edge["qk"]["pairs"]
+    assert "Attention-mediated edges" in (tmp_path / "g.html").read_text()
+    foreign = CrossLayerTranscoder(CLTConfig(2, subject.d_model, [8, 8]))
+    save_clt(foreign, tmp_path / "two")
+    bad = subprocess.run([*cli[:7], str(tmp_path / "two"), *cli[8:]], capture_output=True, text=True)
+    assert bad.returncode == 2 and "spans 2 layers" in bad.stderr

@@ -46,7 +46,9 @@ def test_head_loadings_add_up_to_the_edge(kind: str) -> None:
     model = _model(kind)
     graph = attribute(model, IDS, max_feature_nodes=10_000, progress=False, constant_positions=0)
     checked = 0
-    for t, s, w in zip(graph.edge_targets.tolist(), graph.edge_sources.tolist(), graph.edge_weights.tolist(), strict=True):
+    for t, s, w in zip(
+        graph.edge_targets.tolist(), graph.edge_sources.tolist(), graph.edge_weights.tolist(), strict=True
+    ):
         if t < graph.n_features and s < graph.n_features and abs(w) > 1e-3:
             src, tgt = tuple(graph.features[s].tolist()), tuple(graph.features[t].tolist())
             if src[1] != tgt[1]:

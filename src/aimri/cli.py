@@ -671,7 +671,11 @@ def trace(
     model: Annotated[str, typer.Argument(help="embedded name, .gguf file, HF directory or hub id")],
     prompt: Annotated[str, typer.Argument(help="the prompt whose next-token prediction is traced")],
     transcoders: Annotated[
-        Path | None, typer.Option(help="folder of layer-L transcoders (default: runs/<model>/transcoders)")
+        Path | None,
+        typer.Option(
+            help="folder of layer-L transcoders or a cross-layer transcoder (`mri train-clt`; circuit-tracer's or "
+            "Gemma Scope 2's files) (default: runs/<model>/transcoders, else runs/<model>/clt)"
+        ),
     ] = None,
     out: Annotated[
         Path | None,
@@ -684,6 +688,7 @@ def trace(
     edge_threshold: float = _opt(TraceConfig, "edge_threshold"),
     max_feature_nodes: int = _opt(TraceConfig, "max_feature_nodes"),
     batch_size: int = _opt(TraceConfig, "batch_size"),
+    qk_edges: int = _opt(TraceConfig, "qk_edges"),
     constant_positions: int = _opt(TraceConfig, "constant_positions"),
     intervene: Annotated[
         list[str], typer.Option(help="LAYER/FEATURE[@POS,..]=VALUE or =xFACTOR; prints the new top logits")
@@ -695,22 +700,30 @@ def trace(
     device: Device = "auto",
     dtype: Dtype = "auto",
 ) -> None:
-    """Attribution graph of a prompt through per-layer transcoders: pruned, scored, exported, rendered."""
+    """Attribution graph of a prompt through per-layer transcoders or a CLT: pruned, scored (replacement,
+    completeness, the linearity check), exported, rendered; --qk-edges N adds the heads and QK attribution of the
+    N strongest edges between positions."""
     import aimri
+    from aimri.circuits.attribution import attribution_plan
     from aimri.circuits.intervene import intervene as run_intervention
     from aimri.circuits.intervene import parse_change
     from aimri.circuits.pipeline import check_trace, trace_prompt
-    from aimri.circuits.replacement import load_transcoders
+    from aimri.circuits.replacement import ReplacementModel, load_transcoders
+    from aimri.devices import free_memory, gib
+    from aimri.dictionaries.match import prompt_ids
     from aimri.run import Run, prompt_slug
 
-    config = TraceConfig(node_threshold, edge_threshold, max_feature_nodes, batch_size, constant_positions)
+    config = TraceConfig(node_threshold, edge_threshold, max_feature_nodes, batch_size, qk_edges, constant_positions)
     with _flags_named(*(f.name for f in dataclasses.fields(TraceConfig))):
         check_trace(prompt, config)
     changes = [parse_change(c) for c in intervene]
     subject = aimri.load(model, device=device, dtype=dtype)
     run = Run.for_model(subject.name)
-    folder = transcoders or run.transcoders
+    folder = transcoders or (run.clt if not run.transcoders.is_dir() and run.clt.is_dir() else run.transcoders)
     tcs = load_transcoders(folder, subject, allow_other_model)
+    tokens = len(prompt_ids(subject.tokenizer, prompt, ReplacementModel(subject, tcs).configs()))
+    plan = attribution_plan(subject, tokens, copies=batch_size)
+    console.print(f"memory estimate: {plan.describe()}; {gib(free_memory(subject.device))} free on {subject.device}")
     traced = trace_prompt(subject, tcs, prompt, out or run.graph(prompt_slug(prompt)), config, html=html or True,
                           clerps_from=folder, progress=not quiet)  # fmt: skip
     data = traced.data
@@ -718,6 +731,11 @@ def trace(
         f"[green]wrote[/] {traced.path} and {traced.html}: {len(data['nodes'])} nodes, {len(data['links'])} links"
     )
     summary = traced.summary()
+    console.print(
+        f"replacement {summary['replacement']:.3f} (full {summary['replacement_full']:.3f}), completeness "
+        f"{summary['completeness']:.3f} (full {summary['completeness_full']:.3f}); linearity check "
+        f"{summary['hessian']:.1e} ({'linear' if summary['hessian'] < 1e-5 else 'NOT linear: a nonlinearity escaped'})"
+    )
     if changes:
         summary["intervention"] = run_intervention(subject, tcs, traced.graph.tokens, changes)
     print(json.dumps(summary))

@@ -107,6 +107,14 @@ def influence(graph: Graph, targets: Tensor, sources: Tensor, weights: Tensor, l
     return total
 
 
+def attribution_plan(subject: Any, n_pos: int, copies: int = 1) -> Plan:
+    """The memory one attribution needs per prompt copy on the model's device (bytes): the kept activations
+    (~5 x d_model per layer and position) and the backward's transients, measured at ~12 x d_model in all;
+    `attribute` refuses before any work when one copy will not fit, and sizes its copies per pass from it."""
+    per_copy = 4.0 * n_pos * subject.n_layers * 12 * subject.d_model
+    return Plan(f"attribution of a {n_pos}-token prompt", subject.device, "`batch_size`", copies, per_copy)
+
+
 def _top_logits(logits: Tensor, cumulative: float = 0.95, most: int = 10) -> tuple[list[int], list[float]]:
     probs = logits.float().softmax(-1)
     values, ids = probs.sort(descending=True)
@@ -157,12 +165,11 @@ def attribute(
     start = time.perf_counter()
     ids_t = torch.tensor(ids)
     n_pos, L = len(ids), subject.n_layers
-    per_copy = 4.0 * n_pos * L * 12 * subject.d_model  # kept activations (~5 d) and the transients (measured)
-    plan = Plan(f"attribution of a {n_pos}-token prompt", subject.device, "`batch_size`", 1, per_copy)
+    plan = attribution_plan(subject, n_pos)
     if memory_budget is None:
         memory_budget = 0.5 * free_memory(subject.device)
         plan.check()  # one copy must fit: refused before any work, with the estimate
-    batch_size = max(1, min(batch_size, int(memory_budget // per_copy)))
+    batch_size = max(1, min(batch_size, int(memory_budget // plan.per_unit)))
     plan.units = batch_size
     copies = max(1, min(batch_size, max(10, max_feature_nodes)))  # 10: the most logit rows
     # one batched forward serves every backward pass (kept with retain_graph); copy 0 gives the nodes
@@ -262,7 +269,7 @@ def attribute(
     graph.edge_weights = torch.cat(rows_w)
     graph.expanded = expanded
     graph.meta = {
-        "seconds": time.perf_counter() - start, "features_expanded": int(expanded[: graph.n_features].sum()),
+        "memory_estimate_gb": round(plan.peak / 2**30, 3), "seconds": time.perf_counter() - start, "features_expanded": int(expanded[: graph.n_features].sum()),
         "copies_per_pass": copies, "backward_passes": passes[0], "constant_positions": constant_positions, "dropped_weight": dropped[0] / max(dropped[1], 1e-30),
     }  # fmt: skip
     return graph

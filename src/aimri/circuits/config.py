@@ -15,6 +15,10 @@ class TraceConfig:
     edge_threshold: float = field(default=0.98, metadata={"help": "score share kept by edge pruning, in (0, 1]"})
     max_feature_nodes: int = field(default=1024, metadata={"help": "features whose incoming edges are computed"})
     batch_size: int = field(default=32, metadata={"help": "targets per backward pass"})
+    qk_edges: int = field(
+        default=0,
+        metadata={"help": "strongest edges between positions whose heads and QK attribution are computed (0: none)"},
+    )
     constant_positions: int = field(
         default=1,
         metadata={"help": "leading positions held constant, without feature or error nodes (the attention sink)"},
@@ -26,8 +30,8 @@ class TraceConfig:
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise AimriError(f"`{name}` must be in (0, 1], got {value}")
-        if self.max_feature_nodes < 1 or self.batch_size < 1 or self.constant_positions < 0:
+        if self.max_feature_nodes < 1 or self.batch_size < 1 or self.constant_positions < 0 or self.qk_edges < 0:
             raise AimriError(
-                "`max_feature_nodes` and `batch_size` must be at least 1 and `constant_positions` at least 0, got "
-                f"{self.max_feature_nodes}, {self.batch_size}, {self.constant_positions}"
+                "`max_feature_nodes` and `batch_size` must be at least 1, `constant_positions` and `qk_edges` at "
+                f"least 0, got {self.max_feature_nodes}, {self.batch_size}, {self.constant_positions}, {self.qk_edges}"
             )

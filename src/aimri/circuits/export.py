@@ -165,8 +165,30 @@ def render_html(data: dict[str, Any], width: int = 1100, height: int = 720) -> s
     info = meta.get("info", {})
     scores = (f"replacement {info.get('replacement_score', float('nan')):.3f} (full {info.get('replacement_score_full', float('nan')):.3f}), "
               f"completeness {info.get('completeness_score', float('nan')):.3f} (full {info.get('completeness_score_full', float('nan')):.3f})")  # fmt: skip
+    hessian = info.get("hessian")
+    if hessian is not None:
+        scores += f"; linearity check {hessian:.1e}"
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>" + escape(meta["slug"]) + "</title></head><body>"
         f"<h3>{escape(meta['prompt'])}</h3><p>{len(nodes)} nodes, {len(links)} links; {scores}. "
-        "Hover a node for its label; blue links excite, red inhibit.</p>" + "\n".join(out) + "</body></html>"
+        "Hover a node for its label; blue links excite, red inhibit.</p>"
+        + "\n".join(out)
+        + _qk_tables(data)
+        + "</body></html>"
     )
+
+
+def _qk_tables(data: dict[str, Any]) -> str:
+    """The attention-mediated edges (`mri trace --qk-edges`): heads per edge, the top head's QK pairs."""
+    parts = []
+    for e in data.get("qk", []):
+        heads = "".join(f"<tr><td>{x['layer']}.{x['head']}</td><td>{x['weight']:.3g}</td></tr>" for x in e["heads"])
+        parts.append(f"<h4>{escape(e['source'])} &rarr; {escape(e['target'])} (edge {e['weight']:.3g})</h4><table>"
+                     f"<tr><th>layer.head</th><th>share</th></tr>{heads}<tr><td>residual</td><td>{e['residual']:.3g}</td></tr></table>")  # fmt: skip
+        if "qk" in e:
+            q = e["qk"]
+            pairs = "".join(f"<tr><td>{escape(p['query'])}</td><td>{escape(p['key'])}</td><td>{p['value']:.3g}</td></tr>"
+                            for p in q["pairs"])  # fmt: skip
+            parts.append(f"<p>QK of head {q['layer']}.{q['head']} (query @{q['query_pos']}, key @{q['key_pos']}): score "
+                         f"{q['score']:.4g}</p><table><tr><th>query node</th><th>key node</th><th>term</th></tr>{pairs}</table>")  # fmt: skip
+    return ("<h3>Attention-mediated edges</h3>" + "".join(parts)) if parts else ""

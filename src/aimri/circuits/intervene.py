@@ -9,10 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
-from aimri.dictionaries.base import Dictionary
+from aimri.circuits.replacement import Transcoders
+from aimri.dictionaries.clt import CrossLayerTranscoder
 from aimri.errors import AimriError
 from aimri.steering.interventions import FeatureEdit, to_edits
 from aimri.subject.core import Subject
+from aimri.subject.taps import Edit
 
 _SPEC = re.compile(r"^(?P<layer>\d+)/(?P<index>\d+)(?:@(?P<pos>[\d,]+))?=(?P<scale>x)?(?P<value>-?[\d.]+(?:e-?\d+)?)$")
 
@@ -42,17 +44,62 @@ def top_logits(logits: torch.Tensor, tokenizer: object, k: int = 5) -> list[tupl
     return [(decode([int(i)]) if decode else str(int(i)), float(v)) for v, i in zip(values, ids, strict=True)]
 
 
+def _clt_edits(clt: CrossLayerTranscoder, changes: list[Change]) -> list[Edit]:
+    """A CLT feature changed at its layer L changes what it writes to every layer T >= L: at T's MLP output,
+    (new - current activation) x its decoder to T is added, the activation read from the MLP input at L of this
+    very pass (so earlier changes propagate); the error terms stay as the model computes them."""
+    inputs: dict[int, torch.Tensor] = {}
+    layers = sorted({c.layer for c in changes})
+
+    def record(layer: int):  # type: ignore[no-untyped-def]
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            inputs[layer] = x
+            return x
+
+        return fn
+
+    def shift(target: int):  # type: ignore[no-untyped-def]
+        def fn(y: torch.Tensor) -> torch.Tensor:
+            out = y.float()
+            for c in changes:
+                if c.layer > target:
+                    continue
+                x = inputs[c.layer].float()
+                a = clt.encode(c.layer, x.reshape(-1, x.shape[-1]))[:, c.index].view(x.shape[:-1])
+                new = a * c.value if c.mode == "scale" else torch.full_like(a, c.value)
+                delta = new - a
+                if c.positions is not None:
+                    keep = torch.zeros(delta.shape[-1], dtype=torch.bool, device=delta.device)
+                    keep[c.positions] = True
+                    delta = delta * keep
+                out = out + delta[..., None] * clt.decoder(c.layer, target).detach()[c.index].to(out)
+            return out.to(y)
+
+        return fn
+
+    edits = [Edit(f"mlp.in.{layer}", record(layer)) for layer in layers]
+    return edits + [Edit(f"mlp.out.{t}", shift(t)) for t in range(layers[0], clt.n_layers)] if layers else edits
+
+
+def _width(transcoders: Transcoders, layer: int) -> int | None:
+    if isinstance(transcoders, CrossLayerTranscoder):
+        return transcoders.cfg.widths[layer] if 0 <= layer < transcoders.n_layers else None
+    return transcoders[layer].cfg.d_sae if layer in transcoders else None
+
+
 def intervene(
-    subject: Subject, transcoders: dict[int, Dictionary], ids: list[int], changes: list[Change], k: int = 5
-) -> dict[str, list[tuple[str, float]]]:
-    """Top-k next-token predictions before and after the changes."""
+    subject: Subject, transcoders: Transcoders, ids: list[int], changes: list[Change],
+    k: int = 5,
+) -> dict[str, list[tuple[str, float]]]:  # fmt: skip
+    """Top-k next-token predictions before and after the changes (per-layer transcoders, or a CLT)."""
     merged: dict[tuple[int, int], Change] = {}
     for c in changes:
-        if c.layer not in transcoders:
+        width = _width(transcoders, c.layer)
+        if width is None:
             raise AimriError(f"intervention: no transcoder for layer {c.layer}")
-        if not 0 <= c.index < transcoders[c.layer].cfg.d_sae:
+        if not 0 <= c.index < width:
             raise AimriError(
-                f"intervention: feature {c.index} is outside layer {c.layer}'s transcoder (0..{transcoders[c.layer].cfg.d_sae - 1})"
+                f"intervention: feature {c.index} is outside layer {c.layer}'s transcoder (0..{width - 1})"
             )
         for p in c.positions or []:
             if not 0 <= p < len(ids):
@@ -65,6 +112,12 @@ def intervene(
             old.positions = sorted(set(old.positions) | set(c.positions))
         else:
             merged[key] = Change(c.layer, c.index, c.positions, c.mode, c.value)
+    batch = torch.tensor([ids])
+    before = subject.run(batch, stop=False)["logits"][0, -1]
+    if isinstance(transcoders, CrossLayerTranscoder):
+        with torch.no_grad():
+            after = subject.run(batch, edit=_clt_edits(transcoders, list(merged.values())), stop=False)["logits"][0, -1]
+        return {"before": top_logits(before, subject.tokenizer, k), "after": top_logits(after, subject.tokenizer, k)}
     edits = [
         FeatureEdit(
             transcoders[c.layer],
@@ -75,7 +128,5 @@ def intervene(
         )
         for c in merged.values()
     ]
-    batch = torch.tensor([ids])
-    before = subject.run(batch, stop=False)["logits"][0, -1]
     after = subject.run(batch, edit=to_edits(subject, edits), stop=False)["logits"][0, -1]
     return {"before": top_logits(before, subject.tokenizer, k), "after": top_logits(after, subject.tokenizer, k)}

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from aimri.circuits.attribution import Graph, attribute
 from aimri.circuits.config import TraceConfig
 from aimri.circuits.export import atlas_clerps, graph_json, render_html
@@ -43,7 +45,8 @@ class Traced:
             "edges": len(g.edge_weights), "kept_nodes": len(self.data["nodes"]), "kept_links": len(self.data["links"]),
             "replacement": p.replacement, "completeness": p.completeness,
             "replacement_full": p.replacement_full, "completeness_full": p.completeness_full,
-            "seconds": round(g.meta["seconds"], 1),
+            "hessian": g.meta.get("hessian"), "memory_estimate_gb": g.meta.get("memory_estimate_gb"),
+            "transcoder_kind": g.meta.get("transcoder_kind"), "seconds": round(g.meta["seconds"], 1),
             "top_logits": list(zip(g.logit_token_strings, g.logit_probs, strict=True)),
         }  # fmt: skip
 
@@ -88,12 +91,23 @@ def trace_prompt(
         model, prompt, max_feature_nodes=config.max_feature_nodes,
         batch_size=config.batch_size, progress=progress, constant_positions=config.constant_positions,
     )  # fmt: skip
+    graph.meta["hessian"] = model.hessian_check(torch.tensor(graph.tokens))  # the linearity check, every graph
+    graph.meta["transcoder_kind"] = "cross-layer transcoder" if model.clt is not None else "per-layer transcoders"
     note("pruning", 1, 3)
     pruned = prune(graph, config.node_threshold, config.edge_threshold)
     clerps = atlas_clerps(graph, pruned, clerps_from) if clerps_from is not None else {}
-    groups = supernodes(graph, pruned.node_mask, {layer: model.decoder_rows(layer) for layer in range(subject.n_layers)}, clerps)
+    groups = supernodes(
+        graph, pruned.node_mask, {layer: model.decoder_rows(layer) for layer in range(subject.n_layers)}, clerps
+    )
     out = Path(out)
     data = graph_json(graph, pruned, out.stem, subject.name, clerps, groups, config.node_threshold)
+    if config.qk_edges:
+        from aimri.circuits.qk import attention_edges
+
+        note("attention edges", 2, 3)
+        data["qk"] = attention_edges(
+            model, graph, pruned, config.qk_edges, config.batch_size, config.constant_positions
+        )
     note("writing", 2, 3)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(data))

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from aimri.circuits.replacement import ReplacementModel, Replaced
+from aimri.circuits.replacement import Replaced, ReplacementModel
 from aimri.errors import AimriError
 
 
@@ -80,7 +80,8 @@ class QKAttribution:
 def _leaf_values(run: Replaced, model: ReplacementModel) -> tuple[list[Tensor], list[tuple[str, Any]]]:
     """The leaves of a run and, per leaf, its kind and layer."""
     L = model.subject.n_layers
-    leaves, plan = [run.embeddings], [("embed", None)]
+    leaves: list[Tensor] = [run.embeddings]
+    plan: list[tuple[str, Any]] = [("embed", None)]
     for layer in range(L):
         leaves.append(run.codes[layer])
         plan.append(("codes", layer))
@@ -314,4 +315,43 @@ def edge_heads(
 
 def _heads_of(model: ReplacementModel) -> int:
     config = model.subject.config
-    return int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head"))
+    return int(getattr(config, "num_attention_heads", None) or config.n_head)
+
+
+def attention_edges(
+    model: ReplacementModel, graph: Any, pruned: Any, n: int, batch_size: int = 32, constant_positions: int = 1
+) -> list[dict[str, Any]]:  # fmt: skip
+    """For the `n` strongest edges of the pruned graph that cross positions (feature -> feature or logit): their
+    head loadings and the QK attribution of their top head (query at the target's position, key at the
+    source's), as JSON records keyed by the graph JSON's node ids ("source", "target")."""
+    from aimri.circuits.export import node_record
+
+    t, s, w = graph.edge_targets, graph.edge_sources, graph.edge_weights
+    kept = pruned.edge_mask & (s < graph.n_features)
+    is_logit = t >= graph.logit_start
+    kept &= (t < graph.n_features) | is_logit
+    src_pos = graph.features[s.clamp(max=max(graph.n_features - 1, 0)), 1]
+    tgt_pos = torch.where(is_logit, graph.n_pos - 1, graph.features[t.clamp(max=max(graph.n_features - 1, 0)), 1])
+    kept &= src_pos != tgt_pos
+    order = kept.nonzero().flatten()
+    order = order[w[order].abs().argsort(descending=True)][:n]
+    records = []
+    for e in order.tolist():
+        source = tuple(int(v) for v in graph.features[int(s[e])])
+        target_node = int(t[e])
+        if target_node >= graph.logit_start:
+            target: tuple[int, int, int] | int = graph.logit_tokens[target_node - graph.logit_start]
+        else:
+            target = tuple(int(v) for v in graph.features[target_node])  # type: ignore[assignment]
+        loadings = edge_heads(model, graph.tokens, source, target, batch_size=batch_size)  # type: ignore[arg-type]
+        record: dict[str, Any] = {
+            "source": node_record(graph, int(s[e]), 0.0)["node_id"], "target": node_record(graph, target_node, 0.0)["node_id"],
+            "weight": float(w[e]), **loadings.to_dict(),
+        }  # fmt: skip
+        if loadings.heads:
+            layer, head, _ = loadings.heads[0]
+            q_pos = graph.n_pos - 1 if isinstance(target, int) else target[1]
+            qk = qk_attribution(model, graph.tokens, layer, head, q_pos, source[1], batch_size, constant_positions)
+            record["qk"] = qk.to_dict()
+        records.append(record)
+    return records

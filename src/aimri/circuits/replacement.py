@@ -236,9 +236,11 @@ class ReplacementModel:
         return self.clt.cfg.widths[layer] if self.clt is not None else self.transcoders[layer].cfg.d_sae
 
     def decoder_rows(self, layer: int) -> Tensor:
-        """[width, n_out x d_model]: what layer L's features write (a CLT: to every later layer, side by side)."""
+        """[width, n_out x d_model]: what layer L's features write (a CLT: to every layer side by side, zeros
+        before L, so rows of different layers compare)."""
         if self.clt is not None:
-            return self.clt.W_dec[layer].detach().flatten(1)
+            rows = self.clt.W_dec[layer].detach().flatten(1)
+            return F.pad(rows, (layer * self.clt.cfg.d_model, 0))
         return self.transcoders[layer].W_dec.detach()
 
     def _encode(self, layer: int, x: Tensor) -> Tensor:
@@ -405,3 +407,37 @@ class ReplacementModel:
             embeddings=state["embeddings"], mlp_inputs=inputs,
             kept={k: state[k] for k in ("qk", "heads", "biases") if k in state},
         )  # fmt: skip
+
+    def hessian_check(self, input_ids: Tensor, max_tokens: int = 16, seed: int = 0) -> float:
+        """The check that the frozen replacement is linear in its leaves (circuit-tracer tests the same): the
+        gradient g of the top demeaned last logit with respect to every leaf (embeddings, feature activations,
+        errors) must not depend on them, so the derivative of g . v (v random) is zero. Returns max |d(g.v)/d
+        leaves| / max |g| over the first `max_tokens` tokens (0.0 for a linear pass; anything else means some
+        nonlinearity escaped the freezing). The pass runs with eager attention (the fused CPU kernel has no
+        second derivative), switched back afterwards."""
+        model = self.subject.model
+        impl = str(getattr(model.config, "_attn_implementation", None) or "eager")
+        ids = input_ids.reshape(-1)[:max_tokens]
+        try:
+            if impl != "eager":
+                model.set_attn_implementation("eager")  # type: ignore[operator]
+            run = self.run(ids)
+            leaves = [run.embeddings, *run.codes.values(), *run.errors.values()]
+            row = run.logits[-1]
+            target = row[int(row.detach().argmax())] - row.mean()
+            grads = torch.autograd.grad(target, leaves, create_graph=True, allow_unused=True)
+            g = torch.Generator(device="cpu").manual_seed(seed)
+            dot = sum(
+                (gi * torch.randn(gi.shape, generator=g).to(gi)).sum()
+                for gi in grads
+                if gi is not None and gi.requires_grad
+            )
+            scale = max((float(gi.detach().abs().max()) for gi in grads if gi is not None), default=0.0)
+            if isinstance(dot, int):  # no first derivative depends on any leaf
+                return 0.0
+            second = torch.autograd.grad(dot, leaves, allow_unused=True)
+            worst = max((float(h.abs().max()) for h in second if h is not None), default=0.0)
+            return worst / max(scale, 1e-30)
+        finally:
+            if impl != "eager":
+                model.set_attn_implementation(impl)  # type: ignore[operator]

@@ -76,7 +76,7 @@ class Console:
         self._lock = threading.Lock()  # one model in memory, one generation at a time
         self._subject: Any = None
         self._graph_cache: dict[str, tuple[tuple[str, int, int], bytes]] = {}
-        self._tcs: dict[int, Any] | None = None
+        self._tcs: Any = None  # per-layer transcoders or a CLT (aimri.circuits.replacement.Transcoders), on first use
         self._dictionaries: dict[Path, Any] = {}  # loaded once per dictionary folder, for steering
 
     # -- what is here -----------------------------------------------------------------------------

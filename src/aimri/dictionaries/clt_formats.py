@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -206,18 +207,17 @@ def _from_gemma_scope_2(folder: Path, files: dict[int, Path]) -> CrossLayerTrans
     return clt.eval()
 
 
-def check_clt(clt: CrossLayerTranscoder, subject: object, allow_other_model: bool = False, source: object = "") -> None:
+def check_clt(clt: CrossLayerTranscoder, subject: Any, allow_other_model: bool = False, source: object = "") -> None:
     """Refuse a CLT that does not fit `subject` (a Subject): its layer count and width must match always (naming
     the mismatch); its recorded model revision must equal the subject's unless `allow_other_model`."""
     from aimri.dictionaries.match import check_revision
 
     cfg = clt.cfg
     what = str(source) or "the CLT"
-    n_layers, d_model, name = getattr(subject, "n_layers"), getattr(subject, "d_model"), getattr(subject, "name")
+    n_layers, d_model, name = subject.n_layers, subject.d_model, subject.name
     if cfg.n_layers != n_layers:
         raise AimriError(f"{what} spans {cfg.n_layers} layers but {name} has {n_layers}: it belongs to another model")
     if cfg.d_model != d_model:
         raise AimriError(f"{what} reads {cfg.d_model}-wide activations but {name}'s d_model is {d_model}")
     check_revision(f"{what} was trained on", cfg.model_name, cfg.model_revision, name,
                    getattr(subject, "revision", "unknown"), allow_other_model)  # fmt: skip
-

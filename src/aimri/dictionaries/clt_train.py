@@ -297,7 +297,11 @@ def train_clt(
     if ranks.leader:
         save_clt(trainer.export(), out)
         clt = load_clt(out).to(device)  # what a user will load, checked as saved
-        held = heldout_windows(subject.tokenizer, corpus, c.context, c.heldout_every, c.eval_windows) if c.heldout_every else []
+        held = (
+            heldout_windows(subject.tokenizer, corpus, c.context, c.heldout_every, c.eval_windows)
+            if c.heldout_every
+            else []
+        )
         layers: dict[int, dict[str, float]] = {}
         if held:
             rows = rows_from_windows(subject, held, ins + outs)

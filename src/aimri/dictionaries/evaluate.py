@@ -295,14 +295,14 @@ def replaced_metrics(
         inputs: dict[int, Tensor] = {}
         codes: dict[int, Tensor] = {}
 
-        def record(layer: int):  # type: ignore[no-untyped-def]
+        def record(layer: int, inputs: dict[int, Tensor] = inputs):  # type: ignore[no-untyped-def]
             def fn(x: Tensor) -> Tensor:
                 inputs[layer] = x
                 return x
 
             return fn
 
-        def replace_out(layer: int):  # type: ignore[no-untyped-def]
+        def replace_out(layer: int, inputs: dict[int, Tensor] = inputs, codes: dict[int, Tensor] = codes):  # type: ignore[no-untyped-def]
             def fn(y: Tensor) -> Tensor:
                 return reconstruct(layer, inputs[layer].float(), codes).to(y)
 

@@ -325,8 +325,21 @@ async function pageGraph(name) {
     const wanted = `layer-${n.layer}`;
     return st.atlases.find((a) => a.name === wanted);
   }
+  // attention-mediated edges (mri trace --qk-edges): the heads carrying each, and its top head's QK pairs
+  const qkEdges = g.qk || [];
+  function qkView(e) {
+    const heads = h("table", { class: "qk-heads" }, h("tr", {}, h("th", { text: "layer.head" }), h("th", { text: "share of the edge" })),
+      e.heads.map((x) => h("tr", {}, h("td", { text: `${x.layer}.${x.head}` }), h("td", { text: x.weight.toPrecision(3) }))),
+      h("tr", {}, h("td", { text: "residual (no head)" }), h("td", { text: e.residual.toPrecision(3) })));
+    const qk = e.qk ? h("div", {},
+      h("p", { class: "muted", text: `QK of head ${e.qk.layer}.${e.qk.head}, query @${e.qk.query_pos} → key @${e.qk.key_pos}: score ${e.qk.score.toPrecision(4)}` }),
+      h("table", { class: "qk-pairs" }, h("tr", {}, h("th", { text: "query node" }), h("th", { text: "key node" }), h("th", { text: "term" })),
+        e.qk.pairs.map((p) => h("tr", {}, h("td", { text: p.query }), h("td", { text: p.key }), h("td", { text: p.value.toPrecision(3) }))))) : null;
+    return h("div", { class: "card qk-edge" }, h("h2", { text: `${e.source} → ${e.target} (edge ${e.weight.toPrecision(3)})` }), heads, qk);
+  }
   function renderPanel(n) {
     const atlas = isFeature(n) ? atlasFor(n) : null;
+    const through = qkEdges.filter((e) => e.source === n.node_id || e.target === n.node_id);
     panel.replaceChildren(h("div", { class: "card" },
       h("h2", { text: n.clerp || n.node_id }),
       h("p", { class: "muted", text: `${n.feature_type} · layer ${n.layer} · position ${n.ctx_idx} (${JSON.stringify(tokens[n.ctx_idx] || "")}) · influence ${n.influence == null ? "?" : Number(n.influence).toFixed(3)}` }),
@@ -335,7 +348,7 @@ async function pageGraph(name) {
         h("button", { class: "secondary", type: "button", id: "pin", onclick: () => { if (pinned.has(n.node_id)) pinned.delete(n.node_id); else pinned.add(n.node_id); n._el.classList.toggle("pinned"); } }, pinned.has(n.node_id) ? "unpin" : "pin"),
         h("button", { class: "secondary", type: "button", id: "group", onclick: () => {
           if (pinned.size < 2) return; groups.push([...pinned]); for (const id of pinned) byId.get(id)._el.classList.remove("pinned"); pinned.clear(); drawGroups();
-        } }, "group pinned"))));
+        } }, "group pinned"))), ...through.map(qkView));
   }
   const groupsBox = h("div", { id: "groups" });
   function drawGroups() { groupsBox.replaceChildren(...groups.map((grp, i) => h("p", { class: "pill" }, `group ${i + 1}: ${grp.length} nodes`))); }
@@ -358,11 +371,15 @@ async function pageGraph(name) {
   } }, "Intervene");
   const info = g.metadata.info || {};
   show(h("h1", { text: `Graph: ${g.metadata.prompt}` }),
-    h("p", { class: "muted", text: `${nodes.length} nodes, ${g.links.length} links · replacement ${info.replacement_score == null ? "?" : info.replacement_score.toFixed(3)} · completeness ${info.completeness_score == null ? "?" : info.completeness_score.toFixed(3)}` }),
+    h("p", { class: "muted", id: "graph-scores", text: `${nodes.length} nodes, ${g.links.length} links · ${info.transcoder_kind || "transcoders"} · replacement ${info.replacement_score == null ? "?" : info.replacement_score.toFixed(3)} (full ${info.replacement_score_full == null ? "?" : info.replacement_score_full.toFixed(3)}) · completeness ${info.completeness_score == null ? "?" : info.completeness_score.toFixed(3)} (full ${info.completeness_score_full == null ? "?" : info.completeness_score_full.toFixed(3)}) · linearity check ${info.hessian == null ? "?" : info.hessian.toExponential(1)}` }),
     h("div", { class: "row" }, "strongest links shown", shown, h("span", { class: "muted", text: `of ${g.links.length}` })),
     h("div", { class: "graph-wrap" }, h("div", {}, svg, hover), h("div", {}, panel, groupsBox,
       h("div", { class: "card" }, h("h2", { text: "Intervention" }), h("p", { class: "muted", text: "Scale the selected feature nodes at their positions." }),
         h("div", { class: "row" }, "× ", factor, go, stage)))),
+    qkEdges.length ? h("div", { class: "card", id: "attention-edges" }, h("h2", { text: "Attention-mediated edges" }),
+      h("p", { class: "muted", text: "Click a listed node for its edges; each edge splits over the heads whose output carries it into the target's position, and its top head's score over query × key feature pairs." }),
+      h("ul", {}, qkEdges.map((e) => h("li", {}, h("a", { href: "javascript:void 0", onclick: () => { const n = byId.get(e.target) || byId.get(e.source); if (n) renderPanel(n); } },
+        `${e.source} → ${e.target}: ${e.heads.length ? `head ${e.heads[0].layer}.${e.heads[0].head} carries ${e.heads[0].weight.toPrecision(3)} of ${e.weight.toPrecision(3)}` : "no head"}`))))) : null,
     result);
 }
 
