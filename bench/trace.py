@@ -1,7 +1,15 @@
-"""Attribution-graph cost against prompt length on the default model.
+"""Attribution-graph cost against prompt length on the default model, and per-layer transcoders vs a CLT.
 
     python bench/trace.py --json [--transcoders DIR] [--lengths 32,64,128,256,512,1024] [--max-feature-nodes 64]
                               [--device cuda] [--dtype bfloat16] [--model DIR] [--no-factual]
+                              [--clt DIR [--set-feature-nodes 256]]
+
+`--clt DIR` compares a cross-layer transcoder (`mri train-clt`) with the per-layer set on a fixed prompt set
+written for this project (PROMPT_SET: two-hop recall such as Dallas -> Texas -> Austin, rhyme and plan, antonyms
+in four languages, arithmetic): the median replacement and completeness scores of the full graphs (pruned ones
+too), the top-1 agreement of the replacement model (every MLP replaced, errors dropped) with the model on held-out
+corpus positions, seconds per graph at 128 tokens, the Dallas path's intervention through each, and the QK check
+(pair terms of a head's score vs the score); the CLT's training record (FVU per layer, tokens, seconds).
 
 Each length runs in a fresh process (so its peak RSS is its own): the seconds for `attribute` (logit rows
 plus `max-feature-nodes` feature rows by influence), the process's peak memory, node and edge counts, and
@@ -116,9 +124,9 @@ FACTUAL = {
 }  # fmt: skip
 
 
-def factual_path(subject, transcoders: dict, max_feature_nodes: int = 256, group: int = 3, controls: int = 5) -> dict:  # type: ignore[no-untyped-def]
-    """The known-answer check on a factual prompt: the graph's most influential feature at the subject token
-    must read that token (it fires on it in other sentences, most strongly there); scaling the `group` most
+def factual_path(subject, transcoders, max_feature_nodes: int = 256, group: int = 3, controls: int = 5) -> dict:  # type: ignore[no-untyped-def]
+    """The known-answer check on a factual prompt (per-layer transcoders or a CLT): the graph's most influential
+    feature at the subject token must read that token (it fires on it in other sentences, most strongly there); scaling the `group` most
     influential features there x-2 together must move the answer off the top, and scaling each of
     `controls` draws of as many random active features at the same position that pruning dropped must not."""
     from aimri.circuits.attribution import attribute
@@ -145,11 +153,12 @@ def factual_path(subject, transcoders: dict, max_feature_nodes: int = 256, group
         return after.index(FACTUAL["answer"]) if FACTUAL["answer"] in after else 10
 
     readings = []
+    model = ReplacementModel(subject, transcoders)
     for text in FACTUAL["probes"]:
-        ids = prompt_ids(subject.tokenizer, text, transcoders[layer])  # opened as its training windows were
+        ids = prompt_ids(subject.tokenizer, text, model.configs())  # opened as its training windows were
         with torch.no_grad():
             x = subject.run(torch.tensor([ids]), read=[f"mlp.in.{layer}"])[f"mlp.in.{layer}"][0]
-            acts = transcoders[layer].encode(x.float())[:, index]
+            acts = model._encode(layer, x.float())[:, index]
         strongest = int(acts[1:].argmax()) + 1  # position 0 is the sink (the BOS)
         readings.append({"text": text, "strongest_token": subject.tokenizer.decode([ids[strongest]]),
                          "activation": round(float(acts[strongest]), 3)})  # fmt: skip
@@ -245,6 +254,171 @@ def compare_with_circuit_tracer(
     return result
 
 
+# The fixed prompt set of the CLT comparison, written for this project: two-hop factual recall, rhyme and
+# plan, antonyms in four languages, arithmetic. (prompt, the answer a capable model gives: the graphs are of the
+# model's own top prediction whatever it is; the answer is only reported)
+PROMPT_SET = [
+    ("The capital of the state containing Dallas is", " Austin"),
+    ("The capital of the state containing Chicago is", " Springfield"),
+    ("The capital of the state containing Miami is", " Tallahassee"),
+    ("The capital of the country containing Lyon is", " Paris"),
+    ("The currency of the country whose capital is Tokyo is the", " yen"),
+    ("The language spoken in the country whose capital is Madrid is", " Spanish"),
+    ("The continent of the country whose capital is Nairobi is", " Africa"),
+    ("A rhyming couplet:\nHe saw a carrot and had to grab it,\nHis hunger was like a starving", " rabbit"),
+    ("Roses are red, violets are blue, sugar is sweet, and so are", " you"),
+    ("The cat sat on the mat and wore a funny", " hat"),
+    ("Twinkle, twinkle, little star, how I wonder what you", " are"),
+    ('The opposite of "small" is "', "big"),
+    ('The opposite of "hot" is "', "cold"),
+    ('Le contraire de "petit" est "', "grand"),
+    ('El opuesto de "caliente" es "', "fr"),
+    ('Das Gegenteil von "alt" ist "', "jung"),
+    ("36+59=", "95"),
+    ("12+7=", "19"),
+    ("8*7=", "56"),
+    ("100-37=", "63"),
+    ("The sum of 23 and 45 is", " 68"),
+    ("Two plus three equals", " five"),
+]
+
+
+def graph_scores(subject, transcoders, max_feature_nodes: int, batch_size: int) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Every prompt of PROMPT_SET attributed through `transcoders` (per-layer or a CLT): replacement and
+    completeness (full and pruned), the model's top token and seconds."""
+    from aimri.circuits.attribution import attribute
+    from aimri.circuits.prune import prune
+    from aimri.circuits.replacement import ReplacementModel
+
+    model = ReplacementModel(subject, transcoders)
+    rows = []
+    for prompt, answer in PROMPT_SET:
+        start = time.perf_counter()
+        graph = attribute(model, prompt, max_feature_nodes=max_feature_nodes, batch_size=batch_size, progress=False)
+        seconds = time.perf_counter() - start
+        pruned = prune(graph)
+        rows.append({"prompt": prompt, "answer": answer, "top": graph.logit_token_strings[0], "seconds": seconds,
+                     "replacement": pruned.replacement, "completeness": pruned.completeness,
+                     "replacement_full": pruned.replacement_full, "completeness_full": pruned.completeness_full})  # fmt: skip
+    return rows
+
+
+def heldout_agreement(subject, transcoders, windows: int = 8, context: int = 128) -> dict:  # type: ignore[no-untyped-def]
+    """The replacement model (every MLP replaced, error terms dropped) on held-out default-corpus windows (those
+    transcoder training never reads with its default heldout_every 50): CE recovered, KL and top-1 agreement."""
+    from aimri.circuits.replacement import ReplacementModel
+    from aimri.data.corpus import Corpus
+    from aimri.data.default_corpus import default_corpus_path
+    from aimri.dictionaries.evaluate import replaced_metrics
+    from aimri.dictionaries.stream import heldout_windows
+
+    model = ReplacementModel(subject, transcoders)
+    corpus = Corpus.from_paths([default_corpus_path()])
+    held = heldout_windows(subject.tokenizer, corpus, context, 50, windows)
+
+    def reconstruct(layer: int, x: torch.Tensor, codes: dict) -> torch.Tensor:
+        if model.clt is not None:
+            codes[layer] = model.clt.encode(layer, x)
+            return model.clt.decode(layer, codes, x)
+        tc = model.transcoders[layer]
+        return tc.decode(tc.encode(x), x)
+
+    return replaced_metrics(subject, reconstruct, list(range(subject.n_layers)), held)
+
+
+def timed_128(subject, transcoders, max_feature_nodes: int, batch_size: int) -> float:  # type: ignore[no-untyped-def]
+    """Seconds of one attribution of a 128-token default-corpus prompt (after an untimed 8-token warm-up)."""
+    from aimri.circuits.attribution import attribute
+    from aimri.circuits.replacement import ReplacementModel
+    from aimri.data.corpus import Corpus
+    from aimri.data.default_corpus import default_corpus_path
+    from aimri.dictionaries.match import opening
+
+    model = ReplacementModel(subject, transcoders)
+    ids = opening(model.configs(), subject.tokenizer)  # as the training windows open
+    for doc in Corpus.from_paths([default_corpus_path()]).documents():
+        ids += subject.tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= 128:
+            break
+    attribute(model, ids[:8], max_feature_nodes=8, progress=False, batch_size=batch_size)
+    start = time.perf_counter()
+    attribute(model, ids[:128], max_feature_nodes=max_feature_nodes, progress=False, batch_size=batch_size)
+    return time.perf_counter() - start
+
+
+def qk_check(subject, transcoders, edges: int = 3) -> dict:  # type: ignore[no-untyped-def]
+    """On the Dallas prompt: the strongest edges between positions, their head loadings and their top head's QK
+    attribution; `qk_sum_error` = the largest |score - sum of pair terms| / |score| (Llama-style attention has
+    no biases, so it measures the decomposition itself), `head_sum_error` the largest |edge - heads - residual|
+    / |edge| with every head summed."""
+    from aimri.circuits.attribution import attribute
+    from aimri.circuits.prune import prune
+    from aimri.circuits.qk import attention_edges
+    from aimri.circuits.replacement import ReplacementModel
+
+    model = ReplacementModel(subject, transcoders)
+    graph = attribute(model, FACTUAL["prompt"], max_feature_nodes=256, progress=False)
+    records = attention_edges(model, graph, prune(graph), edges)
+    qk = [abs(r["qk"]["unexplained"]) / max(abs(r["qk"]["score"]), 1e-12) for r in records if "qk" in r]
+    return {
+        "qk_sum_error": max(qk, default=None),
+        "edges": [{k: r[k] for k in ("source", "target", "weight", "residual")} | {"top_heads": r["heads"][:3],
+                  "qk_top_pairs": r.get("qk", {}).get("pairs", [])[:3]} for r in records],
+    }  # fmt: skip
+
+
+def compare_clt(args: argparse.Namespace, log) -> dict:  # type: ignore[no-untyped-def]
+    """Per-layer transcoders vs a CLT on PROMPT_SET, held-out agreement, time at 128 tokens, the Dallas path's
+    intervention and the QK check."""
+    import statistics
+
+    import aimri
+    from aimri.circuits.replacement import load_transcoders
+
+    device, dtype = resolve(args)
+    subject = aimri.load(args.model, device=device, dtype=dtype)
+    sets = {"plt": load_transcoders(args.transcoders, subject), "clt": load_transcoders(args.clt, subject)}
+    out: dict = {}
+    for kind, tcs in sets.items():
+        rows = graph_scores(subject, tcs, args.set_feature_nodes, args.batch_size)
+        log(
+            f"{kind}: "
+            + "; ".join(f"{r['top']!r} {r['replacement_full']:.2f}/{r['completeness_full']:.2f}" for r in rows)
+        )
+        held = heldout_agreement(subject, tcs)
+        log(f"{kind} held-out: {held}")
+        path = factual_path(subject, tcs)
+        log(f"{kind} factual path: {path}")
+        out[kind] = {
+            "replacement_median": statistics.median(r["replacement_full"] for r in rows),
+            "completeness_median": statistics.median(r["completeness_full"] for r in rows),
+            "replacement_median_pruned": statistics.median(r["replacement"] for r in rows),
+            "completeness_median_pruned": statistics.median(r["completeness"] for r in rows),
+            "replacement_dallas": rows[0]["replacement_full"], "seconds_median": statistics.median(r["seconds"] for r in rows),
+            "top1_agreement": held["top1_agreement"], "ce_loss_recovered": held["ce_loss_recovered"], "kl": held["kl_div"],
+            "seconds_128": timed_128(subject, tcs, args.max_feature_nodes, args.batch_size),
+            "dallas_answer_rank_after_ablation": path["answer_rank_after_ablation"],
+            "dallas_answer_rank_after_controls": path["answer_rank_after_controls"], "dallas_feature": path["feature"],
+            "prompts": rows,
+        }  # fmt: skip
+    out["qk"] = qk_check(subject, sets["clt"])
+    log(f"qk: {out['qk']}")
+    record = (
+        json.loads((Path(args.clt) / "metrics.json").read_text()) if (Path(args.clt) / "metrics.json").exists() else {}
+    )
+    out["clt_training"] = {k: record.get(k) for k in ("seconds", "tokens", "parameters", "replacement")} | {
+        "settings": {k: record.get("settings", {}).get(k) for k in ("width", "k", "tokens", "batch_size", "lr")},
+        "fvu_by_layer": {k: round(v["fvu"], 3) for k, v in record.get("layers", {}).items()},
+    }  # fmt: skip
+    plt_record = Path(args.transcoders) / "metrics.json"
+    if plt_record.exists():
+        layers = json.loads(plt_record.read_text())["layers"]
+        out["plt_training"] = {"fvu_by_layer": {k: round(v.get("fvu", float("nan")), 3) for k, v in layers.items()},
+                               "ce_recovered_by_layer": {k: round(v.get("ce_loss_recovered", float("nan")), 3)
+                                                         for k, v in layers.items()}}  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", action="store_true")
@@ -269,6 +443,9 @@ def main() -> None:
     )
     parser.add_argument("--memory-budget", type=float, default=0.0, help="GB for our copies (0: attribute's default)")
     parser.add_argument("--peer-timeout", type=float, default=None, help="seconds the circuit-tracer run may take")
+    parser.add_argument("--clt", type=Path, default=None,
+                        help="a CLT (`mri train-clt`): compare it with --transcoders on the fixed prompt set")  # fmt: skip
+    parser.add_argument("--set-feature-nodes", type=int, default=256, help="feature rows per graph of the prompt set")
     add_device_args(parser)
     args = parser.parse_args()
     if args.transcoders is None:
@@ -329,8 +506,49 @@ def main() -> None:
         )
         log(f"circuit-tracer comparison: {peer}")
     theirs = peer is not None and peer["theirs_s"] is not None
+    clt = compare_clt(args, log) if args.clt else None
     emit(
         {
+            **(
+                {
+                    "replacement_median_clt": round(clt["clt"]["replacement_median"], 3),
+                    "replacement_median_plt": round(clt["plt"]["replacement_median"], 3),
+                    "replacement_ratio_clt_over_plt": round(
+                        clt["clt"]["replacement_median"] / max(clt["plt"]["replacement_median"], 1e-9), 2
+                    ),
+                    "completeness_median_clt": round(clt["clt"]["completeness_median"], 3),
+                    "completeness_median_plt": round(clt["plt"]["completeness_median"], 3),
+                    "replacement_dallas_clt": round(clt["clt"]["replacement_dallas"], 3),
+                    "replacement_dallas_plt": round(clt["plt"]["replacement_dallas"], 3),
+                    "top1_agreement_clt": round(clt["clt"]["top1_agreement"], 3),
+                    "top1_agreement_plt": round(clt["plt"]["top1_agreement"], 3),
+                    "ce_recovered_all_mlps_clt": round(clt["clt"]["ce_loss_recovered"], 3),
+                    "ce_recovered_all_mlps_plt": round(clt["plt"]["ce_loss_recovered"], 3),
+                    "attribution_s_128_clt": round(clt["clt"]["seconds_128"], 1),
+                    "attribution_s_128_plt": round(clt["plt"]["seconds_128"], 1),
+                    "attribution_time_ratio_clt_over_plt": round(
+                        clt["clt"]["seconds_128"] / clt["plt"]["seconds_128"], 2
+                    ),
+                    "dallas_rank_after_ablation_clt": clt["clt"]["dallas_answer_rank_after_ablation"],
+                    "dallas_rank_after_controls_clt": clt["clt"]["dallas_answer_rank_after_controls"],
+                    "dallas_rank_after_ablation_plt": clt["plt"]["dallas_answer_rank_after_ablation"],
+                    "qk_sum_error": clt["qk"]["qk_sum_error"],
+                    "qk_edges": clt["qk"]["edges"],
+                    "clt_training": clt["clt_training"],
+                    "plt_training": clt.get("plt_training"),
+                    "prompt_set": [
+                        {
+                            "prompt": p["prompt"],
+                            "top": p["top"],
+                            "clt": round(p["replacement_full"], 3),
+                            "plt": round(q["replacement_full"], 3),
+                        }
+                        for p, q in zip(clt["clt"]["prompts"], clt["plt"]["prompts"], strict=True)
+                    ],
+                }
+                if clt
+                else {}
+            ),
             "seconds_by_len": {k: round(v["seconds"], 1) for k, v in by_len.items()},
             "peak_mb_by_len": {k: round(v["peak_mb"]) for k, v in by_len.items()},
             "dense_adjacency_mb_by_len": {k: round(v["dense_adjacency_mb"]) for k, v in by_len.items()},
