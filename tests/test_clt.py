@@ -196,6 +196,12 @@ def test_clt_trains_resumes_and_is_measured(tiny_lm_dir: str, tmp_path: Path, mo
         train_clt(subject, corpus, tmp_path / "part", other, progress=False)
     with pytest.raises(AimriError, match="one per layer"):
         train_clt(subject, corpus, tmp_path / "w", CLTTrainConfig(widths=[8, 8], tokens=128), progress=False)
+    # a skip-CLT with per-layer widths trains and saves its skip term
+    skip = CLTTrainConfig(**{**vars(config), "skip": True, "widths": [16, 24, 32], "downstream_windows": 0})
+    record = train_clt(subject, corpus, tmp_path / "skip", skip, progress=False)
+    saved = load_clt(tmp_path / "skip")
+    assert saved.cfg.widths == [16, 24, 32] and saved.W_skip is not None and float(saved.W_skip.abs().sum()) > 0
+    assert record["replacement"] is None and all(m["fvu"] < 1 for m in record["layers"].values())
 
 
 def test_clt_interventions_act_on_every_layer_they_write() -> None:

@@ -218,3 +218,16 @@ def test_offloaded_model_keeps_taps_working(tiny_lm_dir: str, tmp_path: Path) ->
     edited_b = offloaded.run(ids, read=["resid.2"], edit=edit, stop=False)
     torch.testing.assert_close(edited_a["logits"], edited_b["logits"], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(edited_a["resid.2"], a["resid.2"])  # the edit did something
+
+
+def test_clt_trains_data_parallel(tiny_lm_dir: str, corpus: Path, tmp_path: Path) -> None:
+    """`mri train-clt --nproc 2`: each rank streams its half of every batch, gradients are averaged, rank 0 saves
+    (metrics.json records the ranks); a batch the ranks cannot split is refused."""
+    common = ["train-clt", tiny_lm_dir, "--corpus", str(corpus), "--width", "32", "--k", "4", "--tokens", "2048",
+              "--batch-size", "128", "--context", "32", "--quiet"]  # fmt: skip
+    two = mri(*common, "--out", str(tmp_path / "clt"), nproc=2)
+    assert two.returncode == 0, two.stderr
+    record = json.loads((tmp_path / "clt" / "metrics.json").read_text())
+    assert record["ranks"] == 2 and record["steps"] == 16 and (tmp_path / "clt" / "clt.json").exists()
+    odd = mri(*common[:-3], "--batch-size", "127", "--quiet", "--out", str(tmp_path / "odd"), nproc=2)
+    assert odd.returncode != 0 and "multiple of the 2 ranks" in odd.stderr
