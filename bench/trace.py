@@ -158,7 +158,7 @@ def factual_path(subject, transcoders, max_feature_nodes: int = 256, group: int 
         ids = prompt_ids(subject.tokenizer, text, model.configs())  # opened as its training windows were
         with torch.no_grad():
             x = subject.run(torch.tensor([ids]), read=[f"mlp.in.{layer}"])[f"mlp.in.{layer}"][0]
-            acts = model._encode(layer, x.float())[:, index]
+            acts = model.encode(layer, x.float())[:, index]
         strongest = int(acts[1:].argmax()) + 1  # position 0 is the sink (the BOS)
         readings.append({"text": text, "strongest_token": subject.tokenizer.decode([ids[strongest]]),
                          "activation": round(float(acts[strongest]), 3)})  # fmt: skip
@@ -316,13 +316,11 @@ def heldout_agreement(subject, transcoders, windows: int = 8, context: int = 128
     corpus = Corpus.from_paths([default_corpus_path()])
     held = heldout_windows(subject.tokenizer, corpus, context, 50, windows)
 
-    def reconstruct(layer: int, x: torch.Tensor, codes: dict) -> torch.Tensor:
-        if model.clt is not None:
-            codes[layer] = model.clt.encode(layer, x)
-            return model.clt.decode(layer, codes, x)
+    def per_layer(layer: int, x: torch.Tensor, codes: dict) -> torch.Tensor:
         tc = model.transcoders[layer]
         return tc.decode(tc.encode(x), x)
 
+    reconstruct = model.clt.reconstruct if model.clt is not None else per_layer
     return replaced_metrics(subject, reconstruct, list(range(subject.n_layers)), held)
 
 
@@ -349,8 +347,8 @@ def timed_128(subject, transcoders, max_feature_nodes: int, batch_size: int) -> 
 def qk_check(subject, transcoders, edges: int = 3) -> dict:  # type: ignore[no-untyped-def]
     """On the Dallas prompt: the strongest edges between positions, their head loadings and their top head's QK
     attribution; `qk_sum_error` = the largest |score - sum of pair terms| / |score| (Llama-style attention has
-    no biases, so it measures the decomposition itself), `head_sum_error` the largest |edge - heads - residual|
-    / |edge| with every head summed."""
+    no biases, so it measures the decomposition itself), `head_sum_error` the largest |edge - (residual + every
+    head's part)| / |edge|."""
     from aimri.circuits.attribution import attribute
     from aimri.circuits.prune import prune
     from aimri.circuits.qk import attention_edges
@@ -360,8 +358,9 @@ def qk_check(subject, transcoders, edges: int = 3) -> dict:  # type: ignore[no-u
     graph = attribute(model, FACTUAL["prompt"], max_feature_nodes=256, progress=False)
     records = attention_edges(model, graph, prune(graph), edges)
     qk = [abs(r["qk"]["unexplained"]) / max(abs(r["qk"]["score"]), 1e-12) for r in records if "qk" in r]
+    heads = [abs(r["total"] - r["weight"]) / max(abs(r["weight"]), 1e-12) for r in records]
     return {
-        "qk_sum_error": max(qk, default=None),
+        "qk_sum_error": max(qk, default=None), "head_sum_error": max(heads, default=None),
         "edges": [{k: r[k] for k in ("source", "target", "weight", "residual")} | {"top_heads": r["heads"][:3],
                   "qk_top_pairs": r.get("qk", {}).get("pairs", [])[:3]} for r in records],
     }  # fmt: skip
@@ -533,6 +532,7 @@ def main() -> None:
                     "dallas_rank_after_controls_clt": clt["clt"]["dallas_answer_rank_after_controls"],
                     "dallas_rank_after_ablation_plt": clt["plt"]["dallas_answer_rank_after_ablation"],
                     "qk_sum_error": clt["qk"]["qk_sum_error"],
+                    "head_sum_error": clt["qk"]["head_sum_error"],
                     "qk_edges": clt["qk"]["edges"],
                     "clt_training": clt["clt_training"],
                     "plt_training": clt.get("plt_training"),

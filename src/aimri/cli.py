@@ -719,7 +719,7 @@ def trace(
     changes = [parse_change(c) for c in intervene]
     subject = aimri.load(model, device=device, dtype=dtype)
     run = Run.for_model(subject.name)
-    folder = transcoders or (run.clt if not run.transcoders.is_dir() and run.clt.is_dir() else run.transcoders)
+    folder = transcoders or run.transcoders_or_clt
     tcs = load_transcoders(folder, subject, allow_other_model)
     tokens = len(prompt_ids(subject.tokenizer, prompt, ReplacementModel(subject, tcs).configs()))
     plan = attribution_plan(subject, tokens, copies=batch_size)

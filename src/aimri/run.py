@@ -103,6 +103,11 @@ class Run:
         """The cross-layer transcoder `mri train-clt` writes (a folder; `mri trace --transcoders` takes it)."""
         return self.root / "clt"
 
+    @property
+    def transcoders_or_clt(self) -> Path:
+        """What a graph is traced through by default: the per-layer transcoders, else the CLT when only it exists."""
+        return self.clt if not self.transcoders.is_dir() and self.clt.is_dir() else self.transcoders
+
     @staticmethod
     def transcoder_layer(transcoders: Path, layer: int) -> Path:
         return Path(transcoders) / f"layer-{layer}"

@@ -184,7 +184,7 @@ def _qk_tables(data: dict[str, Any]) -> str:
     for e in data.get("qk", []):
         heads = "".join(f"<tr><td>{x['layer']}.{x['head']}</td><td>{x['weight']:.3g}</td></tr>" for x in e["heads"])
         parts.append(f"<h4>{escape(e['source'])} &rarr; {escape(e['target'])} (edge {e['weight']:.3g})</h4><table>"
-                     f"<tr><th>layer.head</th><th>share</th></tr>{heads}<tr><td>residual</td><td>{e['residual']:.3g}</td></tr></table>")  # fmt: skip
+                     f"<tr><th>layer.head</th><th>weight</th></tr>{heads}<tr><td>residual</td><td>{e['residual']:.3g}</td></tr></table>")  # fmt: skip
         if "qk" in e:
             q = e["qk"]
             pairs = "".join(f"<tr><td>{escape(p['query'])}</td><td>{escape(p['key'])}</td><td>{p['value']:.3g}</td></tr>"

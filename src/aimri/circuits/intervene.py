@@ -48,12 +48,21 @@ def _clt_edits(clt: CrossLayerTranscoder, changes: list[Change]) -> list[Edit]:
     """A CLT feature changed at its layer L changes what it writes to every layer T >= L: at T's MLP output,
     (new - current activation) x its decoder to T is added, the activation read from the MLP input at L of this
     very pass (so earlier changes propagate); the error terms stay as the model computes them."""
-    inputs: dict[int, torch.Tensor] = {}
+    deltas: dict[int, torch.Tensor] = {}  # change i -> (new - current activation) [batch, seq]
     layers = sorted({c.layer for c in changes})
 
     def record(layer: int):  # type: ignore[no-untyped-def]
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            inputs[layer] = x
+        def fn(x: torch.Tensor) -> torch.Tensor:  # one encoding of the layer serves all its changes
+            acts = clt.encode(layer, x.float().reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+            for i, c in enumerate(changes):
+                if c.layer == layer:
+                    a = acts[..., c.index]
+                    delta = (a * c.value if c.mode == "scale" else torch.full_like(a, c.value)) - a
+                    if c.positions is not None:
+                        keep = torch.zeros(delta.shape[-1], dtype=torch.bool, device=delta.device)
+                        keep[c.positions] = True
+                        delta = delta * keep
+                    deltas[i] = delta
             return x
 
         return fn
@@ -61,18 +70,9 @@ def _clt_edits(clt: CrossLayerTranscoder, changes: list[Change]) -> list[Edit]:
     def shift(target: int):  # type: ignore[no-untyped-def]
         def fn(y: torch.Tensor) -> torch.Tensor:
             out = y.float()
-            for c in changes:
-                if c.layer > target:
-                    continue
-                x = inputs[c.layer].float()
-                a = clt.encode(c.layer, x.reshape(-1, x.shape[-1]))[:, c.index].view(x.shape[:-1])
-                new = a * c.value if c.mode == "scale" else torch.full_like(a, c.value)
-                delta = new - a
-                if c.positions is not None:
-                    keep = torch.zeros(delta.shape[-1], dtype=torch.bool, device=delta.device)
-                    keep[c.positions] = True
-                    delta = delta * keep
-                out = out + delta[..., None] * clt.decoder(c.layer, target).detach()[c.index].to(out)
+            for i, c in enumerate(changes):
+                if c.layer <= target:
+                    out = out + deltas[i][..., None] * clt.decoder(c.layer, target).detach()[c.index].to(out)
             return out.to(y)
 
         return fn

@@ -14,7 +14,8 @@ error terms and decoder biases are leaves, and the token embeddings are leaves. 
   positions passes through attention. Its weight splits exactly into the residual path (no attention hop) and,
   per head (layer m, head h), the paths whose last hop into t's position is that head: value_s x d(u_mh .
   z_mh[q])/d value_s, where z_mh[q] is the head's output at t's position q and u_mh the gradient of t's input
-  at z_mh[q] along the residual (every attention value detached). The parts sum to the edge weight.
+  at z_mh[q] along the residual (every attention value detached). The parts sum to the edge weight; the
+  residual part is zero for an edge between positions (its check: nothing crosses positions but attention).
 
 Method: QK attributions as in Kamath et al. 2025, "Tracing Attention Computation Through Attention
 Superposition" (transformer-circuits.pub), asked of circuit-tracer in its issue #53.
@@ -149,6 +150,17 @@ class _Contributions:
         return torch.cat(parts, 1)
 
 
+def _copies(model: ReplacementModel, n_pos: int, wanted: int) -> int:
+    """Prompt copies per backward pass: `wanted`, or fewer where they would not fit half the free memory (the
+    attribution's own estimate; one copy must fit, else DeviceError with the estimate)."""
+    from aimri.circuits.attribution import attribution_plan
+    from aimri.devices import free_memory
+
+    plan = attribution_plan(model.subject, n_pos)
+    plan.check()
+    return max(1, min(wanted, plan.most_units(0.5 * free_memory(model.subject.device))))
+
+
 def _check_ids(model: ReplacementModel, ids: list[int], *positions: int) -> None:
     if not ids:
         raise AimriError("the prompt is empty")
@@ -178,8 +190,8 @@ def qk_attribution(
     if not 0 <= head < n_heads:
         raise AimriError(f"head {head} is outside layer {layer}'s 0..{n_heads - 1}")
     head_dim = probe.kept["qk"][0].shape[-1]
-    copies = max(1, min(batch_size, 2 * head_dim))
-    run = model.run(torch.tensor(ids), copies=copies, options={"capture": layer, "bias_leaves": True})
+    copies = _copies(model, len(ids), min(batch_size, 2 * head_dim))
+    run = model.run(torch.tensor(ids), copies=copies, last_only=True, options={"capture": layer, "bias_leaves": True})
     query, key, given, module = run.kept["qk"]
     kv_head = head // (query.shape[1] // key.shape[1])  # grouped-query attention: the head's key/value group
     scaling = _scaling(module, given, head_dim)
@@ -278,7 +290,7 @@ def edge_heads(
         raise AimriError(f"no edge runs from {source} to {target}: a source must precede its target")
     ids_t = torch.tensor(ids)
     # (a) u_m: the gradient of t's input at each layer's head outputs along the residual (values detached)
-    direct = model.run(ids_t, options={"freeze_values": True, "capture_heads": True})
+    direct = model.run(ids_t, last_only=True, options={"freeze_values": True, "capture_heads": True})
     # heads after the source's first write (its layer's MLP) and up to the target's layer (whose attention comes
     # before its MLP); a logit reads every layer
     layers = list(range(s_layer + 1, min(t_layer, subject.n_layers - 1) + 1))
@@ -293,8 +305,8 @@ def edge_heads(
     head_dim = next(iter(direct.kept["heads"].values())).shape[-1] // n_heads
     pairs = [(m, h) for m in layers if u[m] is not None for h in range(n_heads)]
     loadings: list[tuple[int, int, float]] = []
-    copies = max(1, min(batch_size, len(pairs)))
-    run = model.run(ids_t, copies=copies, options={"capture_heads": True}) if pairs else None
+    copies = _copies(model, len(ids), min(batch_size, len(pairs)))
+    run = model.run(ids_t, copies=copies, last_only=True, options={"capture_heads": True}) if pairs else None
     for start in range(0, len(pairs), copies):
         chunk = pairs[start : start + copies]
         assert run is not None
@@ -326,6 +338,8 @@ def attention_edges(
     source's), as JSON records keyed by the graph JSON's node ids ("source", "target")."""
     from aimri.circuits.export import node_record
 
+    if graph.n_features == 0 or n < 1:
+        return []
     t, s, w = graph.edge_targets, graph.edge_sources, graph.edge_weights
     kept = pruned.edge_mask & (s < graph.n_features)
     is_logit = t >= graph.logit_start

@@ -232,9 +232,6 @@ class ReplacementModel:
         """[d_model, width]: layer L's encoder (a feature's pre-activation is mlp_in @ encoder[:, i] + b_enc[i])."""
         return self.clt.encoder(layer) if self.clt is not None else self.transcoders[layer].W_enc
 
-    def width(self, layer: int) -> int:
-        return self.clt.cfg.widths[layer] if self.clt is not None else self.transcoders[layer].cfg.d_sae
-
     def decoder_rows(self, layer: int) -> Tensor:
         """[width, n_out x d_model]: what layer L's features write (a CLT: to every layer side by side, zeros
         before L, so rows of different layers compare)."""
@@ -243,7 +240,8 @@ class ReplacementModel:
             return F.pad(rows, (layer * self.clt.cfg.d_model, 0))
         return self.transcoders[layer].W_dec.detach()
 
-    def _encode(self, layer: int, x: Tensor) -> Tensor:
+    def encode(self, layer: int, x: Tensor) -> Tensor:
+        """Layer L's feature activations [rows, width] from its MLP input [rows, d_model]."""
         if self.clt is not None:
             return self.clt.encode(layer, x)
         tc = self.transcoders[layer]
@@ -328,19 +326,17 @@ class ReplacementModel:
                                    per_sample_weights=leaf.reshape(-1)).view(copies, seq, -1)  # fmt: skip
             recon = part if recon is None else recon + part
         assert recon is not None
-        bias = (self.clt.b_dec[layer] if self.clt is not None else self.transcoders[layer].b_dec).detach().float()
+        if self.clt is not None:
+            b_dec, skip = self.clt.b_dec[layer], None if self.clt.W_skip is None else self.clt.W_skip[layer]
+        else:
+            b_dec, skip = self.transcoders[layer].b_dec, self.transcoders[layer].W_skip
+        bias = b_dec.detach().float()
         if state.get("bias_leaves"):  # b_dec as a leaf per copy, so its share of a linear readout can be read
             bias = bias.expand(copies, 1, -1).clone().requires_grad_(True)
             state.setdefault("biases", {})[layer] = bias
-        if self.clt is not None:
-            recon = recon + bias
-            if self.clt.W_skip is not None:
-                recon = recon + (x.to(self.clt.W_skip) @ self.clt.W_skip[layer].detach()).float()
-            return recon
-        tc = self.transcoders[layer]
         recon = recon + bias
-        if tc.W_skip is not None:
-            recon = recon + (x.to(tc.W_skip) @ tc.W_skip.detach()).float()
+        if skip is not None:
+            recon = recon + (x.to(skip) @ skip.detach()).float()
         return recon
 
     def _replace(self, layer: int, state: dict[str, Any]):  # type: ignore[no-untyped-def]
@@ -352,7 +348,7 @@ class ReplacementModel:
             # the transcoder computes in its own dtype and the node values are fp32, whatever the model's dtype
             # (a bf16 model with fp32 transcoders); the reconstruction is cast back to the model's
             with torch.no_grad():  # every copy holds the same prompt: encode one, copy the activations
-                codes = self._encode(layer, x[0].detach()).float()
+                codes = self.encode(layer, x[0].detach()).float()
                 pos, idx = codes.nonzero(as_tuple=True)  # position-major, as embedding_bag's bags
                 values = codes[pos, idx]
             leaf = (values.expand(copies, -1).clone() if batched else values).requires_grad_(True)

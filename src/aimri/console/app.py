@@ -71,7 +71,7 @@ class Console:
         self.graphs = {p.stem: p.resolve() for p in self.run.graph_files() if _is_graph(p)}
         self.directions = {p.stem: p.resolve() for p in self.run.direction_files()}
         self.findings = Run.findings_of(self.run.scan)
-        self.transcoders = transcoders or self.run.transcoders
+        self.transcoders = transcoders or self.run.transcoders_or_clt
         self.model_name = model
         self._lock = threading.Lock()  # one model in memory, one generation at a time
         self._subject: Any = None

@@ -117,6 +117,8 @@ class CrossLayerTranscoder(nn.Module):
         return x.to(self.b_dec) @ self.encoder(layer) + self.b_enc[layer]
 
     def activate(self, layer: int, pre: Tensor) -> Tensor:
+        """JumpReLU at the layer's thresholds, clamped at 0 (a negative threshold would let negative
+        pre-activations through, which no trained CLT means; circuit-tracer does not clamp); or ReLU."""
         if self.cfg.activation == "relu":
             return pre.relu()
         return pre * (pre > self.threshold(layer).clamp_min(0))
@@ -127,7 +129,8 @@ class CrossLayerTranscoder(nn.Module):
 
     def decode(self, target: int, codes: Mapping[int, Tensor], x: Tensor | None = None) -> Tensor:
         """Layer `target`'s MLP output [rows, d_model] from the codes of layers <= target ({layer: [rows,
-        width]}; a missing layer counts as silent). With a skip term, x is layer `target`'s MLP input.
+        width]}; a missing layer counts as silent; with no codes at all, b_dec as [1, d_model], broadcastable).
+        With a skip term, x is layer `target`'s MLP input.
 
         Raises AimriError when the skip term needs x and none is given."""
         out = self.b_dec[target].expand(1, -1)
@@ -139,6 +142,12 @@ class CrossLayerTranscoder(nn.Module):
                 raise AimriError("this CLT has a skip term: decode(target, codes, x) needs layer target's MLP input")
             out = out + x.to(self.b_dec) @ self.W_skip[target]
         return out
+
+    def reconstruct(self, layer: int, x: Tensor, codes: dict[int, Tensor]) -> Tensor:
+        """Layer L's MLP output from its input x, in a pass that goes up the layers: encodes x into `codes[layer]`
+        and decodes from every layer's codes so far (`evaluate.replaced_metrics`' reconstruct)."""
+        codes[layer] = self.encode(layer, x)
+        return self.decode(layer, codes, x)
 
     def forward(self, xs: Sequence[Tensor]) -> list[Tensor]:
         """Every layer's MLP input [rows, d_model] -> every layer's reconstructed MLP output."""

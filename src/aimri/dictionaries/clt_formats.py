@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -46,8 +46,8 @@ def is_clt(path: str | Path) -> bool:
 
 
 def save_clt(clt: CrossLayerTranscoder, path: str | Path) -> Path:
-    """Write `clt` atomically (a temp folder fsynced and renamed into place) in circuit-tracer's layout + clt.json.
-    An existing folder at `path` is replaced."""
+    """Write `clt` in circuit-tracer's layout + clt.json: files fsynced in a temp folder renamed into place; an
+    existing folder at `path` is moved aside first and removed once the new one is in place."""
     path = Path(path)
     cfg = clt.cfg
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -76,26 +76,50 @@ def save_clt(clt: CrossLayerTranscoder, path: str | Path) -> Path:
         "circuit_tracer": {"reads_as_we_do": not why_not, "why_not": why_not},
     }  # fmt: skip
     atomic_write_text(tmp / CONFIG, json.dumps(record, indent=1))
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():
-        shutil.rmtree(path)
+        os.rename(path, old)  # the previous CLT stays whole until the new one is in place
     os.rename(tmp, path)
     fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def _read(file: Path) -> dict[str, Tensor]:
+class _Tensors(dict):
+    """A layer file's tensors; a missing one is named with its file (not a bare KeyError)."""
+
+    def __init__(self, file: Path, tensors: dict[str, Tensor]) -> None:
+        super().__init__(tensors)
+        self.file = file
+
+    def __missing__(self, key: str) -> Tensor:
+        raise AimriError(
+            f"{self.file} has no tensor {key!r} (it holds {', '.join(sorted(self))}); it is not a whole CLT layer file"
+        )
+
+
+def _read(file: Path) -> _Tensors:
     try:
-        return load_file(str(file))
+        return _Tensors(file, load_file(str(file)))
     except (SafetensorError, OSError) as err:
         raise AimriError(f"cannot read {file} ({err}); the CLT folder is damaged, copy it again") from None
 
 
 def _gemma_scope_2_files(folder: Path) -> dict[int, Path]:
+    """Layer files holding a multi-layer decoder `w_dec` (circuit-tracer's per-layer transcoders are also named
+    layer_i.safetensors, but hold W_enc / W_dec of one layer: not a CLT)."""
     found: dict[int, Path] = {}
     for file in list(folder.glob("layer_*.safetensors")) + list(folder.glob("layer_*/params.safetensors")):
         match = re.fullmatch(r"layer_(\d+)", file.stem if file.name != "params.safetensors" else file.parent.name)
         if match:
             found[int(match.group(1))] = file
+    if found:
+        try:
+            with safe_open(str(found[min(found)]), framework="pt") as f:
+                if "w_dec" not in f.keys() or len(f.get_slice("w_dec").get_shape()) != 3:  # noqa: SIM118  (a safe_open has no __contains__)
+                    return {}
+        except (SafetensorError, OSError):
+            return {}
     return found
 
 

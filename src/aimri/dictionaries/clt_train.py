@@ -8,7 +8,7 @@ et al. 2024); the decoders are run sparsely (embedding_bag over the active featu
 target layers of ||recon_T - y_T||^2 / ||y_T - mean(y_T)||^2 (each layer's fraction of variance unexplained).
 After training the inference form is JumpReLU: each feature's threshold is the mean over calibration batches of
 its smallest activation BatchTopK kept (crosslayer-coding's BatchTopK -> JumpReLU conversion); a feature never
-kept gets its layer's batch threshold. Method: Ameisen et al. 2025 ("Circuit Tracing"), as crosslayer-coding
+kept gets its layer's highest threshold. Method: Ameisen et al. 2025 ("Circuit Tracing"), as crosslayer-coding
 (utahnlp/crosslayer-coding) trains it.
 """
 
@@ -157,7 +157,6 @@ class CLTTrainer:
         L = self.cfg.n_layers
         sums = [torch.zeros(w, device=self.device) for w in self.cfg.widths]
         counts = [torch.zeros(w, device=self.device) for w in self.cfg.widths]
-        floor = torch.zeros(L)
         for xs, ys in batches:
             xs, _ = self._scaled(xs, ys)
             for i in range(L):
@@ -168,18 +167,18 @@ class CLTTrainer:
                 seen = torch.isfinite(smallest)
                 sums[i][seen] += smallest[seen]
                 counts[i][seen] += 1
-                floor[i] += float(v.min()) if len(v) else 0.0
         for i in range(L):
-            batch_threshold = float(floor[i]) / max(1, len(batches))
-            value = torch.where(counts[i] > 0, sums[i] / counts[i].clamp_min(1), batch_threshold)
-            self.clt.set_threshold(i, value)
+            seen = counts[i] > 0
+            value = sums[i] / counts[i].clamp_min(1)
+            # a feature BatchTopK never kept gets the layer's highest threshold: as hard to fire as any
+            highest = float(value[seen].max()) if bool(seen.any()) else 0.0
+            self.clt.set_threshold(i, torch.where(seen, value, highest))
 
     def export(self) -> CrossLayerTranscoder:
         """The CLT on raw (unscaled) activations, JumpReLU, on the CPU: the scales folded into the weights."""
-        import copy
-
-        out = copy.deepcopy(self.clt).cpu().float()
-        s_in, s_out = self.scale_in, self.scale_out
+        out = CrossLayerTranscoder(self.cfg)
+        out.load_state_dict({k: v.detach().cpu().float() for k, v in self.clt.state_dict().items()})
+        s_in, s_out = self.scale_in.cpu(), self.scale_out.cpu()
         with torch.no_grad():
             for i in range(self.cfg.n_layers):
                 out.W_enc[i].mul_(s_in[i])
@@ -218,7 +217,8 @@ class CLTTrainer:
         self.clt.load_state_dict(state["clt"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_index, self.last = int(state["step"]), dict(state["last"])
-        self.scale_in, self.scale_out, self.fired = state["scale_in"], state["scale_out"], state["fired"]
+        self.scale_in, self.scale_out = state["scale_in"].cpu(), state["scale_out"].cpu()  # host-side, as built
+        self.fired = [f.to(self.device) for f in state["fired"]]
 
 
 def _split(batch: dict[str, Tensor], n_layers: int) -> tuple[Tensor, Tensor]:
@@ -280,6 +280,13 @@ def train_clt(
     checkpoints.mkdir(parents=True, exist_ok=True)
     if ckpt.exists():
         trainer.load_checkpoint(ckpt)
+    elif any(checkpoints.glob("*.pt")):
+        found = ", ".join(sorted(p.name for p in checkpoints.glob("*.pt")))
+        raise AimriError(
+            f"{checkpoints} holds checkpoints of another number of ranks ({found}); resume with as many ranks as "
+            f"wrote them, or delete {checkpoints} to start over"
+        )
+    ranks.agree("the step every rank resumes from", trainer.step_index)
     for _ in range(trainer.step_index):  # the stream is deterministic: skip what was trained on
         next(batches)
     start = time.perf_counter()
@@ -315,12 +322,7 @@ def train_clt(
                                  "dead_frac": float(1 - trainer.fired[i].float().mean())}  # fmt: skip
         whole = None
         if held and c.downstream_windows:
-
-            def reconstruct(layer: int, x: Tensor, codes: dict[int, Tensor]) -> Tensor:
-                codes[layer] = clt.encode(layer, x)
-                return clt.decode(layer, codes, x)
-
-            whole = replaced_metrics(subject, reconstruct, list(range(L)), held[: c.downstream_windows])
+            whole = replaced_metrics(subject, clt.reconstruct, list(range(L)), held[: c.downstream_windows])
         record.update({
             "seconds": round(seconds, 1), "steps": trainer.step_index, "tokens": trainer.step_index * c.batch_size,
             "parameters": clt.parameter_count(), "train_last": trainer.last, "eval_windows": len(held),

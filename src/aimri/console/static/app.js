@@ -328,7 +328,7 @@ async function pageGraph(name) {
   // attention-mediated edges (mri trace --qk-edges): the heads carrying each, and its top head's QK pairs
   const qkEdges = g.qk || [];
   function qkView(e) {
-    const heads = h("table", { class: "qk-heads" }, h("tr", {}, h("th", { text: "layer.head" }), h("th", { text: "share of the edge" })),
+    const heads = h("table", { class: "qk-heads" }, h("tr", {}, h("th", { text: "layer.head" }), h("th", { text: "weight carried" })),
       e.heads.map((x) => h("tr", {}, h("td", { text: `${x.layer}.${x.head}` }), h("td", { text: x.weight.toPrecision(3) }))),
       h("tr", {}, h("td", { text: "residual (no head)" }), h("td", { text: e.residual.toPrecision(3) })));
     const qk = e.qk ? h("div", {},
