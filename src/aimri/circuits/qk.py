@@ -350,6 +350,7 @@ def attention_edges(
     order = kept.nonzero().flatten()
     order = order[w[order].abs().argsort(descending=True)][:n]
     records = []
+    seen: dict[tuple[int, int, int, int], dict[str, Any]] = {}  # one QK attribution per (layer, head, q, k)
     for e in order.tolist():
         source = tuple(int(v) for v in graph.features[int(s[e])])
         target_node = int(t[e])
@@ -365,7 +366,10 @@ def attention_edges(
         if loadings.heads:
             layer, head, _ = loadings.heads[0]
             q_pos = graph.n_pos - 1 if isinstance(target, int) else target[1]
-            qk = qk_attribution(model, graph.tokens, layer, head, q_pos, source[1], batch_size, constant_positions)
-            record["qk"] = qk.to_dict()
+            key = (layer, head, q_pos, source[1])
+            if key not in seen:
+                qk = qk_attribution(model, graph.tokens, layer, head, q_pos, source[1], batch_size, constant_positions)
+                seen[key] = qk.to_dict()
+            record["qk"] = seen[key]
         records.append(record)
     return records
