@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tests.helpers import tiny_subject
 from tests.test_circuits import exact_gpt2
 
@@ -147,6 +147,19 @@ def test_bad_clts_are_named(tmp_path: Path) -> None:
     (tmp_path / "c" / "W_dec_1.safetensors").unlink()
     with pytest.raises(AimriError, match="W_dec_1.safetensors is missing"):
         load_clt(tmp_path / "c")
+    # circuit-tracer's per-layer transcoders are also layer_i.safetensors: not a CLT, and said so
+    per_layer = tmp_path / "ct-plt"
+    per_layer.mkdir()
+    save_file({"W_enc": torch.zeros(8, 32), "W_dec": torch.zeros(8, 32)}, str(per_layer / "layer_0.safetensors"))
+    with pytest.raises(AimriError, match="holds no transcoders"):
+        load_transcoders(per_layer, subject)
+    # a layer file missing a tensor names it
+    save_clt(clt, tmp_path / "d")
+    enc = load_file(str(tmp_path / "d" / "W_enc_2.safetensors"))
+    del enc["b_enc_2"]
+    save_file(enc, str(tmp_path / "d" / "W_enc_2.safetensors"))
+    with pytest.raises(AimriError, match="has no tensor 'b_enc_2'"):
+        load_clt(tmp_path / "d")
     with pytest.raises(AimriError, match="one positive width per layer"):
         CLTConfig(3, 32, [8, 8]).check()
     other = random_clt(subject)
