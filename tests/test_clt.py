@@ -276,3 +276,38 @@ def test_cli_traces_through_a_clt_with_attention_edges(tiny_lm_dir: str, tmp_pat
     save_clt(foreign, tmp_path / "two")
     bad = subprocess.run([*cli[:7], str(tmp_path / "two"), *cli[8:]], capture_output=True, text=True)
     assert bad.returncode == 2 and "spans 2 layers" in bad.stderr
+
+
+@pytest.mark.integration
+def test_circuit_tracer_reads_our_clt_files(tmp_path: Path) -> None:
+    """circuit-tracer's own `load_clt` (its venv, bench/.venvs/circuit_tracer) reads a CLT we saved: its
+    encodings equal ours and its decoded layer-2 output matches ours to fp32 rounding."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    from common import peer_python
+
+    subject = tiny_subject("llama")
+    clt = random_clt(subject)
+    clt.cfg.activation = "jumprelu"
+    for i in range(3):
+        clt.set_threshold(i, torch.rand(24, generator=torch.Generator().manual_seed(i)) * 0.1)
+    save_clt(clt, tmp_path / "clt")
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(3))
+    codes = {i: clt.encode(i, x).detach() for i in range(3)}
+    torch.save({"x": x, "codes": codes, "recon2": clt.decode(2, codes).detach()}, tmp_path / "ref.pt")
+    script = f"""
+import torch
+from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+clt = load_clt({str(tmp_path / "clt")!r}, dtype=torch.float32, device=torch.device("cpu"), lazy_decoder=False)
+ref = torch.load({str(tmp_path / "ref.pt")!r})
+enc = max(float((clt.encode_layer(ref["x"], i) - ref["codes"][i]).abs().max()) for i in range(3))
+dec = float((clt.forward(torch.stack([ref["x"]] * 3))[2] - ref["recon2"]).abs().max())
+print(enc, dec)
+"""
+    done = subprocess.run([str(peer_python("circuit_tracer")), "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    enc, dec = (float(v) for v in done.stdout.split())
+    assert enc == 0.0 and dec < 1e-4
