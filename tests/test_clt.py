@@ -201,12 +201,15 @@ def test_clt_trains_resumes_and_is_measured(tiny_lm_dir: str, tmp_path: Path, mo
         train_clt(subject, corpus, tmp_path / "part", config, progress=False)
     assert (tmp_path / "part.checkpoints" / "clt.pt").exists() and not (tmp_path / "part").exists()
     monkeypatch.setattr(CLTTrainer, "step", step)
-    resumed = train_clt(subject, corpus, tmp_path / "part", config, progress=False)
-    assert resumed["train_last"]["fvu"] == pytest.approx(record["train_last"]["fvu"], rel=1e-4)
     other = CLTTrainConfig(**{**vars(config), "lr": 0.5})
-    (tmp_path / "part" / "metrics.json").unlink()
     with pytest.raises(AimriError, match=r"other settings \(lr\)"):
         train_clt(subject, corpus, tmp_path / "part", other, progress=False)
+    said: list[str] = []
+    resumed = train_clt(subject, corpus, tmp_path / "part", config, progress=False, log=said.append)
+    assert resumed["train_last"]["fvu"] == pytest.approx(record["train_last"]["fvu"], rel=1e-4)
+    assert said and said[0].startswith("memory estimate") and not (tmp_path / "part.checkpoints").exists()
+    again = train_clt(subject, corpus, tmp_path / "part", config, progress=False)
+    assert again["cached"] and again["train_last"] == resumed["train_last"]
     with pytest.raises(AimriError, match="one per layer"):
         train_clt(subject, corpus, tmp_path / "w", CLTTrainConfig(widths=[8, 8], tokens=128), progress=False)
     # a skip-CLT with per-layer widths trains and saves its skip term

@@ -317,13 +317,17 @@ def train_clt_cmd(
     corpus: Annotated[list[Path], typer.Option(help="default: the default corpus")] = [],  # noqa: B006
     out: Annotated[Path | None, typer.Option(help="default: runs/<model>/clt")] = None,
     context: int = _opt(CLTTrainConfig, "context"),
-    quiet: Annotated[bool, typer.Option()] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     nproc: Annotated[int, typer.Option(help="start this many local ranks under torchrun (data-parallel)")] = 1,
     device: Device = "auto",
     dtype: Dtype = "auto",
 ) -> None:
     """Train a cross-layer transcoder over every layer (each layer's features write to its MLP output and every
-    later one), streamed from the model; resumable; saved in circuit-tracer's layout + clt.json."""
+    later one), streamed from the model (no store); saved in circuit-tracer's layout + clt.json + metrics.json.
+
+    Prints the memory estimate, then per layer the held-out FVU, L0 and dead share, and the whole CLT replacing
+    every MLP (CE recovered, KL, top-1 agreement). Interrupted, it resumes from OUT.checkpoints when rerun with
+    the same settings; finished, a rerun with them prints the saved figures."""
     import aimri
     from aimri.data.corpus import Corpus
     from aimri.data.default_corpus import default_corpus_path
@@ -341,9 +345,12 @@ def train_clt_cmd(
     out = out or Run.for_model(subject.name).clt
     paths = corpus or [_leader_first(ranks, lambda: default_corpus_path(log=lambda m: console.print(m)))]
     with _flags_named("batch_size"):
-        record = train_clt(subject, Corpus.from_paths(paths), out, config, progress=not quiet, ranks=ranks)
+        record = train_clt(subject, Corpus.from_paths(paths), out, config, progress=not quiet, ranks=ranks,
+                           log=console.print)  # fmt: skip
     if not ranks.leader:
         return
+    if record.get("cached"):
+        console.print(f"{out} was trained with these settings already: its figures (delete it to train again)")
     for layer, m in record.get("layers", {}).items():
         console.print(f"layer {int(layer):>2}: held-out fvu={m['fvu']:.4f} l0={m['l0']:.1f} dead={m['dead_frac']:.3f}")
     whole = record.get("replacement")
@@ -736,6 +743,11 @@ def trace(
         f"{summary['completeness']:.3f} (full {summary['completeness_full']:.3f}); linearity check "
         f"{summary['hessian']:.1e} ({'linear' if summary['hessian'] < 1e-5 else 'NOT linear: a nonlinearity escaped'})"
     )
+    if qk_edges and summary["attention_edges"] < qk_edges:
+        console.print(
+            f"attention edges: {summary['attention_edges']} of {qk_edges}: only that many kept edges of the pruned graph "
+            "cross positions; raise --max-feature-nodes or --node-threshold for more"
+        )
     if changes:
         summary["intervention"] = run_intervention(subject, tcs, traced.graph.tokens, changes)
     print(json.dumps(summary))

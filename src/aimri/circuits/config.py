@@ -30,8 +30,6 @@ class TraceConfig:
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise AimriError(f"`{name}` must be in (0, 1], got {value}")
-        if self.max_feature_nodes < 1 or self.batch_size < 1 or self.constant_positions < 0 or self.qk_edges < 0:
-            raise AimriError(
-                "`max_feature_nodes` and `batch_size` must be at least 1, `constant_positions` and `qk_edges` at "
-                f"least 0, got {self.max_feature_nodes}, {self.batch_size}, {self.constant_positions}, {self.qk_edges}"
-            )
+        for name, low in (("max_feature_nodes", 1), ("batch_size", 1), ("constant_positions", 0), ("qk_edges", 0)):
+            if getattr(self, name) < low:
+                raise AimriError(f"`{name}` must be at least {low}, got {getattr(self, name)}")

@@ -45,7 +45,7 @@ class Traced:
             "edges": len(g.edge_weights), "kept_nodes": len(self.data["nodes"]), "kept_links": len(self.data["links"]),
             "replacement": p.replacement, "completeness": p.completeness,
             "replacement_full": p.replacement_full, "completeness_full": p.completeness_full,
-            "hessian": g.meta.get("hessian"), "memory_estimate_gb": g.meta.get("memory_estimate_gb"),
+            "hessian": g.meta.get("hessian"), "attention_edges": len(self.data.get("qk", [])), "memory_estimate_gb": g.meta.get("memory_estimate_gb"),
             "transcoder_kind": g.meta.get("transcoder_kind"), "seconds": round(g.meta["seconds"], 1),
             "top_logits": list(zip(g.logit_token_strings, g.logit_probs, strict=True)),
         }  # fmt: skip

@@ -172,7 +172,10 @@ def load_transcoders(folder: str | Path, subject: Subject, allow_other_model: bo
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise AimriError(f"{folder} is not a folder of transcoders; make one with `mri train-transcoders`")
+        raise AimriError(
+            f"{folder} is not a folder of transcoders; make one with `mri train-transcoders` (per-layer) or "
+            "`mri train-clt` (a cross-layer transcoder)"
+        )
     if is_clt(folder):
         clt = load_clt(folder)
         check_clt(clt, subject, allow_other_model, folder)

@@ -159,7 +159,8 @@ class CrossLayerTranscoder(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return f"CLT over {c.n_layers} layers, d_model={c.d_model}, widths={sorted(set(c.widths))}, k={c.k}"
+        widths = f"{c.widths[0]} features per layer" if len(set(c.widths)) == 1 else f"widths {c.widths}"
+        return f"CLT over {c.n_layers} layers, d_model={c.d_model}, {widths}, k={c.k}, {c.activation}"
 
 
 def clt_parameter_count(n_layers: int, d_model: int, widths: Sequence[int], skip: bool = False) -> int:

@@ -150,7 +150,7 @@ def load_clt(path: str | Path) -> CrossLayerTranscoder:
         version = record.get("format_version")
         if version != FORMAT_VERSION:
             raise AimriError(
-                f"{folder} is an {FORMAT} file of format version {version}; this AI MRI reads version "
+                f"{folder} is an {FORMAT} folder of format version {version}; this AI MRI reads version "
                 f"{FORMAT_VERSION}: use the AI MRI that wrote it, or retrain it with `mri train-clt`"
             )
         known = set(CLTConfig.__dataclass_fields__)

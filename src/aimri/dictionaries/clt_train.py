@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -228,15 +229,17 @@ def _split(batch: dict[str, Tensor], n_layers: int) -> tuple[Tensor, Tensor]:
 
 def train_clt(
     subject: Any, corpus: Any, out: str | Path, config: CLTTrainConfig | None = None, progress: bool = True,
-    ranks: Group | None = None,
+    ranks: Group | None = None, log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """A CLT over every layer of `subject`, streamed from it on `corpus`, saved at `out` (circuit-tracer's layout
     + clt.json, aimri.dictionaries.clt_formats) with metrics.json: per layer the held-out FVU and L0, and for the
     whole CLT replacing every MLP the CE loss recovered, KL and top-1 agreement (`evaluate.replaced_metrics`).
 
     Checkpoints go to `out`.checkpoints every `checkpoint_every` steps; a rerun resumes from them (the stream is
-    replayed deterministically). With `ranks` (torchrun) it is data-parallel: each rank streams its own share
-    of every batch (seed + rank) and gradients are averaged. Memory is estimated before any work.
+    replayed deterministically); they are deleted once the CLT is saved and measured. A rerun with the same
+    settings returns the saved record (with "cached": True). With `ranks` (torchrun) it is data-parallel: each rank streams its own share
+    of every batch (seed + rank) and gradients are averaged. Memory is estimated before any work (and told to
+    `log`).
 
     Raises AimriError for widths that do not match the layer count, k above a width, a batch size that the
     ranks cannot split; DeviceError when the estimate does not fit."""
@@ -263,13 +266,15 @@ def train_clt(
     if (out / "metrics.json").exists() and (out / "clt.json").exists():
         record = json.loads((out / "metrics.json").read_text())
         if record.get("settings") == settings:
-            return record
+            return {**record, "cached": True}
     ranks.agree("the CLT settings (model revision, corpus, shape)", json.dumps(settings, sort_keys=True))
     device = subject.device
     ins, outs = _sites(L)
     rows_per_rank = c.batch_size // ranks.world
     plan = clt_training_plan(subject, c, device, stream_memory(subject, ins + outs, rows_per_rank, c.context))
     plan.check()
+    if log is not None and ranks.leader:
+        log(f"memory estimate: {plan.describe()}")
     trainer = CLTTrainer(cfg, c, device, ranks)
     batches: Iterator[dict[str, Tensor]] = subject_batches(
         subject, corpus, ins + outs, batch_size=rows_per_rank, context=c.context, seed=c.seed + ranks.rank,
@@ -330,4 +335,6 @@ def train_clt(
         })  # fmt: skip
         atomic_write_text(out / "metrics.json", json.dumps(record, indent=1))
     ranks.barrier("saving the CLT")
+    if ranks.leader:  # the CLT is whole and measured: its checkpoints (3x its size with Adam's state) go
+        shutil.rmtree(checkpoints, ignore_errors=True)
     return record
