@@ -270,7 +270,9 @@ def test_cli_traces_through_a_clt_with_attention_edges(tiny_lm_dir: str, tmp_pat
     assert 0 < summary["replacement_full"] <= 1 and {"before", "after"} <= set(summary["intervention"])
     data = json.loads((tmp_path / "g.json").read_text())
     assert len(data["qk"]) == 2 and data["metadata"]["info"]["hessian"] == summary["hessian"]
+    node_ids = {n["node_id"] for n in data["nodes"]}
     for edge in data["qk"]:
+        assert edge["source"] in node_ids and edge["target"] in node_ids  # the console finds them by node id
         parts = edge["residual"] + sum(h["weight"] for h in edge["heads"])
         assert parts == pytest.approx(edge["weight"], rel=1e-3, abs=1e-5)  # heads list the top 8 only
         assert "qk" not in edge or edge["qk"]["pairs"]

@@ -183,7 +183,8 @@ def _qk_tables(data: dict[str, Any]) -> str:
     parts = []
     for e in data.get("qk", []):
         heads = "".join(f"<tr><td>{x['layer']}.{x['head']}</td><td>{x['weight']:.3g}</td></tr>" for x in e["heads"])
-        parts.append(f"<h4>{escape(e['source'])} &rarr; {escape(e['target'])} (edge {e['weight']:.3g})</h4><table>"
+        names = escape(str(e.get("source_label", e["source"]))), escape(json.dumps(e.get("target_label", e["target"])))
+        parts.append(f"<h4>{names[0]} &rarr; {names[1]} (edge {e['weight']:.3g})</h4><table>"
                      f"<tr><th>layer.head</th><th>weight</th></tr>{heads}<tr><td>residual</td><td>{e['residual']:.3g}</td></tr></table>")  # fmt: skip
         if "qk" in e:
             q = e["qk"]

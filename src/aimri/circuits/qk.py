@@ -335,7 +335,8 @@ def attention_edges(
 ) -> list[dict[str, Any]]:  # fmt: skip
     """For the `n` strongest edges of the pruned graph that cross positions (feature -> feature or logit): their
     head loadings and the QK attribution of their top head (query at the target's position, key at the
-    source's), as JSON records keyed by the graph JSON's node ids ("source", "target")."""
+    source's), as JSON records keyed by the graph JSON's node ids ("source", "target"; "source_label" and
+    "target_label" name them as layer/feature@position or the logit's token)."""
     from aimri.circuits.export import node_record
 
     if graph.n_features == 0 or n < 1:
@@ -359,9 +360,13 @@ def attention_edges(
         else:
             target = tuple(int(v) for v in graph.features[target_node])  # type: ignore[assignment]
         loadings = edge_heads(model, graph.tokens, source, target, batch_size=batch_size)  # type: ignore[arg-type]
+        named = loadings.to_dict()
+        label = (
+            graph.logit_token_strings[target_node - graph.logit_start] if isinstance(target, int) else named["target"]
+        )
         record: dict[str, Any] = {
+            **named, "source_label": named["source"], "target_label": label, "weight": float(w[e]),
             "source": node_record(graph, int(s[e]), 0.0)["node_id"], "target": node_record(graph, target_node, 0.0)["node_id"],
-            "weight": float(w[e]), **loadings.to_dict(),
         }  # fmt: skip
         if loadings.heads:
             layer, head, _ = loadings.heads[0]

@@ -335,7 +335,7 @@ async function pageGraph(name) {
       h("p", { class: "muted", text: `QK of head ${e.qk.layer}.${e.qk.head}, query @${e.qk.query_pos} → key @${e.qk.key_pos}: score ${e.qk.score.toPrecision(4)}` }),
       h("table", { class: "qk-pairs" }, h("tr", {}, h("th", { text: "query node" }), h("th", { text: "key node" }), h("th", { text: "term" })),
         e.qk.pairs.map((p) => h("tr", {}, h("td", { text: p.query }), h("td", { text: p.key }), h("td", { text: p.value.toPrecision(3) }))))) : null;
-    return h("div", { class: "card qk-edge" }, h("h2", { text: `${e.source} → ${e.target} (edge ${e.weight.toPrecision(3)})` }), heads, qk);
+    return h("div", { class: "card qk-edge" }, h("h2", { text: `${e.source_label || e.source} → ${JSON.stringify(e.target_label || e.target)} (edge ${e.weight.toPrecision(3)})` }), heads, qk);
   }
   function renderPanel(n) {
     const atlas = isFeature(n) ? atlasFor(n) : null;
@@ -379,7 +379,7 @@ async function pageGraph(name) {
     qkEdges.length ? h("div", { class: "card", id: "attention-edges" }, h("h2", { text: "Attention-mediated edges" }),
       h("p", { class: "muted", text: "Click a listed node for its edges; each edge splits over the heads whose output carries it into the target's position, and its top head's score over query × key feature pairs." }),
       h("ul", {}, qkEdges.map((e) => h("li", {}, h("a", { href: "javascript:void 0", onclick: () => { const n = byId.get(e.target) || byId.get(e.source); if (n) renderPanel(n); } },
-        `${e.source} → ${e.target}: ${e.heads.length ? `head ${e.heads[0].layer}.${e.heads[0].head} carries ${e.heads[0].weight.toPrecision(3)} of ${e.weight.toPrecision(3)}` : "no head"}`))))) : null,
+        `${e.source_label || e.source} → ${JSON.stringify(e.target_label || e.target)}: ${e.heads.length ? `head ${e.heads[0].layer}.${e.heads[0].head} carries ${e.heads[0].weight.toPrecision(3)} of ${e.weight.toPrecision(3)}` : "no head"}`))))) : null,
     result);
 }
 
