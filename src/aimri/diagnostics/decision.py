@@ -111,7 +111,7 @@ def _feature_path(
     from aimri.dictionaries.match import open_ids, opening
 
     model = ReplacementModel(subject, load_transcoders(folder, subject))
-    opened = open_ids(ids, opening(model.transcoders.values(), subject.tokenizer))
+    opened = open_ids(ids, opening(model.configs(), subject.tokenizer))
     shift = len(opened) - len(ids)
     graph = attribute(
         model, opened, max_feature_nodes=max_feature_nodes, progress=False, constant_positions=max(1, shift)
