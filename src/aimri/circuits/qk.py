@@ -183,15 +183,13 @@ def qk_attribution(
         raise AimriError(f"layer {layer} is outside {subject.name}'s 0..{subject.n_layers - 1}")
     if key_pos > query_pos:
         raise AimriError(f"key position {key_pos} is after query position {query_pos}: causal attention never reads it")
-    probe = model.run(torch.tensor(ids[: key_pos + 1]), options={"capture": layer})  # shapes only
-    if "qk" not in probe.kept:
-        raise AimriError(f"layer {layer}'s attention module records no layer index; QK attribution cannot find it")
-    n_heads = probe.kept["qk"][0].shape[1]
+    n_heads, head_dim = _heads_of(model)
     if not 0 <= head < n_heads:
         raise AimriError(f"head {head} is outside layer {layer}'s 0..{n_heads - 1}")
-    head_dim = probe.kept["qk"][0].shape[-1]
     copies = _copies(model, len(ids), min(batch_size, 2 * head_dim))
     run = model.run(torch.tensor(ids), copies=copies, last_only=True, options={"capture": layer, "bias_leaves": True})
+    if "qk" not in run.kept:
+        raise AimriError(f"layer {layer}'s attention module records no layer index; QK attribution cannot find it")
     query, key, given, module = run.kept["qk"]
     kv_head = head // (query.shape[1] // key.shape[1])  # grouped-query attention: the head's key/value group
     scaling = _scaling(module, given, head_dim)
@@ -269,10 +267,11 @@ def _source_value(run: Replaced, source: tuple[int, int, int]) -> tuple[Tensor, 
 
 def edge_heads(
     model: ReplacementModel, ids: list[int], source: tuple[int, int, int], target: tuple[int, int, int] | int,
-    batch_size: int = 32, top: int = 8,
+    batch_size: int = 32, top: int = 8, runs: dict[str, Replaced] | None = None,
 ) -> HeadLoadings:  # fmt: skip
     """The head loadings of the edge from feature `source` (layer, pos, index) to `target` (a feature, or a logit
-    token id at the last position); see the module docstring.
+    token id at the last position); see the module docstring. `runs`: a dict the caller keeps across the edges of
+    one prompt, so its two forward passes (values frozen; B copies) are run once and reused.
 
     Raises AimriError when the edge cannot pass through attention (both at one position: "it does not pass
     through attention"), runs backwards (a source after its target), or names an inactive feature."""
@@ -289,32 +288,38 @@ def edge_heads(
     if s_pos > t_pos or s_layer >= t_layer:
         raise AimriError(f"no edge runs from {source} to {target}: a source must precede its target")
     ids_t = torch.tensor(ids)
+    runs = {} if runs is None else runs
     # (a) u_m: the gradient of t's input at each layer's head outputs along the residual (values detached)
-    direct = model.run(ids_t, last_only=True, options={"freeze_values": True, "capture_heads": True})
+    if "direct" not in runs:
+        runs["direct"] = model.run(ids_t, last_only=True, options={"freeze_values": True, "capture_heads": True})
+    direct = runs["direct"]
     # heads after the source's first write (its layer's MLP) and up to the target's layer (whose attention comes
     # before its MLP); a logit reads every layer
     layers = list(range(s_layer + 1, min(t_layer, subject.n_layers - 1) + 1))
     leaf, column = _source_value(direct, source)
     quantity = _target_quantity(model, direct, target, 0)
-    grads = torch.autograd.grad(quantity, [leaf] + [direct.kept["heads"][m] for m in layers], allow_unused=True)
+    heads = [direct.kept["heads"][m] for m in layers]
+    grads = torch.autograd.grad(quantity, [leaf, *heads], allow_unused=True, retain_graph=True)
     value = float(leaf.detach()[column])
     residual = 0.0 if grads[0] is None else float(grads[0][column]) * value
     u = {m: (g[0, t_pos].detach() if g is not None else None) for m, g in zip(layers, grads[1:], strict=True)}
     # (b) for each (layer, head): d(u_mh . z_mh[q]) / d source, B heads per backward pass
-    n_heads = _heads_of(model)
-    head_dim = next(iter(direct.kept["heads"].values())).shape[-1] // n_heads
+    n_heads, head_dim = _heads_of(model)
     pairs = [(m, h) for m in layers if u[m] is not None for h in range(n_heads)]
     loadings: list[tuple[int, int, float]] = []
-    copies = _copies(model, len(ids), min(batch_size, len(pairs)))
-    run = model.run(ids_t, copies=copies, last_only=True, options={"capture_heads": True}) if pairs else None
+    if pairs and "heads" not in runs:
+        copies = _copies(model, len(ids), min(batch_size, len(pairs)))
+        runs["heads"] = model.run(ids_t, copies=copies, last_only=True, options={"capture_heads": True})
+    run = runs.get("heads")
+    copies = run.embeddings.shape[0] if run is not None else 1
+    leaf_b = _source_value(run, source)[0] if run is not None else None
     for start in range(0, len(pairs), copies):
         chunk = pairs[start : start + copies]
-        assert run is not None
+        assert run is not None and leaf_b is not None
         quantities = []
         for b, (m, h) in enumerate(chunk):
             z = run.kept["heads"][m][b, t_pos, h * head_dim : (h + 1) * head_dim]
             quantities.append(z.float() @ u[m][h * head_dim : (h + 1) * head_dim].float())  # type: ignore[index]
-        leaf_b, _ = _source_value(run, source)
         (g,) = torch.autograd.grad(torch.stack(quantities).sum(), [leaf_b], allow_unused=True, retain_graph=True)
         for b, (m, h) in enumerate(chunk):
             loadings.append((m, h, 0.0 if g is None else float(g[b, column]) * value))
@@ -325,9 +330,11 @@ def edge_heads(
     return HeadLoadings(name, tname, total, residual, [x for x in loadings[:top] if x[2] != 0.0])
 
 
-def _heads_of(model: ReplacementModel) -> int:
+def _heads_of(model: ReplacementModel) -> tuple[int, int]:
+    """(attention heads, head dimension) from the model's config (GPT-2 names them n_head, n_embd)."""
     config = model.subject.config
-    return int(getattr(config, "num_attention_heads", None) or config.n_head)
+    n_heads = int(getattr(config, "num_attention_heads", None) or config.n_head)
+    return n_heads, int(getattr(config, "head_dim", None) or model.subject.d_model // n_heads)
 
 
 def attention_edges(
@@ -352,6 +359,7 @@ def attention_edges(
     order = order[w[order].abs().argsort(descending=True)][:n]
     records = []
     seen: dict[tuple[int, int, int, int], dict[str, Any]] = {}  # one QK attribution per (layer, head, q, k)
+    runs: dict[str, Replaced] = {}  # edge_heads' forward passes, shared by every edge of this prompt
     for e in order.tolist():
         source = tuple(int(v) for v in graph.features[int(s[e])])
         target_node = int(t[e])
@@ -359,7 +367,7 @@ def attention_edges(
             target: tuple[int, int, int] | int = graph.logit_tokens[target_node - graph.logit_start]
         else:
             target = tuple(int(v) for v in graph.features[target_node])  # type: ignore[assignment]
-        loadings = edge_heads(model, graph.tokens, source, target, batch_size=batch_size)  # type: ignore[arg-type]
+        loadings = edge_heads(model, graph.tokens, source, target, batch_size=batch_size, runs=runs)  # type: ignore[arg-type]
         named = loadings.to_dict()
         label = (
             graph.logit_token_strings[target_node - graph.logit_start] if isinstance(target, int) else named["target"]

@@ -316,16 +316,13 @@ class ReplacementModel:
         recon = None
         sources = range(layer + 1) if self.clt is not None else [layer]
         for source in sources:
-            pos, idx = state["active"][source]
+            indices, offsets = state["bags"][source]  # built once per source layer (a CLT reads it L - source times)
             leaf = state["codes"][source]
-            counts = torch.bincount(pos, minlength=seq)
-            starts = counts.cumsum(0) - counts
-            offsets = (starts[None] + len(idx) * torch.arange(copies, device=pos.device)[:, None]).flatten()
             if self.clt is not None:
                 rows = self.clt.decoder(source, layer).detach().float()
             else:
                 rows = self.transcoders[layer].W_dec.detach().float()
-            part = F.embedding_bag(idx.repeat(copies), rows, offsets, mode="sum",
+            part = F.embedding_bag(indices, rows, offsets, mode="sum",
                                    per_sample_weights=leaf.reshape(-1)).view(copies, seq, -1)  # fmt: skip
             recon = part if recon is None else recon + part
         assert recon is not None
@@ -357,6 +354,10 @@ class ReplacementModel:
             leaf = (values.expand(copies, -1).clone() if batched else values).requires_grad_(True)
             state.setdefault("codes", {})[layer] = leaf
             state.setdefault("active", {})[layer] = (pos, idx)
+            counts = torch.bincount(pos, minlength=seq)  # embedding_bag's bags: one per (copy, position)
+            starts = counts.cumsum(0) - counts
+            offsets = (starts[None] + len(idx) * torch.arange(copies, device=pos.device)[:, None]).flatten()
+            state.setdefault("bags", {})[layer] = (idx.repeat(copies), offsets)
             # sum of activation x decoder row per position: the gradient reaches only the active features
             recon = self._decoded(layer, x, state, copies, seq).to(true)
             error = (true - recon).detach()
