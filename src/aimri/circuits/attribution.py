@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from aimri.circuits.replacement import ReplacementModel
+from aimri.circuits.replacement import Replaced, ReplacementModel
 from aimri.devices import Plan, free_memory, out_of_memory
 from aimri.dictionaries.match import prompt_ids
 from aimri.errors import AimriError
@@ -115,6 +115,31 @@ def attribution_plan(subject: Any, n_pos: int, copies: int = 1) -> Plan:
     return Plan(f"attribution of a {n_pos}-token prompt", subject.device, "`batch_size`", copies, per_copy)
 
 
+def fitting_copies(subject: Any, n_pos: int, wanted: int, memory_budget: float | None = None) -> Plan:
+    """The attribution plan with `units` = the prompt copies per backward pass: `wanted`, or as many as fit
+    `memory_budget` bytes (None: half the free memory, after checking that one copy fits: DeviceError with the
+    estimate otherwise, before any work)."""
+    plan = attribution_plan(subject, n_pos)
+    if memory_budget is None:
+        memory_budget = 0.5 * free_memory(subject.device)
+        plan.check()
+    plan.units = max(1, min(wanted, int(memory_budget // plan.per_unit)))
+    return plan
+
+
+def target_quantity(run: Replaced, encoders: dict[int, Tensor], target: tuple[int, int, int] | int, b: int) -> Tensor:
+    """What a graph node's incoming edges add up to, on copy b of a run: a feature (layer, position, index) its
+    pre-activation minus b_enc (its MLP input . its encoder column, `encoders` [d_model, width] per layer); a
+    logit (a token id) the demeaned last-position logit."""
+    if isinstance(target, int):
+        row = run.logits[b, -1] if run.logits.dim() == 3 else run.logits[-1]
+        return row[target] - row.mean()
+    layer, pos, idx = target
+    x = run.mlp_inputs[layer]
+    x = x[b, pos] if x.dim() == 3 else x[pos]
+    return x.float() @ encoders[layer][:, idx].float()
+
+
 def _top_logits(logits: Tensor, cumulative: float = 0.95, most: int = 10) -> tuple[list[int], list[float]]:
     probs = logits.float().softmax(-1)
     values, ids = probs.sort(descending=True)
@@ -165,12 +190,8 @@ def attribute(
     start = time.perf_counter()
     ids_t = torch.tensor(ids)
     n_pos, L = len(ids), subject.n_layers
-    plan = attribution_plan(subject, n_pos)
-    if memory_budget is None:
-        memory_budget = 0.5 * free_memory(subject.device)
-        plan.check()  # one copy must fit: refused before any work, with the estimate
-    batch_size = max(1, min(batch_size, int(memory_budget // plan.per_unit)))
-    plan.units = batch_size
+    plan = fitting_copies(subject, n_pos, batch_size, memory_budget)
+    batch_size = plan.units
     copies = max(1, min(batch_size, max(10, max_feature_nodes)))  # 10: the most logit rows
     # one batched forward serves every backward pass (kept with retain_graph); copy 0 gives the nodes
     run = model.run(ids_t, copies=copies, last_only=True)
@@ -214,14 +235,11 @@ def attribute(
     def expand(targets: list[int]) -> None:
         B = len(targets)
         passes[0] += 1
-        quantities = []
-        for b, t in enumerate(targets):
-            if t >= graph.logit_start:
-                row = run.logits[b, -1]
-                quantities.append(row[logit_tokens[t - graph.logit_start]] - row.mean())
-            else:
-                layer, pos, idx = (int(v) for v in features[t])
-                quantities.append(run.mlp_inputs[layer][b, pos].float() @ W_enc[layer][:, idx].float())
+        quantities = [
+            target_quantity(run, W_enc, logit_tokens[t - graph.logit_start] if t >= graph.logit_start
+                            else tuple(int(v) for v in features[t]), b)  # type: ignore[arg-type]
+            for b, t in enumerate(targets)
+        ]  # fmt: skip
         leaves = [run.embeddings, *(run.codes[layer] for layer in range(L)), *(run.errors[layer] for layer in range(L))]
         grads = torch.autograd.grad(torch.stack(quantities).sum(), leaves, allow_unused=True, retain_graph=True)
         grads = tuple(None if g is None else g[:B] for g in grads)  # copies past B carry no target

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from aimri.circuits.attribution import fitting_copies, target_quantity
 from aimri.circuits.replacement import Replaced, ReplacementModel
 from aimri.errors import AimriError
 
@@ -150,17 +151,6 @@ class _Contributions:
         return torch.cat(parts, 1)
 
 
-def _copies(model: ReplacementModel, n_pos: int, wanted: int) -> int:
-    """Prompt copies per backward pass: `wanted`, or fewer where they would not fit half the free memory (the
-    attribution's own estimate; one copy must fit, else DeviceError with the estimate)."""
-    from aimri.circuits.attribution import attribution_plan
-    from aimri.devices import free_memory
-
-    plan = attribution_plan(model.subject, n_pos)
-    plan.check()
-    return max(1, min(wanted, plan.most_units(0.5 * free_memory(model.subject.device))))
-
-
 def _check_ids(model: ReplacementModel, ids: list[int], *positions: int) -> None:
     if not ids:
         raise AimriError("the prompt is empty")
@@ -186,7 +176,7 @@ def qk_attribution(
     n_heads, head_dim = _heads_of(model)
     if not 0 <= head < n_heads:
         raise AimriError(f"head {head} is outside layer {layer}'s 0..{n_heads - 1}")
-    copies = _copies(model, len(ids), min(batch_size, 2 * head_dim))
+    copies = fitting_copies(model.subject, len(ids), min(batch_size, 2 * head_dim)).units
     run = model.run(torch.tensor(ids), copies=copies, last_only=True, options={"capture": layer, "bias_leaves": True})
     if "qk" not in run.kept:
         raise AimriError(f"layer {layer}'s attention module records no layer index; QK attribution cannot find it")
@@ -243,18 +233,6 @@ class HeadLoadings:
         }  # fmt: skip
 
 
-def _target_quantity(model: ReplacementModel, run: Replaced, target: tuple[int, int, int] | int, b: int) -> Tensor:
-    """A feature target (layer, pos, index): its pre-activation minus b_enc; a logit target (token id): its
-    demeaned last-position logit."""
-    if isinstance(target, int):
-        row = run.logits[b, -1] if run.logits.dim() == 3 else run.logits[-1]
-        return row[target] - row.mean()
-    layer, pos, idx = target
-    x = run.mlp_inputs[layer]
-    x = x[b, pos] if x.dim() == 3 else x[pos]
-    return x.float() @ model.encoder(layer)[:, idx].detach().float()
-
-
 def _source_value(run: Replaced, source: tuple[int, int, int]) -> tuple[Tensor, int]:
     """(the codes leaf of the source's layer, the source's column in it)."""
     layer, pos, idx = source
@@ -297,7 +275,9 @@ def edge_heads(
     # before its MLP); a logit reads every layer
     layers = list(range(s_layer + 1, min(t_layer, subject.n_layers - 1) + 1))
     leaf, column = _source_value(direct, source)
-    quantity = _target_quantity(model, direct, target, 0)
+    layer_t = target if isinstance(target, int) else target[0]
+    encoders = {} if isinstance(target, int) else {layer_t: model.encoder(layer_t).detach()}
+    quantity = target_quantity(direct, encoders, target, 0)
     heads = [direct.kept["heads"][m] for m in layers]
     grads = torch.autograd.grad(quantity, [leaf, *heads], allow_unused=True, retain_graph=True)
     value = float(leaf.detach()[column])
@@ -308,7 +288,7 @@ def edge_heads(
     pairs = [(m, h) for m in layers if u[m] is not None for h in range(n_heads)]
     loadings: list[tuple[int, int, float]] = []
     if pairs and "heads" not in runs:
-        copies = _copies(model, len(ids), min(batch_size, len(pairs)))
+        copies = fitting_copies(model.subject, len(ids), min(batch_size, len(pairs))).units
         runs["heads"] = model.run(ids_t, copies=copies, last_only=True, options={"capture_heads": True})
     run = runs.get("heads")
     copies = run.embeddings.shape[0] if run is not None else 1
