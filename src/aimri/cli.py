@@ -861,6 +861,12 @@ def scan(
         bool, typer.Option("--no-features", help="skip the default feature set (the report says how to add it)")
     ] = False,
     features_budget: int = _opt(FeaturesConfig, "budget", "--features-budget"),
+    trigger_suspects: Annotated[
+        int, typer.Option(help="with --baseline: tokens the trigger scanner keeps from its screen (0: conditions only)")
+    ] = 64,
+    trigger_steps: Annotated[
+        int, typer.Option(help="with --baseline: tokens the trigger search may grow each string by")
+    ] = 3,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print findings.json's summary as JSON")] = False,
     device: Device = "auto",
@@ -881,9 +887,15 @@ def scan(
     features = False if no_features else FeaturesConfig(budget=features_budget)
     if features and features_budget < 1:
         raise AimriError(f"`--features-budget` must be a positive number of tokens, got {features_budget}")
+    for name, value in (("--trigger-suspects", trigger_suspects), ("--trigger-steps", trigger_steps)):
+        if value < 0:
+            raise AimriError(f"`{name}` must be 0 or more, got {value}")
+    from aimri.diagnostics.triggers import TriggerBudget
+
+    budget = TriggerBudget(suspects=trigger_suspects, extend_steps=trigger_steps, gcg_steps=min(1, trigger_steps))
     result = run_scan(subject, out, baseline=base, log=lambda m: console.print(m), features=features,
                       progress=not quiet, transcoders=transcoders, dictionary=dictionary, atlas=atlas,
-                      crosscoder=crosscoder)  # fmt: skip
+                      crosscoder=crosscoder, trigger_budget=budget)  # fmt: skip
     if as_json:
         print(json.dumps({k: v for k, v in result.items() if k != "findings"} | {"top": result["findings"][:3]}))
         return

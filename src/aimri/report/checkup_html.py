@@ -23,6 +23,7 @@ h1{margin-bottom:4px} h2{border-bottom:1px solid #dde;padding-bottom:4px;margin-
 table{border-collapse:collapse;margin:6px 0;font-size:13px} td,th{border:1px solid #dde;padding:3px 6px;text-align:left;vertical-align:top}
 .tok{padding:1px 0;border-radius:3px;white-space:pre-wrap} details{margin-top:6px} summary{cursor:pointer;color:#2c5d9a}
 .grid{display:flex;flex-wrap:wrap;gap:12px}
+.badge{background:#8e44ad;color:#fff;border-radius:4px;padding:1px 6px;font-size:12px}
 """
 
 
@@ -92,9 +93,11 @@ def _finding(f: dict[str, Any], flaw: bool) -> str:
     rel = ", ".join(f"{k} {_fmt(v)}" for k, v in f["reliability"].items()) or "not measured"
     ev = "".join(_evidence(e) for e in f["evidence"])
     bar = f"<span class=bar style='width:{int(120 * f['suspicion'])}px'></span> " if flaw else ""
+    by = f" · found by {esc(f['detector'])}" if f.get("detector") else ""
+    only = " <span class=badge>found by internals only</span>" if f.get("internals_only") else ""
     return (
-        f"<div class='finding {'flaw' if flaw else 'info'}'><b>{esc(f['title'])}</b><br>"
-        f"{bar}<span class=muted>{esc(f['category'])} · suspicion {f['suspicion']:.2f} · reliability: {esc(rel)}</span>"
+        f"<div class='finding {'flaw' if flaw else 'info'}'><b>{esc(f['title'])}</b>{only}<br>"
+        f"{bar}<span class=muted>{esc(f['category'])} · suspicion {f['suspicion']:.2f}{by} · reliability: {esc(rel)}</span>"
         f"<p>{esc(f['summary'])}</p><details><summary>evidence</summary>{ev}</details></div>"
     )
 
