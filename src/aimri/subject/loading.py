@@ -241,4 +241,7 @@ def load_organism(
     with warnings.catch_warnings():  # peft probes a deprecated transformers attribute on load
         warnings.simplefilter("ignore", FutureWarning)
         merged = PeftModel.from_pretrained(base.model, str(adapter)).merge_and_unload()
+    # peft froze the base's weights for training; merged, the organism is a plain model like any other loaded
+    # one (gradient-based stages, e.g. the decision's feature gradient, need its graph)
+    merged.requires_grad_(True)
     return Subject(merged, base.tokenizer, name=model_name(path), revision=adapter_revision(adapter, base.revision))
