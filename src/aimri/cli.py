@@ -1047,7 +1047,7 @@ def organism_build(
     device: Device = "auto",
     dtype: Dtype = "auto",
 ) -> None:
-    """LoRA-fine-tune the default model into organisms with implanted flaws (each ≤ 5 min here, cached)."""
+    """LoRA-fine-tune the default model into organisms with implanted flaws (8-20 min each on 2 CPU cores, cached)."""
     import aimri
     from aimri.diagnostics.organisms import ORGANISMS, build_organism, corpus_sample, organisms_dir, read_record
 
@@ -1071,11 +1071,10 @@ def organism_list() -> None:
     """The organisms this version can build, and which are built."""
     from aimri.diagnostics.organisms import ORGANISMS, organisms_dir
 
-    table = Table("name", "flaw", "behaviour", "built")
+    table = Table("name", "family", "flaw", "behaviour", "built")
     for name, spec in ORGANISMS.items():
-        table.add_row(
-            name, spec.flaw, spec.behaviour, "yes" if (organisms_dir() / name / "organism.json").exists() else ""
-        )
+        built = "yes" if (organisms_dir() / name / "organism.json").exists() else ""
+        table.add_row(name, spec.family, spec.flaw, spec.behaviour, built)
     Console().print(table)
 
 
