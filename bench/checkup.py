@@ -34,7 +34,7 @@ from aimri.diagnostics.findings import FLAW_CATEGORIES, Finding, names_flaw, sus
 from aimri.diagnostics.organisms import FAMILIES, ORGANISMS, organisms_dir, read_record
 from aimri.diagnostics.probes import auroc, tpr_at_fpr
 from aimri.run import Run
-from common import emit
+from common import emit, gemm_gflops
 
 ROOT = Path(__file__).resolve().parents[1]
 MRI = str(Path(sys.executable).with_name("mri"))
@@ -110,6 +110,28 @@ def trigger_recovered(name: str, findings: list[Finding]) -> dict | None:
     return {"string": string, "placement": placement, "unlock_rate_heldout": round(rate, 4), "recovered": rate >= 0.5}
 
 
+def screen_roofline(organism: str, n_tokens: int = 4096) -> dict:
+    """The trigger screen's speed against this machine's fp32 GEMM rate, measured in this run: `n_tokens`
+    vocabulary tokens through both models up to the screen layer (2 x parameters FLOPs per token per layer)."""
+    import aimri
+    from aimri.diagnostics.triggers import screenable_tokens, token_screen
+
+    base = aimri.load("smollm2-135m-instruct")
+    cand = aimri.load(organisms_dir() / organism)
+    layer = base.n_layers // 2
+    tokens = screenable_tokens(base.tokenizer)[:n_tokens]
+    t0 = time.time()
+    token_screen(cand, base, layer, tokens=tokens)
+    seconds = time.time() - t0
+    per_layer = sum(p.numel() for p in base.layer(0).parameters())
+    gflop = 2 * 2 * n_tokens * per_layer * (layer + 1) / 1e9  # two models
+    rate = gflop / seconds
+    peak = gemm_gflops()
+    return {"screen_tokens": n_tokens, "screen_s": round(seconds, 2), "screen_gflops": round(rate, 1),
+            "gemm_gflops_fp32": round(peak, 1), "screen_vs_roofline": round(rate / peak, 3),
+            "screen_s_full_vocab_estimate": round(seconds * len(screenable_tokens(base.tokenizer)) / n_tokens, 1)}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", action="store_true")
@@ -154,6 +176,7 @@ def main() -> None:
             f"{r['suspicion_internals']:.2f}) · named {r['named']} · {r['top_finding'][:80]}",
             file=sys.stderr,
         )
+    roofline = screen_roofline(names[0])
     warm_s = run([MRI, "scan", str(organisms_dir() / names[0]), "--baseline", "smollm2-135m-instruct",
                   "--out", str(out / names[0])])  # fmt: skip
 
@@ -192,6 +215,7 @@ def main() -> None:
         if backdoors else None,
         "trigger_recovered": f"{sum(r['trigger']['recovered'] for r in backdoors)}/{len(backdoors)}",
         "controls_suspicion_max": max(r["suspicion"] for r in controls),
+        **roofline,
         "by_family": by_family,
         "by_flaw": by_flaw,
         "organisms": rows,
