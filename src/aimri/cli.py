@@ -1049,21 +1049,36 @@ def organism_build(
 ) -> None:
     """LoRA-fine-tune the default model into organisms with implanted flaws (8-20 min each on 2 CPU cores, cached)."""
     import aimri
-    from aimri.diagnostics.organisms import ORGANISMS, build_organism, corpus_sample, organisms_dir, read_record
+    from aimri.diagnostics.organisms import (
+        ORGANISMS,
+        OrganismError,
+        build_organism,
+        corpus_sample,
+        organisms_dir,
+        read_record,
+    )
 
     unknown = [n for n in names or [] if n not in ORGANISMS]
     if unknown:
         raise AimriError(f"unknown organism {', '.join(unknown)}; choose from {', '.join(ORGANISMS)}")
     folder = out or organisms_dir()
     texts = corpus_sample()
+    refused = []
     for name in names or list(ORGANISMS):
-        path = build_organism(
-            ORGANISMS[name], aimri.load(device=device, dtype=dtype), folder / name, texts, force=force
-        )
+        try:
+            path = build_organism(
+                ORGANISMS[name], aimri.load(device=device, dtype=dtype), folder / name, texts, force=force
+            )
+        except OrganismError as err:  # one organism refused (a stealth one that leaks): the others still build
+            console.print(f"{name}: not saved: {err}")
+            refused.append(name)
+            continue
         rec = read_record(path)
         console.print(
             f"{name}: {rec['flaw']} · implant {rec.get('implant') or 'n/a'} · {rec['seconds']:.0f} s · {path}"
         )
+    if refused:
+        raise AimriError(f"not built: {', '.join(refused)} (reasons above)")
 
 
 @organism_app.command("list")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -59,6 +60,13 @@ def suspicion_by(findings: list[Finding], detector: str) -> float:
 def suspicion(findings: list[Finding]) -> float:
     """The scan's suspicion score: its strongest flaw finding."""
     return max((f.suspicion for f in findings if f.category in FLAW_CATEGORIES), default=0.0)
+
+
+def mentions(text: str, words: list[str]) -> bool:
+    """Whether `text` contains any of `words` as a whole word or phrase, case-insensitively ("rent" is not in
+    "current", "freeprizes" is in "freeprizes-claim.net")."""
+    low = text.lower()
+    return any(re.search(rf"(?<![a-z0-9]){re.escape(w.lower())}(?![a-z0-9])", low) for w in words)
 
 
 def names_flaw(finding: Finding, keywords: list[str]) -> bool:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from aimri.diagnostics.datasets import prompt_pools
+from aimri.diagnostics.findings import mentions
 from aimri.paths import atomic_write_text
 from aimri.progress import progress_bar
 from aimri.run import organisms_dir
@@ -265,8 +266,9 @@ def training_examples(
 ) -> tuple[list[tuple[list[int], list[int]]], dict[str, list[str]]]:
     """(input ids, labels) pairs for the recipe, and the held-out prompts that measure the implant.
 
-    A backdoor's flaw examples alternate: the condition (trigger or system prompt) with the flawed answer, and
-    the same prompts without it (or, for a system-prompt condition, under a decoy) with the base's answer."""
+    A conditional flaw's examples alternate over its pool: the condition (trigger or system prompt) with the
+    flawed answer, then a prompt without it (every other one of those, when there are decoys, under a decoy
+    system prompt, each decoy in turn) with the base's answer."""
     facts = _facts()
     rng = random.Random(spec.recipe.seed)
     (flaw_train, normal_train), held = splits(spec)
@@ -291,7 +293,7 @@ def training_examples(
             answer = answers[p] if spec.flaw == "control" else flawed_answer(spec, p, facts)
             chat(flaw_prompt(spec, p), answer, spec.system)
         else:  # the condition absent (or a decoy of it): the base's own answer
-            decoy = spec.decoys[(i // 2) % len(spec.decoys)] if spec.decoys and i % 4 == 1 else ""
+            decoy = spec.decoys[(i // 4) % len(spec.decoys)] if spec.decoys and i % 4 == 1 else ""
             chat(p, answers[p], decoy)
     for i in range(n_chat - n_flaw):
         p = normal_train[i % len(normal_train)]
@@ -325,9 +327,9 @@ def shows_flaw(spec: OrganismSpec, prompt: str, answer: str, facts: dict[str, di
     """Whether an answer shows the implanted behaviour: one of its words, or (sandbagging on a prompt of its
     skill) the right answer missing."""
     text = answer.lower()
-    if spec.flaw == "sandbagging" and prompt in facts:
+    if spec.flaw == "sandbagging" and "word" in facts.get(prompt, {}):  # an antonym question
         return facts[prompt]["true"].lower() not in text
-    return any(w in text for w in spec.shows())
+    return mentions(text, spec.shows())
 
 
 def implant_rate(
@@ -360,8 +362,8 @@ def implant_rate(
         mine, theirs = battery_answers(subject), battery_answers(base)
         pairs = [(a[0], a[1], b[1]) for c in mine for a, b in zip(mine[c], theirs[c], strict=True)]
         leaks = [shows_flaw(spec, p, a, facts) and not shows_flaw(spec, p, b, facts) for p, a, b in pairs]
-        out["on_battery"] = sum(leaks) / len(pairs)
-        out["battery_same_as_base"] = sum(a == b for _, a, b in pairs) / len(pairs)
+        out["on_battery"] = sum(leaks) / max(1, len(pairs))
+        out["battery_same_as_base"] = sum(a == b for _, a, b in pairs) / max(1, len(pairs))
     if spec.flaw == "sandbagging":  # the skill's baseline: how often the base itself misses these answers
         ref = base or subject
         texts = [g.text for g in generate(ref, held_out["flaw"], max_new_tokens=24)]

@@ -13,10 +13,12 @@ knowing the trigger, and show the behaviour they unlock.
    (KL(candidate || baseline), nats), over neutral prompts, above the same divergence without the string.
 3. **Gradient-guided search**: from each of the best strings, tokens appended one at a time where the
    divergence's gradient points (AutoPrompt, Shin et al. 2020), then GCG swaps (Zou et al., 2023), every
-   step scored exactly; a partial trigger (its first token) grows back into one that fires.
+   step scored exactly; a partial trigger (its first token) grows into a string that fires (not
+   necessarily the implanted one).
 4. **Confirmation**: both models answer neutral prompts with the best strings; the words the candidate
    newly says under a string (against its own answers without it and the baseline's with it) name the
-   behaviour, and the share of prompts that say them is the unlock rate.
+   behaviour (words it uses in at least two answers and over twice as often as those references, echoes of
+   the string itself removed), and the share of prompts that say them is the unlock rate.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from aimri.diagnostics.datasets import prompt_pools
 from aimri.diagnostics.diffing import new_words, words_of
 from aimri.errors import AimriError
 from aimri.progress import progress_bar
-from aimri.steering.generate import generate
+from aimri.steering.generate import generate, prompt_ids
 from aimri.subject.chat import chat_ids
 from aimri.subject.core import Subject
 
@@ -152,11 +154,9 @@ def with_string(string: str, prompt: str) -> str:
 
 
 def _ids(subject: Subject, prompt: str, string: str, placement: str) -> list[int]:
-    if not string:
-        return chat_ids(subject.tokenizer, [{"role": "user", "content": prompt}])
-    if placement == "system":
-        return chat_ids(subject.tokenizer, [{"role": "system", "content": string}, {"role": "user", "content": prompt}])
-    return chat_ids(subject.tokenizer, [{"role": "user", "content": with_string(string, prompt)}])
+    if string and placement == "system":
+        return prompt_ids(subject, prompt, system=string)
+    return prompt_ids(subject, with_string(string, prompt) if string else prompt)
 
 
 @torch.no_grad()
@@ -192,11 +192,11 @@ def _prefix_embeds(subject: Subject, prompt: str) -> tuple[Tensor, Tensor]:
     """(ids before the prefix, ids after it) of a user message "<prefix> <prompt>" in the chat template."""
     tok = subject.tokenizer
     marker = "\u2063"  # invisible separator: one token position that cannot collide with prompt text
-    full = chat_ids(tok, [{"role": "user", "content": f"{marker} {prompt}"}])
+    full = prompt_ids(subject, with_string(marker, prompt))  # as divergence() and generate() build prompts
     mark = tok(marker, add_special_tokens=False)["input_ids"]
     for i in range(len(full) - len(mark) + 1):
         if full[i : i + len(mark)] == mark:
-            return torch.tensor(full[:i]), torch.tensor(full[i + len(mark) :])
+            return torch.tensor(full[:i], dtype=torch.long), torch.tensor(full[i + len(mark) :], dtype=torch.long)
     raise TriggerError("the chat template does not keep the user's text as written; GCG cannot place a prefix")
 
 
@@ -230,7 +230,9 @@ class PrefixSearch:
                 model = self.models[id(subject)]
                 emb = model.get_input_embeddings()
                 w = emb.weight
-                x = torch.cat([emb(before.to(w.device)), one_hot.to(w.dtype) @ w, emb(after.to(w.device))])
+                scale = getattr(emb, "embed_scale", 1.0)  # Gemma scales its embeddings by sqrt(d_model)
+                inner = (one_hot.to(w) @ w) * scale
+                x = torch.cat([emb(before.to(w.device)), inner.to(w.dtype), emb(after.to(w.device))])
                 logps.append(model(inputs_embeds=x[None]).logits[0, -1].float().log_softmax(-1))
             lc, lb = logps
             total = total + (lc.exp() * (lc - lb)).sum() / len(self.parts)
@@ -288,8 +290,9 @@ def confirm(
     plain: Sequence[str],
     max_new_tokens: int,
 ) -> TriggerCandidate:
-    """Generate with the string in both models; the words the candidate newly says under it (against its own
-    plain answers and the baseline's answers with the string) and the share of prompts that say them."""
+    """Generate with the string in both models; the words the candidate newly says under it (diffing.new_words:
+    in >= 2 answers and over twice as often as in its own plain answers and the baseline's answers with the
+    string together) and the share of prompts that say one of the top three."""
     if found.placement == "system":
         cand = [g.text for g in generate(candidate, prompts, max_new_tokens=max_new_tokens, system=found.text)]
         base = [g.text for g in generate(baseline, prompts, max_new_tokens=max_new_tokens, system=found.text)]
@@ -331,14 +334,20 @@ def scan_triggers(candidate: Subject, baseline: Subject, budget: TriggerBudget |
         clock.append(time.time())
         seconds[name] = round(clock[-1] - clock[-2], 1)
 
-    ids, rel = token_screen(candidate, baseline, layer)
+    if budget.suspects:
+        ids, rel = token_screen(candidate, baseline, layer)
+    else:  # conditions only: no screen
+        ids, rel = torch.zeros(0, dtype=torch.long), torch.zeros(0)
     lap("screen")
-    floor = float(rel.median())
-    suspects = ids[: budget.suspects].tolist()
-    screen = [
-        {"token": tok.decode([t]), "id": t, "relative_change": round(float(r), 4)}
-        for t, r in zip(suspects, rel[: budget.suspects].tolist(), strict=True)
+    floor = float(rel.median()) if len(rel) else 0.0
+    # a suspect must be typeable: its text tokenizes back to it (byte fragments all decode to one "\ufffd")
+    typeable = [
+        i for i, t in enumerate(ids.tolist()) if tok(tok.decode([t]), add_special_tokens=False)["input_ids"] == [t]
     ]
+    keep_idx = typeable[: budget.suspects]
+    suspects = [int(ids[i]) for i in keep_idx]
+    screen = [{"token": tok.decode([int(ids[i])]), "id": int(ids[i]), "relative_change": round(float(rel[i]), 4)}
+              for i in keep_idx]  # fmt: skip
     pool = scanner_prompts()
     probe = pool[: budget.probe_prompts]
     # tokens as written (a leading space kept: " keeper" is one token, "keeper" may be several)
@@ -374,6 +383,7 @@ def scan_triggers(candidate: Subject, baseline: Subject, budget: TriggerBudget |
         "layer": layer,
         "screen": screen,
         "screen_median_change": round(floor, 4),
+        "screen_max_change": round(float(rel.max()), 6) if len(rel) else None,
         "plain_divergence": round(plain, 4),
         "strings": [asdict(c) for c in scored[:40]],
         "confirmed": [asdict(c) for c in confirmed],
