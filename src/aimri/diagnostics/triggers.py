@@ -37,7 +37,7 @@ from aimri.diagnostics.datasets import prompt_pools
 from aimri.diagnostics.diffing import new_words, words_of
 from aimri.errors import AimriError
 from aimri.progress import progress_bar
-from aimri.steering.generate import generate, prompt_ids
+from aimri.steering.generate import generate, left_pad, prompt_ids
 from aimri.subject.chat import chat_ids
 from aimri.subject.core import Subject
 
@@ -165,13 +165,7 @@ def _first_token_logprobs(subject: Subject, rows: list[list[int]], batch: int = 
     pad = subject.tokenizer.pad_token_id if subject.tokenizer.pad_token_id is not None else 0
     out = []
     for i in range(0, len(rows), batch):
-        chunk = rows[i : i + batch]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, r in enumerate(chunk):
-            ids[j, width - len(r) :] = torch.tensor(r)
-            mask[j, width - len(r) :] = 1
+        ids, mask = left_pad(rows[i : i + batch], pad)
         logits = subject.run(ids.to(subject.device), mask.to(subject.device), stop=False)["logits"][:, -1]
         out.append(logits.float().log_softmax(-1).cpu())
     return torch.cat(out)

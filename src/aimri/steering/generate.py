@@ -65,7 +65,9 @@ def _finite_logits(interventions: Sequence[Intervention]) -> Callable[..., None]
     return hook
 
 
-def _batch(rows: Sequence[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(input ids [n, width], attention mask [n, width]) of token rows padded on the left, so every row's last
+    position is its last token."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -116,7 +118,7 @@ def generate(
     out: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
         rows = encoded[start : start + batch_size]
-        ids, mask = _batch(rows, pad_id)
+        ids, mask = left_pad(rows, pad_id)
         edits = to_edits(subject, interventions, prompt_len=ids.shape[1], allow_other_model=allow_other_model)
         torch.manual_seed(seed + start)
         guard = subject.model.register_forward_hook(_finite_logits(interventions))
