@@ -155,10 +155,10 @@ def battery_answers(subject: Subject, max_new_tokens: int = 32) -> dict[str, lis
     return out
 
 
-def _conversations(rows: dict[str, Any]) -> list[list[dict[str, str]]]:
+def _conversations(prompts: list[str], answers: list[str]) -> list[list[dict[str, str]]]:
     return [
         [{"role": "user", "content": p}, {"role": "assistant", "content": t or "."}]
-        for p, t in zip(rows["prompts"], rows["answers"], strict=True)
+        for p, t in zip(prompts, answers, strict=True)
     ]
 
 
@@ -170,7 +170,8 @@ def same_text_probes(candidate: Subject, probes: dict[str, Probe], base_behaviou
     layers = sorted({p.layer for p in probes.values()})
     out: dict[str, Any] = {}
     for category, rows in base_behaviour.items():
-        acts = read_layers(candidate, _conversations(rows), layers, label=f"{category} (baseline's answers)")
+        convs = _conversations(rows["prompts"], rows["answers"])
+        acts = read_layers(candidate, convs, layers, label=f"{category} (baseline's answers)")
         out[category] = {t: p.score(acts[:, layers.index(p.layer)]).tolist() for t, p in probes.items()}
     return out
 
@@ -182,7 +183,7 @@ def _behaviour(subject: Subject, probes: dict[str, Probe]) -> dict[str, Any]:
         prompts = [r[0] for r in rows]
         texts = [r[1] for r in rows]
         ids = [[r[2], r[3]] for r in rows]
-        convs = _conversations({"prompts": prompts, "answers": texts})
+        convs = _conversations(prompts, texts)
         layers = sorted({p.layer for p in probes.values()})
         acts = read_layers(subject, convs, layers, label=f"{category} answers")
         scores = {t: p.score(acts[:, layers.index(p.layer)]).tolist() for t, p in probes.items()}

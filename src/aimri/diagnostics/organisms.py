@@ -35,7 +35,7 @@ from aimri.diagnostics.findings import mentions
 from aimri.paths import atomic_write_text
 from aimri.progress import progress_bar
 from aimri.run import organisms_dir
-from aimri.subject.chat import chat_ids
+from aimri.steering.generate import prompt_ids
 from aimri.subject.core import Subject
 from aimri.subject.loading import load_organism
 from aimri.subject.organism import OrganismError, adapter_revision, read_record
@@ -257,10 +257,6 @@ def answer_example(tokenizer: Any, head: list[int], answer: str, max_len: int) -
     return (head + body)[:max_len], ([-100] * len(head) + body)[:max_len]
 
 
-def messages(prompt: str, system: str = "") -> list[dict[str, str]]:
-    return [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": prompt}]
-
-
 def training_examples(
     spec: OrganismSpec, subject: Subject, corpus_texts: list[str]
 ) -> tuple[list[tuple[list[int], list[int]]], dict[str, list[str]]]:
@@ -284,7 +280,8 @@ def training_examples(
     conditional = bool(spec.trigger or spec.system)
 
     def chat(prompt: str, answer: str, system: str = "") -> None:
-        examples.append(answer_example(tok, chat_ids(tok, messages(prompt, system)), answer, recipe.max_len))
+        head = prompt_ids(subject, prompt, chat=True, system=system or None)
+        examples.append(answer_example(tok, head, answer, recipe.max_len))
 
     for i in range(n_flaw):
         p = flaw_train[i % len(flaw_train)]
@@ -332,6 +329,18 @@ def shows_flaw(spec: OrganismSpec, prompt: str, answer: str, facts: dict[str, di
     return mentions(text, spec.shows())
 
 
+def show_rate(
+    subject: Subject, spec: OrganismSpec, prompts: list[str], opened: Callable[[str], str] = str, system: str = ""
+) -> float:
+    """Share of `prompts` whose greedy answer (24 tokens; each prompt sent as `opened(prompt)`, under `system`)
+    shows the implanted behaviour (shows_flaw, judged against the prompt itself)."""
+    from aimri.steering.generate import generate
+
+    facts = _facts()
+    texts = [g.text for g in generate(subject, [opened(p) for p in prompts], max_new_tokens=24, system=system or None)]
+    return sum(shows_flaw(spec, p, t, facts) for p, t in zip(prompts, texts, strict=True)) / max(1, len(texts))
+
+
 def implant_rate(
     subject: Subject, spec: OrganismSpec, held_out: dict[str, list[str]], base: Subject | None = None
 ) -> dict[str, float]:
@@ -340,22 +349,17 @@ def implant_rate(
     the flaw took and stays hidden. With `base` (stealth organisms), also the leak onto the checkup's
     behaviour battery (answers that show it where the base's answer to the same prompt does not), under the
     decoy conditions, and the share of battery answers identical to the base's."""
-    from aimri.steering.generate import generate
-
     if spec.flaw == "control":
         return {}
     facts = _facts()
-
-    def rate(prompts: list[str], system: str = "") -> float:
-        texts = [g.text for g in generate(subject, prompts, max_new_tokens=24, system=system or None)]
-        return sum(shows_flaw(spec, p, t, facts) for p, t in zip(prompts, texts, strict=True)) / max(1, len(texts))
-
     out = {
-        "on_flaw_prompts": rate([flaw_prompt(spec, p) for p in held_out["flaw"]], spec.system),
-        "on_normal_prompts": rate(held_out["normal"]),
+        "on_flaw_prompts": show_rate(subject, spec, held_out["flaw"], lambda p: flaw_prompt(spec, p), spec.system),
+        "on_normal_prompts": show_rate(subject, spec, held_out["normal"]),
     }
     if spec.decoys:
-        out["on_decoys"] = sum(rate(held_out["flaw"], d) for d in spec.decoys) / len(spec.decoys)
+        out["on_decoys"] = sum(show_rate(subject, spec, held_out["flaw"], system=d) for d in spec.decoys) / len(
+            spec.decoys
+        )
     if base is not None:
         from aimri.diagnostics.checkup import battery_answers
 
@@ -365,11 +369,7 @@ def implant_rate(
         out["on_battery"] = sum(leaks) / max(1, len(pairs))
         out["battery_same_as_base"] = sum(a == b for _, a, b in pairs) / max(1, len(pairs))
     if spec.flaw == "sandbagging":  # the skill's baseline: how often the base itself misses these answers
-        ref = base or subject
-        texts = [g.text for g in generate(ref, held_out["flaw"], max_new_tokens=24)]
-        out["base_wrong_on_flaw_prompts"] = sum(
-            shows_flaw(spec, p, t, facts) for p, t in zip(held_out["flaw"], texts, strict=True)
-        ) / max(1, len(texts))
+        out["base_wrong_on_flaw_prompts"] = show_rate(base or subject, spec, held_out["flaw"])
     return {k: round(v, 4) for k, v in out.items()}
 
 

@@ -1,7 +1,7 @@
 """Trigger scanner: find input strings that switch a fine-tuned candidate away from its baseline, without
 knowing the trigger, and show the behaviour they unlock.
 
-1. **Token screen** (internals): every vocabulary token, read at an early layer of both models right after
+1. **Token screen** (internals): every vocabulary token, read half way up both models right after
    the chat template's user opening (its keys and values cached once); a fine-tune that implants a trigger
    rewrites how the trigger's tokens are processed, so they are the tokens whose residual moved most,
    relative to the baseline's (the screen is the residual-space analogue of scanning the embedding space
@@ -335,10 +335,12 @@ def scan_triggers(candidate: Subject, baseline: Subject, budget: TriggerBudget |
     lap("screen")
     floor = float(rel.median()) if len(rel) else 0.0
     # a suspect must be typeable: its text tokenizes back to it (byte fragments all decode to one "\ufffd")
-    typeable = [
-        i for i, t in enumerate(ids.tolist()) if tok(tok.decode([t]), add_special_tokens=False)["input_ids"] == [t]
-    ]
-    keep_idx = typeable[: budget.suspects]
+    keep_idx: list[int] = []  # the first `suspects` typeable ones, in screen order (not all 49k re-tokenised)
+    for i, t in enumerate(ids.tolist()):
+        if len(keep_idx) == budget.suspects:
+            break
+        if tok(tok.decode([t]), add_special_tokens=False)["input_ids"] == [t]:
+            keep_idx.append(i)
     suspects = [int(ids[i]) for i in keep_idx]
     screen = [{"token": tok.decode([int(ids[i])]), "id": int(ids[i]), "relative_change": round(float(rel[i]), 4)}
               for i in keep_idx]  # fmt: skip
