@@ -560,6 +560,49 @@ def test_same_text_probe_shift_is_scored_against_the_controls_null(monkeypatch: 
     assert g.suspicion == 0.0 and "no null measured" in g.summary
 
 
+def test_diff_dictionary_finds_the_planted_change_and_says_where_it_fires(
+    long_lm_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Known answer: the candidate differs from the baseline only in one token's embedding (" keeper"). The
+    diff-SAE trained within the scan ranks first a latent whose decoder is the change half way up at that
+    token, its top examples mark " keeper", and the finding is scored against the controls' null. Identical
+    models are said to be identical, nothing trained."""
+    from aimri.diagnostics import checkup
+    from aimri.diagnostics.diff_dictionary import DiffDictionaryBudget, diff_dictionary
+    from aimri.dictionaries import load_dictionary
+
+    base = aimri.load(long_lm_dir)
+    model = copy.deepcopy(base.model)
+    (planted,) = base.tokenizer(" keeper", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[planted] += 0.1 * torch.randn(
+            base.d_model, generator=torch.Generator().manual_seed(3)
+        )
+    cand = Subject(model, base.tokenizer, name="planted", revision="planted")
+    texts = [(" the keeper said " + FIXTURE_TEXT[i : i + 60]) * 6 for i in (0, 60, 120, 180)]
+    budget = DiffDictionaryBudget(
+        neutral_windows=4, length=64, width=32, k=2, tokens=60_000, batch_size=128, min_fires=4, top=4
+    )
+    dd = diff_dictionary(cand, base, {}, tmp_path / "dd", budget, neutral_texts=texts, progress=False)
+    top = dd["latents"][0]
+    assert not dd["identical"] and dd["rows"] > 200 and top["specificity"] > 0
+    assert all("<< keeper>>" in e or "<<keeper>>" in e for e in top["examples"][:2]), top["examples"]
+    sae = load_dictionary(tmp_path / "dd")
+    assert sae.cfg.site == "resid.2" and (tmp_path / "dd" / "training.json").is_file()
+    # the top latent's decoder is the change the planted embedding makes at " keeper" half way up
+    ids = torch.tensor([base.tokenizer("<|endoftext|> the keeper", add_special_tokens=False)["input_ids"]])
+    change = (cand.run(ids, read=["resid.2"])["resid.2"] - base.run(ids, read=["resid.2"])["resid.2"])[0, -1]
+    assert torch.cosine_similarity(sae.W_dec[top["latent"]], change, dim=0) > 0.8
+    (f,) = checkup._diff_dictionary_findings(dd)
+    assert f.suspicion == 0.0 and "no null measured" in f.summary and f.detector == "internals"
+    monkeypatch.setattr(checkup, "detector_reliability", lambda: {"diff_dictionary_null": [top["specificity"] / 4]})
+    (g,) = checkup._diff_dictionary_findings(dd)
+    assert g.suspicion == 1.0 and g.category == "implant"
+    same = diff_dictionary(base, base, {}, tmp_path / "same", budget, neutral_texts=texts, progress=False)
+    assert same["identical"] and same["latents"] == [] and not (tmp_path / "same").exists()
+    assert "identical" in checkup._diff_dictionary_findings(same)[0].title
+
+
 def test_internals_only_is_flagged_when_the_behaviour_findings_stay_quiet() -> None:
     from aimri.diagnostics.findings import mark_internals_only, suspicion_by
 

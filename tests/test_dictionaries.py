@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -193,6 +194,40 @@ def test_resume_gives_identical_weights(tmp_path: Path) -> None:
     fit([resumed], _sae_batches(planted, 3, 60, 256), checkpoint_dir=tmp_path, progress=False)
     for name, value in whole.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def test_train_from_rows_resumes_to_the_same_weights_and_holds_rows_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkup's diff dictionary trains on rows in memory: interrupted after a checkpoint, a rerun resumes
+    to the weights of an uninterrupted run; every 10th row is held out and measured."""
+    from aimri.dictionaries.config import DictionarySettings
+    from aimri.dictionaries.train import train_from_rows
+
+    planted, _ = _planted()
+    rows = torch.cat(list(_sae_batches(planted, 3, 8, 256)))
+    settings = DictionarySettings(architecture="batchtopk", width=96, k=3, tokens=40 * 256, batch_size=256)
+    whole, _ = train_from_rows(rows, tmp_path / "whole", settings, "resid.1", "m", progress=False, checkpoint_every=10)
+    real = Trainer.step
+
+    def crash(self: Trainer, batch: Any) -> Any:
+        if self.step_index == 27:
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    monkeypatch.setattr(Trainer, "step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_from_rows(rows, tmp_path / "again", settings, "resid.1", "m", progress=False, checkpoint_every=10)
+    assert not (tmp_path / "again").exists() and (tmp_path / "again.checkpoints").is_dir()
+    monkeypatch.setattr(Trainer, "step", real)
+    again, _ = train_from_rows(rows, tmp_path / "again", settings, "resid.1", "m", progress=False, checkpoint_every=10)
+    a, b = load_dictionary(whole), load_dictionary(again)
+    for name, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[name]), name
+    info = json.loads((whole / "training.json").read_text())
+    assert info["heldout_rows"] == len(rows) // 10 + (len(rows) % 10 > 0) and info["heldout_saved"]["fvu"] < 0.5
+    with pytest.raises(AimriError, match="fewer than one batch"):
+        train_from_rows(rows[:100], tmp_path / "small", settings, "resid.1", "m", progress=False)
 
 
 def test_export_folds_the_scale_and_round_trips(tmp_path: Path) -> None:

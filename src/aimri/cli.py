@@ -867,6 +867,13 @@ def scan(
     trigger_steps: Annotated[
         int, typer.Option(help="with --baseline: tokens the trigger search may grow each string by")
     ] = 3,
+    diff_width: Annotated[
+        int, typer.Option(help="with --baseline: latents of the diff dictionary trained within the scan (0: skip it)")
+    ] = 512,
+    endpoint: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible base URL that labels the diff dictionary's latents")
+    ] = None,
+    llm_model: Annotated[str | None, typer.Option(help="model name the endpoint serves")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print findings.json's summary as JSON")] = False,
     device: Device = "auto",
@@ -887,15 +894,31 @@ def scan(
     features = False if no_features else FeaturesConfig(budget=features_budget)
     if features and features_budget < 1:
         raise AimriError(f"`--features-budget` must be a positive number of tokens, got {features_budget}")
-    for name, value in (("--trigger-suspects", trigger_suspects), ("--trigger-steps", trigger_steps)):
+    for name, value in (("--trigger-suspects", trigger_suspects), ("--trigger-steps", trigger_steps),
+                        ("--diff-width", diff_width)):  # fmt: skip
         if value < 0:
             raise AimriError(f"`{name}` must be 0 or more, got {value}")
+    if bool(endpoint) != bool(llm_model):
+        raise AimriError("--endpoint and --llm-model go together: the server's URL and the model name it serves")
+    from aimri.diagnostics.diff_dictionary import DiffDictionaryBudget
     from aimri.diagnostics.triggers import TriggerBudget
 
+    explainer = None
+    if endpoint and llm_model:
+        import os
+
+        from aimri.autointerp.explainers import LLMExplainer
+        from aimri.autointerp.llm import ChatClient
+        from aimri.paths import aimri_home
+
+        client = ChatClient(endpoint, llm_model, api_key=os.environ.get("OPENAI_API_KEY"),
+                            cache=aimri_home() / "llm-cache.sqlite")  # fmt: skip
+        explainer = LLMExplainer(client)
     budget = TriggerBudget(suspects=trigger_suspects, extend_steps=trigger_steps, gcg_steps=min(1, trigger_steps))
     result = run_scan(subject, out, baseline=base, log=lambda m: console.print(m), features=features,
                       progress=not quiet, transcoders=transcoders, dictionary=dictionary, atlas=atlas,
-                      crosscoder=crosscoder, trigger_budget=budget)  # fmt: skip
+                      crosscoder=crosscoder, trigger_budget=budget, diff_budget=DiffDictionaryBudget(width=diff_width),
+                      explainer=explainer)  # fmt: skip
     if as_json:
         print(json.dumps({k: v for k, v in result.items() if k != "findings"} | {"top": result["findings"][:3]}))
         return

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 # flaw categories a finding can name; the rest (anatomy, probe quality) describe the model without accusing it
-FLAW_CATEGORIES = ("backdoor", "hidden_objective", "sycophancy", "deception", "jailbreak", "power", "harm")
+# "implant": a change a fine-tune put in that a model-diffing detector sees but cannot type (its trace on
+# neutral text, latents only the candidate has)
+FLAW_CATEGORIES = ("backdoor", "hidden_objective", "sycophancy", "deception", "jailbreak", "power", "harm", "implant")
 
 
 @dataclass

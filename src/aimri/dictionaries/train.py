@@ -234,7 +234,7 @@ class Trainer:
         self.last = {
             "step": self.step_index,
             "loss": loss_v,
-            "fvu": mse_v / total_v,
+            "fvu": mse_v / total_v if total_v > 0 else float("nan"),  # a batch of identical rows has no variance
             "l0": l0,
             "dead_frac": float(dead.float().mean()),
             "auxk": float(aux.detach()),
@@ -631,6 +631,58 @@ def train_from_subject(
     tcfg = replace(settings.train_config(), device=str(subject.device))  # the rows never leave the model's device
     memory = stream_memory(subject, sites, settings.batch_size, context)
     return _train_and_save(cfg, batches, out, tcfg, progress, record, no_heldout=why, memory=memory)
+
+
+def train_from_rows(
+    rows: Tensor,
+    out: str | Path,
+    settings: DictionarySettings,
+    site: str,
+    model_name: str,
+    model_revision: str = "",
+    heldout_every: int = 10,
+    progress: bool = True,
+    checkpoint_every: int = 200,
+) -> tuple[Path, dict[str, float]]:
+    """Train one SAE on rows already in memory ([n, d] fp32: e.g. activation differences collected for one
+    job, as the checkup's model-diffing dictionary is); every `heldout_every`-th row is never trained on and
+    measures the saved dictionary (0: none held out). Batches are drawn without replacement, reshuffled each
+    pass from `settings.seed`, so a run interrupted after a checkpoint resumes to the same weights.
+
+    Raises AimriError when there are fewer rows than one batch, or the rows are not finite."""
+    _refuse_crosscoder(settings)
+    if rows.ndim != 2 or not torch.isfinite(rows).all():
+        raise AimriError(f"rows must be a finite [n, d] matrix, got shape {tuple(rows.shape)}")
+    index = torch.arange(len(rows))
+    held = index[::heldout_every] if heldout_every else index[:0]
+    train = rows[index[index % heldout_every != 0]] if heldout_every else rows
+    if len(train) < settings.batch_size:
+        raise AimriError(
+            f"{len(train)} training rows are fewer than one batch of {settings.batch_size}; give more text or a "
+            "smaller batch_size"
+        )
+    cfg = _dictionary_config(settings, rows.shape[1], None, site, None, model_name, model_revision, None)
+    cfg.prepend_bos, cfg.bos_id = True, None  # the rows came from prompts built by the tokenizer's own rule
+
+    def batches() -> Iterator[Tensor]:
+        g = torch.Generator().manual_seed(settings.seed)
+        while True:
+            order = torch.randperm(len(train), generator=g)
+            for i in range(0, len(order) - settings.batch_size + 1, settings.batch_size):
+                yield train[order[i : i + settings.batch_size]]
+
+    def evaluate(saved: Dictionary) -> dict[str, Any] | None:
+        from aimri.dictionaries.evaluate import reconstruction_from_pairs
+
+        if not len(held):
+            return None
+        x = rows[held].to(saved.W_enc.device)
+        return reconstruction_from_pairs(saved, [(x, x)])
+
+    record = {"rows": len(rows), "heldout_rows": len(held)}
+    device = "cpu" if rows.device.type == "cpu" else str(rows.device)
+    tcfg = replace(settings.train_config(), device=device, checkpoint_every=checkpoint_every)
+    return _train_and_save(cfg, batches(), out, tcfg, progress, record, None, evaluate, "heldout_every was 0")
 
 
 def train_transcoders(
