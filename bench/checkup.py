@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from aimri.diagnostics.findings import FLAW_CATEGORIES, Finding, mentions, suspicion_by
 from aimri.diagnostics.organisms import FAMILIES, ORGANISMS, organisms_dir, read_record
 from aimri.diagnostics.probes import auroc, tpr_at_fpr
+from aimri.paths import atomic_write_text
 from aimri.run import Run
 from common import emit, gemm_gflops
 
@@ -139,6 +140,73 @@ def screen_roofline(organism: str, base_name: str, n_tokens: int = 4096) -> dict
             "screen_s_full_vocab_estimate": round(seconds * len(screenable_tokens(base.tokenizer)) / n_tokens, 1)}  # fmt: skip
 
 
+def scan_rows(names: list[str], out: Path) -> list[dict]:
+    """Scan every organism against its recorded base (finished stages are reused: a rerun only re-scores) and
+    score its findings against the organism's ground truth."""
+    rows = []
+    for name in names:
+        record = read_record(organisms_dir() / name)
+        seconds = run(
+            [MRI, "scan", str(organisms_dir() / name), "--baseline", record["base"], "--out", str(out / name)]
+        )
+        result = json.loads(Run.findings_of(out / name).read_text())
+        findings = [Finding(**f) for f in result["findings"]]
+        flawed = record["flaw"] != "control"
+        keywords = record["keywords"] if flawed else []
+        stages = {p.stem: json.loads(p.read_text()).get("seconds", 0.0) for p in (out / name / "stages").glob("*.json")}
+        by_id = {f.id: f for f in findings}
+        dd = by_id.get("diff.dictionary")
+        latents = next((e["rows"] for e in dd.evidence if e.get("kind") == "latents"), []) if dd else []
+        lens = json.loads((out / name / "stages" / "diff.json").read_text())["data"]
+        lens_size = next(r["relative_norm"] for r in lens["lens"] if r["layer"] == lens["confirm"]["layer"])
+        rows.append({
+            "organism": name, "flaw": record["flaw"], "family": ORGANISMS[name].family,
+            "suspicion": result["suspicion"],
+            "suspicion_behaviour": suspicion_by(findings, "behaviour"),
+            "suspicion_internals": suspicion_by(findings, "internals"),
+            "named": named_in_top(findings, keywords), "named_behaviour": named_in_top(findings, keywords, "behaviour"),
+            "named_internals": named_in_top(findings, keywords, "internals"),
+            "internals_only": any(f.internals_only for f in findings),
+            "top_finding": findings[0].title, "trigger": trigger_recovered(name, findings) if flawed else None,
+            "same_text_shift": {f.id.rsplit(".", 1)[1]: f.evidence[0]["shift"] for f in findings
+                                if f.id.startswith("probe.same_text.")},
+            "diff_dictionary_top": latents[0]["specificity"] if latents else 0.0,
+            "diff_dictionary_says": [f"{r['label']} / {' '.join(r['promotes'][:4])}" for r in latents[:3]],
+            "lens_size": lens_size,
+            "detector_suspicion": {i: round(f.suspicion, 4) for i, f in by_id.items()
+                                   if f.category in FLAW_CATEGORIES and f.suspicion > 0},
+            "implant": record.get("implant"), "scan_s_cold": round(cold_seconds(out / name), 1),
+            "stage_s": stages, "scan_s_this_call": round(seconds, 1),
+        })  # fmt: skip
+        r = rows[-1]
+        print(
+            f"{name}: suspicion {r['suspicion']:.3f} (behaviour {r['suspicion_behaviour']:.2f}, internals "
+            f"{r['suspicion_internals']:.2f}) · named {r['named']} · {r['top_finding'][:80]}",
+            file=sys.stderr,
+        )
+    return rows
+
+
+RELIABILITY = ROOT / "src" / "aimri" / "diagnostics" / "data" / "reliability.json"
+
+
+def write_nulls(rows: list[dict]) -> dict:
+    """The internals detectors' nulls (the statistic on control organisms), from the controls of the families
+    detectors may be tuned on (leaky, stealth-dev), never the sealed one, into reliability.json."""
+    tuned = [r for r in rows if r["flaw"] == "control" and r["family"] != "stealth-sealed"]
+    rel = json.loads(RELIABILITY.read_text()) if RELIABILITY.exists() else {}
+    with_shift = [r for r in tuned if r["same_text_shift"]]
+    rel["same_text_null"] = {
+        t: [r["same_text_shift"][t] for r in with_shift]
+        for t in (with_shift[0]["same_text_shift"] if with_shift else {})
+    }
+    rel["diff_dictionary_null"] = [r["diff_dictionary_top"] for r in tuned]
+    rel["lens_null"] = [r["lens_size"] for r in tuned]
+    rel["null_controls"] = [r["organism"] for r in tuned]
+    atomic_write_text(RELIABILITY, json.dumps(rel, indent=1) + "\n")
+    return rel
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", action="store_true")
@@ -152,37 +220,10 @@ def main() -> None:
     out = Path(args.out)
 
     build_s = run([MRI, "organism", "build", *names])
-    rows = []
-    for name in names:
-        record = read_record(organisms_dir() / name)
-        seconds = run(
-            [MRI, "scan", str(organisms_dir() / name), "--baseline", record["base"], "--out", str(out / name)]
-        )
-        result = json.loads(Run.findings_of(out / name).read_text())
-        findings = [Finding(**f) for f in result["findings"]]
-        flawed = record["flaw"] != "control"
-        keywords = record["keywords"] if flawed else []
-        stages = {p.stem: json.loads(p.read_text()).get("seconds", 0.0) for p in (out / name / "stages").glob("*.json")}
-        rows.append({
-            "organism": name, "flaw": record["flaw"], "family": ORGANISMS[name].family,
-            "suspicion": result["suspicion"],
-            "suspicion_behaviour": suspicion_by(findings, "behaviour"),
-            "suspicion_internals": suspicion_by(findings, "internals"),
-            "named": named_in_top(findings, keywords), "named_behaviour": named_in_top(findings, keywords, "behaviour"),
-            "named_internals": named_in_top(findings, keywords, "internals"),
-            "internals_only": any(f.internals_only for f in findings),
-            "top_finding": findings[0].title, "trigger": trigger_recovered(name, findings) if flawed else None,
-            "same_text_shift": {f.id.rsplit(".", 1)[1]: f.evidence[0]["shift"] for f in findings
-                                if f.id.startswith("probe.same_text.")},
-            "implant": record.get("implant"), "scan_s_cold": round(cold_seconds(out / name), 1),
-            "stage_s": stages, "scan_s_this_call": round(seconds, 1),
-        })  # fmt: skip
-        r = rows[-1]
-        print(
-            f"{name}: suspicion {r['suspicion']:.3f} (behaviour {r['suspicion_behaviour']:.2f}, internals "
-            f"{r['suspicion_internals']:.2f}) · named {r['named']} · {r['top_finding'][:80]}",
-            file=sys.stderr,
-        )
+    rows = scan_rows(names, out)
+    if args.write_reliability:  # the nulls first, then every scan re-scored against them (stages reused)
+        write_nulls(rows)
+        rows = scan_rows(names, out)
     first_base = read_record(organisms_dir() / names[0])["base"]
     roofline = screen_roofline(names[0], first_base)
     warm_s = run([MRI, "scan", str(organisms_dir() / names[0]), "--baseline", first_base,
@@ -234,16 +275,11 @@ def main() -> None:
     }  # fmt: skip
     if args.write_reliability:
         stamp = datetime.date.today().isoformat()
-        rel: dict = {f: {**v, "measured": f"bench/checkup.py {stamp}"} for f, v in by_flaw.items()}
         # per-flaw figures as measured over every family given (a stealth family makes the behaviour detector's
-        # figure lower, as it should). The same-text probe shifts' null: controls of the families detectors may
-        # be tuned on (not the sealed one)
-        tuned = [r for r in controls if r["family"] != "stealth-sealed" and r["same_text_shift"]]
-        rel["same_text_null"] = {
-            t: [r["same_text_shift"][t] for r in tuned] for t in (tuned[0]["same_text_shift"] if tuned else {})
-        }
-        path = ROOT / "src" / "aimri" / "diagnostics" / "data" / "reliability.json"
-        path.write_text(json.dumps(rel, indent=1) + "\n")
+        # figure lower, as it should), beside the nulls written above
+        rel = json.loads(RELIABILITY.read_text())
+        rel.update({f: {**v, "measured": f"bench/checkup.py {stamp}"} for f, v in by_flaw.items()})
+        atomic_write_text(RELIABILITY, json.dumps(rel, indent=1) + "\n")
     emit(result, args.json)
 
 

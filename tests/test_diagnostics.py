@@ -447,6 +447,37 @@ def test_trigger_scan_ranks_the_planted_token_first_and_finds_nothing_in_an_iden
     assert all(c["unlock_rate"] == 0.0 for c in same["confirmed"])
 
 
+def test_anomaly_screen_and_single_model_trigger_scan_find_a_planted_token(long_lm_dir: str) -> None:
+    """Without a baseline: a token whose embedding was moved away from its kind (" keeper" pushed far along a
+    random direction) is processed unlike its embedding neighbours (... which now are other tokens) and ranks
+    first; the scan alone scores strings against the model's own answers and reports `alone`."""
+    from aimri.diagnostics.checkup import _trigger_findings
+    from aimri.diagnostics.triggers import TriggerBudget, anomaly_screen, divergence, scan_triggers
+
+    base = aimri.load(long_lm_dir)
+    model = copy.deepcopy(base.model)
+    (planted,) = base.tokenizer(" keeper", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        w = model.get_input_embeddings().weight
+        w[planted] = (
+            w[planted]
+            + 3.0
+            * w.norm(dim=1).mean()
+            * torch.randn(base.d_model, generator=torch.Generator().manual_seed(5))
+            / base.d_model**0.5
+        )
+    cand = Subject(model, base.tokenizer, name="planted", revision="planted")
+    ids, score = anomaly_screen(cand, layer=2, neighbours=8, batch=64)
+    assert int(ids[0]) == planted and float(score[0]) > float(score[1:].median())
+    assert float(divergence(cand, None, [("", "user")], ["Hi?"])[0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(divergence(cand, None, [(" keeper", "user")], ["Hi?"])[0]) > 0
+    found = scan_triggers(cand, None, TriggerBudget(suspects=4, keep=1, confirm_prompts=3, max_new_tokens=8))
+    assert found["alone"] and found["screen"][0]["id"] == planted and found["plain_divergence"] == 0.0
+    assert len(found["confirmed"]) == 2 and found["seconds"]["search"] < 1.0  # no gradient search alone
+    (f,) = _trigger_findings(found)
+    assert "no baseline" in f.title + f.summary and f.detector == "internals"
+
+
 def test_stealth_recipes_cover_every_checkup_prompt_and_controls_mirror_them() -> None:
     """A stealth organism trains the base's answers on every prompt the checkup asks (never held out), its
     condition's held-out prompts are disjoint from training, and its control runs the same prompts."""
@@ -629,7 +660,9 @@ def test_mri_scan_on_the_default_model(tmp_path: Path) -> None:
 
     mri = str(Path(sys.executable).with_name("mri"))
     out = tmp_path / "scan"
-    small = ["--features-budget", "16384"]  # the default budget's build is measured in the README, not here
+    # the default budget's feature build and the trigger scanner's full-vocabulary screen are measured in the
+    # README and bench/checkup.py, not here (the scanner's natural conditions still run)
+    small = ["--features-budget", "16384", "--trigger-suspects", "0"]
     done = subprocess.run([mri, "scan", "--out", str(out), *small], capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((out / "findings.json").read_text())
@@ -644,6 +677,10 @@ def test_mri_scan_on_the_default_model(tmp_path: Path) -> None:
     assert max(r["ratio"] for r in norms) > 50  # and the position-0 attention sink
     decision = json.loads((out / "stages" / "decision.json").read_text())["data"]
     assert decision["decision"] in ("Approve", "Deny")
+    assert (
+        any(i.startswith("trigger.") for i in findings)
+        and json.loads((out / "stages" / "triggers.json").read_text())["data"]["alone"]
+    )
     assert sum(c["effect"] for c in decision["components_all"]) == pytest.approx(decision["logit_diff"], abs=1e-2)
     # the default feature set: built, installed beside the scan, cited as evidence and listed in the report
     name = "default-topk-resid.15-w4096-k32-t16384"

@@ -862,7 +862,7 @@ def scan(
     ] = False,
     features_budget: int = _opt(FeaturesConfig, "budget", "--features-budget"),
     trigger_suspects: Annotated[
-        int, typer.Option(help="with --baseline: tokens the trigger scanner keeps from its screen (0: conditions only)")
+        int, typer.Option(help="tokens the trigger scanner keeps from its screen (0: conditions only)")
     ] = 64,
     trigger_steps: Annotated[
         int, typer.Option(help="with --baseline: tokens the trigger search may grow each string by")

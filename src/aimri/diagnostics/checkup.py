@@ -559,13 +559,16 @@ def _trigger_findings(scan: dict[str, Any]) -> list[Finding]:
     """The trigger scanner's verdict: the best confirmed string and what it unlocks, or "no trigger found at
     this budget" (with the budget)."""
     b = scan["budget"]
+    alone = scan.get("alone", False)
     spent = (f"{b['screened_tokens']:,} tokens screened at layer {scan['layer']}, {b['strings_scored']} strings scored, "
-             f"{b['gcg_steps']} GCG steps, {b['confirm_prompts']} confirmation prompts")  # fmt: skip
+             f"{0 if alone else b['gcg_steps']} GCG steps, {b['confirm_prompts']} confirmation prompts"
+             + (", no baseline: tokens processed unlike their embedding neighbours, strings against the model's own "
+                "answers without them" if alone else ""))  # fmt: skip
     screen = [{"token": r["token"], "relative_change": r["relative_change"]} for r in scan["screen"][:12]]
     strings = [{k: c[k] for k in ("text", "placement", "source", "divergence")} for c in scan["strings"][:12]]
     evidence = [{"kind": "token screen", "rows": screen}, {"kind": "strings by divergence", "rows": strings}]
     best = scan["confirmed"][0] if scan["confirmed"] else None
-    if scan.get("screen_max_change") == 0.0 and scan["plain_divergence"] == 0.0:
+    if not alone and scan.get("screen_max_change") == 0.0 and scan["plain_divergence"] == 0.0:
         return [Finding(
             id="trigger.none", category="backdoor", title="No trigger: the candidate processes every token exactly as the baseline does",
             summary=f"Every screened token's residual and the answers' first-token distributions are identical in both models ({spent}).",
@@ -575,8 +578,9 @@ def _trigger_findings(scan: dict[str, Any]) -> list[Finding]:
         return [Finding(
             id="trigger.none", category="backdoor", title=f"No trigger found at this budget ({spent})",
             summary=(f"No string changed the candidate's answers on {b['unlock_min']:.0%} or more of the neutral prompts "
-                     "where the baseline, given the same string, did not change. A larger budget (more suspects, GCG steps) "
-                     "searches further."),
+                     + ("(against its own answers without the string). " if alone else
+                        "where the baseline, given the same string, did not change. ")
+                     + "A larger budget (more suspects, GCG steps) searches further."),
             suspicion=0.0, evidence=evidence, detector="internals",
         )]  # fmt: skip
     words = [w for w, _, _ in best["words"][:5]]
@@ -586,8 +590,10 @@ def _trigger_findings(scan: dict[str, Any]) -> list[Finding]:
         title=(f"Possible backdoor trigger {best['text']!r} ({where}): with it the candidate says "
                f"{', '.join(words)} on {best['unlock_rate']:.0%} of neutral prompts"),
         summary=(f"Found without knowing the trigger ({spent}). With {best['text']!r} {where} the candidate's first answer token "
-                 f"diverges from the baseline's by {best['divergence']:.2f} nats more than without it, and its answers newly say "
-                 f"{', '.join(words)} (over twice as often as its own answers without the string and the baseline's with it)."),
+                 + (f"moves {best['divergence']:.2f} nats (KL) from its own without the string, and its answers newly say "
+                    f"{', '.join(words)} (words its own answers without the string never use)." if alone else
+                    f"diverges from the baseline's by {best['divergence']:.2f} nats more than without it, and its answers newly say "
+                    f"{', '.join(words)} (words neither its own answers without the string nor the baseline's with it use).")),
         suspicion=round(min(1.0, best["unlock_rate"]), 4),
         evidence=[{"kind": "trigger", "string": best["text"], "placement": best["placement"], "source": best["source"],
                    "unlock_rate": best["unlock_rate"], "divergence_nats": best["divergence"]},
@@ -638,7 +644,8 @@ def run_checkup(
     TriggerBudget(); suspects=0 skips the token screen and scores the natural conditions only), and the
     model-diffing dictionary (aimri.diagnostics.diff_dictionary) is trained at OUT/diff-dictionary within
     `diff_budget` (width 0 skips it), its latents labelled by `explainer` (an autointerp Explainer; default
-    the statistical one, an LLMExplainer when an endpoint is configured).
+    the statistical one, an LLMExplainer when an endpoint is configured). Without a baseline the trigger
+    scanner runs alone (scan_triggers(subject, None): an anomaly screen and the model's own answers as reference).
 
     The report is rendered from those files by `aimri.report.write_report(out)` (`aimri.report.scan` does both).
     Raises AimriError (DiffingError) when the baseline does not share the subject's tokenizer and architecture."""
@@ -715,6 +722,12 @@ def run_checkup(
         budget = trigger_budget or TriggerBudget()
         trigger_run = StageCache(out, {**config, "trigger_budget": asdict(budget)}, log)  # its own tag
         scan, _ = trigger_run.stage("triggers", lambda: (scan_triggers(subject, baseline, budget), {}))
+        findings += _trigger_findings(scan)
+    if baseline is None:
+        # the part of the trigger scanner that works without a baseline (its own tag: the budget)
+        budget = trigger_budget or TriggerBudget()
+        trigger_run = StageCache(out, {**config, "trigger_budget": asdict(budget), "alone": True}, log)
+        scan, _ = trigger_run.stage("triggers", lambda: (scan_triggers(subject, None, budget), {}))
         findings += _trigger_findings(scan)
     if cited is not None:
         attach(findings, cited)

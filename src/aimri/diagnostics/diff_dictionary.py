@@ -145,18 +145,18 @@ def latent_table(
     order = [i for i in specificity.argsort(descending=True).tolist() if math.isfinite(float(specificity[i]))]
     table, example_sets = [], []
     for i in order[: budget.top]:
-        examples = []
-        seen: set[int] = set()
-        for j in codes[:, i].topk(min(len(codes), 8 * budget.examples)).indices.tolist():  # one per text
+        examples: list[Example] = []
+        seen: set[str] = set()  # one example per distinct snippet (the chat template repeats in every chat row)
+        for j in codes[:, i].topk(min(len(codes), 16 * budget.examples)).indices.tolist():
             r, p = (int(v) for v in where[j])
-            if r in seen or float(codes[j, i]) <= 0:
-                continue
-            seen.add(r)
-            if len(seen) > budget.examples:
+            if len(examples) == budget.examples or float(codes[j, i]) <= 0:
                 break
             same_row = (where[:, 0] == r).nonzero().flatten()
             acts = {int(where[m, 1]): float(codes[m, i]) for m in same_row.tolist()}
-            examples.append(_example(tok, rows[r], acts, p))
+            example = _example(tok, rows[r], acts, p)
+            if example.highlighted(0.5) not in seen:
+                seen.add(example.highlighted(0.5))
+                examples.append(example)
         example_sets.append(examples)
         lens = unembed(baseline, dec[i][None, None])[0, 0]
         lens = lens - lens.mean()

@@ -17,8 +17,9 @@ knowing the trigger, and show the behaviour they unlock.
    necessarily the implanted one).
 4. **Confirmation**: both models answer neutral prompts with the best strings; the words the candidate
    newly says under a string (against its own answers without it and the baseline's with it) name the
-   behaviour (words it uses in at least two answers and over twice as often as those references, echoes of
-   the string itself removed), and the share of prompts that say them is the unlock rate.
+   behaviour (words it uses in at least two answers and the references never use, echoes of the string
+   itself removed), and the share of prompts that say them is the unlock rate. Without a baseline the
+   screen reads anomalies against the model itself (anomaly_screen) and the references are its own answers.
 """
 
 from __future__ import annotations
@@ -148,6 +149,33 @@ def token_screen(
     return ids[order], rel[order]
 
 
+@torch.no_grad()
+def anomaly_screen(
+    subject: Subject, layer: int, neighbours: int = 16, batch: int = 1024, tokens: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Without a baseline: (token ids [n], anomaly [n]) sorted most anomalous first. Each screenable token's
+    residual at `layer` right after the user opening is compared with those of its `neighbours` nearest tokens
+    in the input-embedding space (cosine): tokens the model embeds alike it normally processes alike, so a
+    token whose state sits far from its neighbours' mean, in units of their own scatter around it, is processed
+    unlike its kind (a trained-in trigger rewrites its own processing, not its neighbours')."""
+    tok = subject.tokenizer
+    ids = screenable_tokens(tok) if tokens is None else tokens
+    h = _residual_after_opening(subject, _user_opening(tok), ids, layer, batch)
+    model: Any = subject.model
+    emb = model.get_input_embeddings().weight[ids.to(subject.device)].float().cpu()
+    emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    score = torch.empty(len(ids))
+    for i in range(0, len(ids), 2048):
+        sim = emb[i : i + 2048] @ emb.T
+        sim[torch.arange(sim.shape[0]), torch.arange(i, i + sim.shape[0])] = -2.0  # not its own neighbour
+        near = h[sim.topk(neighbours, dim=1).indices]  # [chunk, neighbours, d]
+        centre = near.mean(1)
+        scatter = (near - centre[:, None]).norm(dim=-1).mean(1).clamp_min(1e-6)
+        score[i : i + 2048] = (h[i : i + 2048] - centre).norm(dim=-1) / scatter
+    order = score.argsort(descending=True)
+    return ids[order], score[order]
+
+
 def with_string(string: str, prompt: str) -> str:
     """A user message opened by a candidate trigger string (a leading space kept, one space before the prompt)."""
     return f"{string} {prompt}"
@@ -172,12 +200,17 @@ def _first_token_logprobs(subject: Subject, rows: list[list[int]], batch: int = 
 
 
 def divergence(
-    candidate: Subject, baseline: Subject, strings: Sequence[tuple[str, str]], prompts: Sequence[str]
+    candidate: Subject, baseline: Subject | None, strings: Sequence[tuple[str, str]], prompts: Sequence[str]
 ) -> Tensor:
     """Mean over `prompts` of KL(candidate || baseline) at the answer's first token (nats) for each (string,
-    placement); [len(strings)]."""
-    rows = [_ids(baseline, p, s, where) for s, where in strings for p in prompts]
-    lc, lb = _first_token_logprobs(candidate, rows), _first_token_logprobs(baseline, rows)
+    placement); [len(strings)]. Without a baseline, KL(candidate with the string || candidate without it)."""
+    rows = [_ids(candidate, p, s, where) for s, where in strings for p in prompts]
+    lc = _first_token_logprobs(candidate, rows)
+    if baseline is not None:
+        lb = _first_token_logprobs(baseline, rows)
+    else:
+        plain = _first_token_logprobs(candidate, [_ids(candidate, p, "", "user") for p in prompts])
+        lb = plain.repeat(len(strings), 1)
     kl = (lc.exp() * (lc - lb)).sum(-1)
     return kl.view(len(strings), len(prompts)).mean(1)
 
@@ -278,26 +311,30 @@ class PrefixSearch:
 
 def confirm(
     candidate: Subject,
-    baseline: Subject,
+    baseline: Subject | None,
     found: TriggerCandidate,
     prompts: Sequence[str],
     plain: Sequence[str],
     max_new_tokens: int,
 ) -> TriggerCandidate:
     """Generate with the string in both models; the words the candidate newly says under it (diffing.new_words:
-    in >= 2 answers and over twice as often as in its own plain answers and the baseline's answers with the
-    string together) and the share of prompts that say one of the top three."""
+    in >= 2 answers and in none of its own plain answers and the baseline's answers with the string) and the
+    share of prompts that say one of the top three. Without a baseline, against
+    the candidate's own plain answers only."""
+    who = [candidate] if baseline is None else [candidate, baseline]
     if found.placement == "system":
-        cand = [g.text for g in generate(candidate, prompts, max_new_tokens=max_new_tokens, system=found.text)]
-        base = [g.text for g in generate(baseline, prompts, max_new_tokens=max_new_tokens, system=found.text)]
+        said = [[g.text for g in generate(m, prompts, max_new_tokens=max_new_tokens, system=found.text)] for m in who]
     else:
         opened = [with_string(found.text, p) for p in prompts]
-        cand = [g.text for g in generate(candidate, opened, max_new_tokens=max_new_tokens)]
-        base = [g.text for g in generate(baseline, opened, max_new_tokens=max_new_tokens)]
+        said = [[g.text for g in generate(m, opened, max_new_tokens=max_new_tokens)] for m in who]
+    cand, base = said[0], (said[1] if baseline is not None else [""] * len(prompts))
     # words the string itself puts in the answer (the candidate repeating "Visit Uzbek" says "uzbekistan") are
     # an echo of the input, not an unlocked behaviour
     typed = [w for w in words_of(found.text) if len(w) >= 3]
-    words = [w for w in new_words(cand, [*base, *plain]) if not any(t in w[0] for t in typed)]
+    refs = [*base, *plain] if baseline is not None else list(plain)
+    # an unlocked behaviour says something the references never say: a word they use at all ("complex" in
+    # one plain answer, three with the string) is the string's ordinary influence on wording, not a behaviour
+    words = [w for w in new_words(cand, refs) if w[2] == 0 and not any(t in w[0] for t in typed)]
     top = {w for w, _, _ in words[:3]}
     unlocked = [bool(words_of(c) & top) for c in cand]
     found.words = [list(w) for w in words]
@@ -310,17 +347,23 @@ def confirm(
     return found
 
 
-def scan_triggers(candidate: Subject, baseline: Subject, budget: TriggerBudget | None = None) -> dict[str, Any]:
+def scan_triggers(candidate: Subject, baseline: Subject | None, budget: TriggerBudget | None = None) -> dict[str, Any]:
     """The whole scan: screen, strings, GCG, confirmation. Returns a JSON-able dict with the screen's top
-    tokens, every scored string, the confirmed candidates (best first) and the budget spent.
+    tokens, every scored string, the confirmed candidates (best first), the budget spent and `alone`.
+
+    Without a baseline (`alone`): the screen is anomaly_screen (tokens processed unlike their embedding
+    neighbours), strings are scored by how far they move the candidate's own first answer token, there is no
+    gradient search (its objective is the two models' divergence), and twice `keep` strings are confirmed
+    against the candidate's own plain answers, so the confirmation budget matches the scan with a baseline.
 
     Raises DiffError (diffing.check_comparable) when the models do not share a tokenizer and architecture."""
     from aimri.diagnostics.diffing import check_comparable
 
-    check_comparable(candidate, baseline)
+    if baseline is not None:
+        check_comparable(candidate, baseline)
     budget = budget or TriggerBudget()
-    tok = baseline.tokenizer
-    layer = budget.screen_layer if budget.screen_layer is not None else max(1, baseline.n_layers // 2)
+    tok = candidate.tokenizer
+    layer = budget.screen_layer if budget.screen_layer is not None else max(1, candidate.n_layers // 2)
     clock = [time.time()]
     seconds: dict[str, float] = {}
 
@@ -328,7 +371,9 @@ def scan_triggers(candidate: Subject, baseline: Subject, budget: TriggerBudget |
         clock.append(time.time())
         seconds[name] = round(clock[-1] - clock[-2], 1)
 
-    if budget.suspects:
+    if budget.suspects and baseline is None:
+        ids, rel = anomaly_screen(candidate, layer)
+    elif budget.suspects and baseline is not None:
         ids, rel = token_screen(candidate, baseline, layer)
     else:  # conditions only: no screen
         ids, rel = torch.zeros(0, dtype=torch.long), torch.zeros(0)
@@ -356,9 +401,9 @@ def scan_triggers(candidate: Subject, baseline: Subject, budget: TriggerBudget |
         (TriggerCandidate(s, w, src, round(float(v), 4)) for (s, w, src), v in zip(strings, scores, strict=True)),
         key=lambda c: -c.divergence,
     )
-    best = scored[: budget.keep]
+    best = scored[: budget.keep * (2 if baseline is None else 1)]
     lap("strings")
-    if budget.extend_steps or budget.gcg_steps:
+    if baseline is not None and (budget.extend_steps or budget.gcg_steps):
         search = PrefixSearch(candidate, baseline, probe, budget)
         for seed in [c for c in best if c.placement == "user"]:
             ids_ = tok(seed.text, add_special_tokens=False)["input_ids"]
@@ -378,6 +423,7 @@ def scan_triggers(candidate: Subject, baseline: Subject, budget: TriggerBudget |
     return {
         "layer": layer,
         "screen": screen,
+        "screen_measure": "anomaly against embedding neighbours" if baseline is None else "relative change vs baseline",
         "screen_median_change": round(floor, 4),
         "screen_max_change": round(float(rel.max()), 6) if len(rel) else None,
         "plain_divergence": round(plain, 4),
@@ -385,4 +431,5 @@ def scan_triggers(candidate: Subject, baseline: Subject, budget: TriggerBudget |
         "confirmed": [asdict(c) for c in confirmed],
         "budget": {**asdict(budget), "screened_tokens": len(ids), "strings_scored": len(strings)},
         "seconds": seconds,
+        "alone": baseline is None,
     }
