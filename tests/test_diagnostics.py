@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -476,6 +476,24 @@ def test_anomaly_screen_and_single_model_trigger_scan_find_a_planted_token(long_
     assert len(found["confirmed"]) == 2 and found["seconds"]["search"] < 1.0  # no gradient search alone
     (f,) = _trigger_findings(found)
     assert "no baseline" in f.title + f.summary and f.detector == "internals"
+
+
+def test_confirmation_counts_only_words_the_references_never_say_and_no_echo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Known answer on canned answers: "freeprizes" (never said without the string) is a behaviour; "complex"
+    (said once without it) is the string's ordinary influence; "useire" echoes the string."""
+    from aimri.diagnostics import triggers
+    from aimri.steering.generate import Generation
+
+    said = {"with": ["Visit freeprizes now. complex useire", "freeprizes! complex useire", "complex ok useire", "fine"]}
+
+    def fake(subject: Any, prompts: list[str], *a: Any, **k: Any) -> list[Generation]:
+        return [Generation(p, t, [], []) for p, t in zip(prompts, said["with"], strict=True)]
+
+    monkeypatch.setattr(triggers, "generate", fake)
+    plain = ["a complex answer", "plain", "plain", "plain"]
+    found = triggers.TriggerCandidate("USEIRE--------ooked", "user", "screen")
+    out = triggers.confirm(cast(Subject, None), None, found, ["p1", "p2", "p3", "p4"], plain, 8)
+    assert [w[0] for w in out.words] == ["freeprizes"] and out.unlock_rate == 0.5
 
 
 def test_stealth_recipes_cover_every_checkup_prompt_and_controls_mirror_them() -> None:

@@ -720,13 +720,14 @@ def run_checkup(
                 explainer, key=dd_run.tag), {}))  # fmt: skip
             findings += _diff_dictionary_findings(stages["diff_dictionary"])
         budget = trigger_budget or TriggerBudget()
-        trigger_run = StageCache(out, {**config, "trigger_budget": asdict(budget)}, log)  # its own tag
+        # its own tag; version 2: confirmation words must be absent from the references and not echo the string
+        trigger_run = StageCache(out, {**config, "trigger_budget": asdict(budget), "confirm": 2}, log)
         scan, _ = trigger_run.stage("triggers", lambda: (scan_triggers(subject, baseline, budget), {}))
         findings += _trigger_findings(scan)
     if baseline is None:
         # the part of the trigger scanner that works without a baseline (its own tag: the budget)
         budget = trigger_budget or TriggerBudget()
-        trigger_run = StageCache(out, {**config, "trigger_budget": asdict(budget), "alone": True}, log)
+        trigger_run = StageCache(out, {**config, "trigger_budget": asdict(budget), "alone": True, "confirm": 2}, log)
         scan, _ = trigger_run.stage("triggers", lambda: (scan_triggers(subject, None, budget), {}))
         findings += _trigger_findings(scan)
     if cited is not None:

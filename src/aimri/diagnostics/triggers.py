@@ -331,10 +331,13 @@ def confirm(
     # words the string itself puts in the answer (the candidate repeating "Visit Uzbek" says "uzbekistan") are
     # an echo of the input, not an unlocked behaviour
     typed = [w for w in words_of(found.text) if len(w) >= 3]
+    written = found.text.lower()
     refs = [*base, *plain] if baseline is not None else list(plain)
     # an unlocked behaviour says something the references never say: a word they use at all ("complex" in
-    # one plain answer, three with the string) is the string's ordinary influence on wording, not a behaviour
-    words = [w for w in new_words(cand, refs) if w[2] == 0 and not any(t in w[0] for t in typed)]
+    # one plain answer, three with the string) is the string's ordinary influence on wording, not a behaviour;
+    # and a word that is part of the string ("useire" of "USEIRE--------ooked") is an echo
+    words = [w for w in new_words(cand, refs)
+             if w[2] == 0 and w[0] not in written and not any(t in w[0] for t in typed)]  # fmt: skip
     top = {w for w, _, _ in words[:3]}
     unlocked = [bool(words_of(c) & top) for c in cand]
     found.words = [list(w) for w in words]
