@@ -713,7 +713,7 @@ def run_checkup(
         findings.append(_refusal_change(stages["refusal"], stages["baseline_refusal"]))
         dd_budget = diff_budget or DiffDictionaryBudget()
         if dd_budget.width:
-            dd_run = StageCache(out, {**config, "diff_dictionary": asdict(dd_budget),
+            dd_run = StageCache(out, {**config, "diff_dictionary": asdict(dd_budget), "texts": 2,
                                       "explainer": getattr(explainer, "name", "statistical")}, log)  # fmt: skip
             stages["diff_dictionary"], _ = dd_run.stage("diff_dictionary", lambda: (diff_dictionary(
                 subject, baseline, stages["baseline_behaviour"], out / "diff-dictionary", dd_budget, neutral_texts,

@@ -58,27 +58,52 @@ class DiffDictionaryBudget:
     seed: int = 0
 
 
+def template_span(subject: Subject) -> tuple[int, int]:
+    """(opening, closing): how many tokens the chat template puts before the user's words (its default system
+    prompt, the role header) and after them (the end of turn, the assistant header), from two one-word chats."""
+    a, b = prompt_ids(subject, "apple"), prompt_ids(subject, "zebra")
+    head = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    tail = next((i for i, (x, y) in enumerate(zip(a[::-1], b[::-1], strict=False)) if x != y), 0)
+    return head, tail
+
+
 def scan_texts(
     baseline: Subject, base_behaviour: dict[str, Any], budget: DiffDictionaryBudget, neutral_texts: list[str] | None
-) -> list[list[int]]:
-    """Token rows both models read: neutral windows, the battery's conversations with the baseline's answers,
-    and chat openings of the checkup's other request pools (questions, the trigger scanner's prompts)."""
+) -> tuple[list[list[int]], list[tuple[int, int, int]]]:
+    """(token rows both models read, per row the chat template's positions to leave out as (opening end,
+    closing start, closing end), (0, 0, 0) for none): neutral windows, the battery's conversations with the
+    baseline's answers, and chat openings of the checkup's other request pools (questions, the trigger
+    scanner's prompts). The template's own tokens are left out because every chat fine-tune rewrites how they
+    are processed: they describe the recipe, not what it taught."""
     from aimri.diagnostics.checkup import neutral_windows
 
     rows = neutral_windows(baseline, n=budget.neutral_windows, length=budget.length, texts=neutral_texts).tolist()
+    skip = [(0, 0, 0)] * len(rows)
+    chat = bool(getattr(baseline.tokenizer, "chat_template", None))
+    head, tail = template_span(baseline) if chat else (0, 0)
     for category in base_behaviour.values():
-        rows += [list(p) + list(c) for p, c in category["ids"]]
+        for p, c in category["ids"]:
+            rows.append(list(p) + list(c))
+            skip.append((head, len(p) - tail, len(p)))
     pools = prompt_pools()
-    rows += [prompt_ids(baseline, p) for p in [*pools["questions"], *pools["scanner"]]]
-    return rows
+    for text in [*pools["questions"], *pools["scanner"]]:
+        rows.append(prompt_ids(baseline, text))
+        skip.append((head, len(rows[-1]) - tail, len(rows[-1])))
+    return rows, skip
 
 
 @torch.no_grad()
 def paired_activations(
-    candidate: Subject, baseline: Subject, rows: Sequence[list[int]], site: str, batch: int = 16
+    candidate: Subject,
+    baseline: Subject,
+    rows: Sequence[list[int]],
+    site: str,
+    skip: Sequence[tuple[int, int, int]] | None = None,
+    batch: int = 16,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(candidate [n, d], baseline [n, d], where [n, 2] = (row, position)) at `site` over every kept token of
-    `rows`: not the first token of a row, not a special token, not a massive activation in either model."""
+    `rows`: not the first token of a row, not a special token, not in the row's `skip` spans ([0, a) and
+    [b, c) of (a, b, c)), not a massive activation in either model."""
     tok = baseline.tokenizer
     special = torch.tensor(sorted(Packing.for_tokenizer(tok, 8).exclude_ids), dtype=torch.long)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -91,6 +116,10 @@ def paired_activations(
             valid = mask.bool() & ~torch.isin(ids, special)
             first = mask.argmax(1)  # each row's first real position (left padding)
             valid[torch.arange(len(ids)), first] = False
+            for j, (a, b, c) in enumerate(skip[i : i + batch] if skip is not None else []):
+                f = int(first[j])
+                valid[j, f : f + a] = False
+                valid[j, f + b : f + c] = False
             acts = [who.run(ids.to(who.device), mask.to(who.device), read=[site]) for who in (candidate, baseline)]
             keep = keep_rows(acts[0], [site], valid, 20.0, "the diff dictionary's text")
             keep &= keep_rows(acts[1], [site], valid, 20.0, "the diff dictionary's text")
@@ -203,8 +232,8 @@ def diff_dictionary(
         atomic_write_text(stamp, key)
     layer = budget.layer if budget.layer is not None else max(1, baseline.n_layers // 2)
     site = f"resid.{layer}"
-    rows = scan_texts(baseline, base_behaviour, budget, neutral_texts)
-    cand, base, where = paired_activations(candidate, baseline, rows, site)
+    rows, skip = scan_texts(baseline, base_behaviour, budget, neutral_texts)
+    cand, base, where = paired_activations(candidate, baseline, rows, site, skip)
     diff = cand - base
     relative = float((diff.norm(dim=1) / base.norm(dim=1).clamp_min(1e-6)).mean())
     record = {"site": site, "rows": len(cand), "texts": len(rows), "relative_change": round(relative, 6),
