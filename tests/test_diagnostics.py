@@ -168,7 +168,7 @@ def test_difference_lens_reads_a_planted_shift(long_lm_dir: str) -> None:
     target = 57
     v = 4.0 * unembed_w[target] / unembed_w[target].norm()
     cand.layer(layer).register_forward_hook(lambda m, a, o: (o[0] + v, *o[1:]) if isinstance(o, tuple) else o + v)
-    from aimri.diagnostics.checkup import neutral_windows
+    from aimri.diagnostics.diffing import neutral_windows
 
     windows = neutral_windows(base, n=3, length=16, texts=NEUTRAL)
     same = diffing.difference_lens(base, base, windows, [layer])
@@ -181,7 +181,7 @@ def test_difference_lens_reads_a_planted_shift(long_lm_dir: str) -> None:
 
 def test_feature_shifts_find_the_feature_a_fine_tune_turned_up(long_lm_dir: str) -> None:
     """Known answer: the candidate adds a feature's decoder direction at its site; that feature moves most."""
-    from aimri.diagnostics.checkup import neutral_windows
+    from aimri.diagnostics.diffing import neutral_windows
     from aimri.dictionaries.base import DictionaryConfig, build
 
     base = aimri.load(long_lm_dir)
@@ -198,7 +198,7 @@ def test_feature_shifts_find_the_feature_a_fine_tune_turned_up(long_lm_dir: str)
 
 
 def test_crosscoder_latents_are_the_candidate_only_ones(long_lm_dir: str) -> None:
-    from aimri.diagnostics.checkup import neutral_windows
+    from aimri.diagnostics.diffing import neutral_windows
     from aimri.dictionaries.base import DictionaryConfig, build
 
     base = aimri.load(long_lm_dir)

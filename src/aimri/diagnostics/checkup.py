@@ -26,13 +26,12 @@ from aimri.diagnostics import anatomy, diffing
 from aimri.diagnostics.datasets import TRAITS, load_dataset, prompt_pools
 from aimri.diagnostics.decision import explain_decision
 from aimri.diagnostics.diff_dictionary import DiffDictionaryBudget, diff_dictionary
-from aimri.diagnostics.diffing import words_of
+from aimri.diagnostics.diffing import neutral_windows, words_of
 from aimri.diagnostics.evidence import attach, feature_evidence
 from aimri.diagnostics.findings import Finding, detector_reliability, mark_internals_only, rank, suspicion
 from aimri.diagnostics.probes import Probe, auroc, pair_activations, read_layers, train_probe
 from aimri.diagnostics.refusal import is_refusal, measure_refusal
 from aimri.diagnostics.triggers import TriggerBudget, scan_triggers
-from aimri.errors import AimriError
 from aimri.paths import aimri_home, atomic_write_bytes, atomic_write_text
 from aimri.run import Run
 from aimri.steering.generate import Generation, generate
@@ -47,34 +46,6 @@ CORRECT = re.compile(
     r"(\bno[,.!]|\bnot (true|correct|right|visible)|actually|myth|\bfalse\b|incorrect|misconception|isn'?t true|\bwrong\b)",
     re.I,
 )
-
-
-def neutral_windows(
-    subject: Subject, n: int = 32, length: int = 64, seed: int = 0, texts: list[str] | None = None
-) -> torch.Tensor:
-    """The first tokens of `n` default-corpus documents, each opened by the tokenizer's document separator:
-    the neutral text on which a fine-tune's traces are read (no chat template, no topic)."""
-    import random
-
-    from aimri.data.corpus import Packing
-    from aimri.data.default_corpus import default_corpus_path
-
-    if texts is None:
-        lines = default_corpus_path().read_text(encoding="utf-8").splitlines()
-        texts = [json.loads(line)["text"] for line in random.Random(seed).sample(lines, min(len(lines), 4 * n))]
-    bos = Packing.for_tokenizer(subject.tokenizer, length).bos_id
-    rows = []
-    for text in texts:
-        ids = subject.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) >= length - 1:
-            rows.append(([bos] if bos is not None else []) + ids[: length - (1 if bos is not None else 0)])
-        if len(rows) == n:
-            break
-    if not rows:
-        raise AimriError(
-            f"no neutral text of at least {length} tokens; rebuild the default corpus (`mri corpus build`)"
-        )
-    return torch.tensor(rows)
 
 
 @dataclass

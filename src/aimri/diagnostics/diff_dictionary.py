@@ -35,6 +35,7 @@ from aimri.data.corpus import Packing
 from aimri.data.harvest import keep_rows
 from aimri.diagnostics.anatomy import unembed
 from aimri.diagnostics.datasets import prompt_pools
+from aimri.diagnostics.diffing import neutral_windows
 from aimri.paths import atomic_write_text
 from aimri.progress import progress_bar
 from aimri.steering.generate import left_pad, prompt_ids
@@ -75,8 +76,6 @@ def scan_texts(
     baseline's answers, and chat openings of the checkup's other request pools (questions, the trigger
     scanner's prompts). The template's own tokens are left out because every chat fine-tune rewrites how they
     are processed: they describe the recipe, not what it taught."""
-    from aimri.diagnostics.checkup import neutral_windows
-
     rows = neutral_windows(baseline, n=budget.neutral_windows, length=budget.length, texts=neutral_texts).tolist()
     skip = [(0, 0, 0)] * len(rows)
     chat = bool(getattr(baseline.tokenizer, "chat_template", None))

@@ -11,6 +11,7 @@ before and after treatment), said in tokens and words.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -47,6 +48,34 @@ def check_comparable(candidate: Subject, baseline: Subject) -> None:
             f"({baseline.n_layers} layers, d_model {baseline.d_model}) have different architectures; diffing needs "
             "a fine-tune and its base"
         )
+
+
+def neutral_windows(
+    subject: Subject, n: int = 32, length: int = 64, seed: int = 0, texts: list[str] | None = None
+) -> torch.Tensor:
+    """The first tokens of `n` default-corpus documents, each opened by the tokenizer's document separator:
+    the neutral text on which a fine-tune's traces are read (no chat template, no topic)."""
+    import random
+
+    from aimri.data.corpus import Packing
+    from aimri.data.default_corpus import default_corpus_path
+
+    if texts is None:
+        lines = default_corpus_path().read_text(encoding="utf-8").splitlines()
+        texts = [json.loads(line)["text"] for line in random.Random(seed).sample(lines, min(len(lines), 4 * n))]
+    bos = Packing.for_tokenizer(subject.tokenizer, length).bos_id
+    rows = []
+    for text in texts:
+        ids = subject.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= length - 1:
+            rows.append(([bos] if bos is not None else []) + ids[: length - (1 if bos is not None else 0)])
+        if len(rows) == n:
+            break
+    if not rows:
+        raise AimriError(
+            f"no neutral text of at least {length} tokens; rebuild the default corpus (`mri corpus build`)"
+        )
+    return torch.tensor(rows)
 
 
 def _decode(subject: Subject, ids: Sequence[int]) -> list[str]:
