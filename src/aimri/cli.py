@@ -886,10 +886,7 @@ def scan(
     from aimri.report import scan as run_scan
     from aimri.run import Run
 
-    subject = aimri.load(model, device=device, dtype=dtype)
-    base = aimri.load(baseline, device=device, dtype=dtype) if baseline else None
-    out = out or Run.for_model(subject.name).scan
-    if (dictionary or atlas or crosscoder) and base is None:
+    if (dictionary or atlas or crosscoder) and not baseline:
         raise AimriError("--dictionary, --atlas and --crosscoder describe a diff: give --baseline too")
     features = False if no_features else FeaturesConfig(budget=features_budget)
     if features and features_budget < 1:
@@ -900,6 +897,9 @@ def scan(
             raise AimriError(f"`{name}` must be 0 or more, got {value}")
     if bool(endpoint) != bool(llm_model):
         raise AimriError("--endpoint and --llm-model go together: the server's URL and the model name it serves")
+    subject = aimri.load(model, device=device, dtype=dtype)
+    base = aimri.load(baseline, device=device, dtype=dtype) if baseline else None
+    out = out or Run.for_model(subject.name).scan
     from aimri.diagnostics.diff_dictionary import DiffDictionaryBudget
     from aimri.diagnostics.triggers import TriggerBudget
 
