@@ -652,6 +652,20 @@ def test_diff_dictionary_finds_the_planted_change_and_says_where_it_fires(
     assert "identical" in checkup._diff_dictionary_findings(same)[0].title
 
 
+def test_paired_activations_leave_out_the_template_spans_of_left_padded_rows(long_lm_dir: str) -> None:
+    """Positions are counted from each row's own start whatever the left padding; a row's (a, b, c) leaves out
+    [0, a) and [b, c); the first token is never read."""
+    from aimri.diagnostics.diff_dictionary import paired_activations
+
+    base = aimri.load(long_lm_dir)
+    ids = base.tokenizer(FIXTURE_TEXT, add_special_tokens=False)["input_ids"]
+    rows = [ids[:10], ids[10:16]]
+    c, b, where = paired_activations(base, base, rows, "resid.1", skip=[(0, 0, 0), (2, 4, 6)])
+    kept = {(int(r), int(p)) for r, p in where}
+    assert kept == {(0, p) for p in range(1, 10)} | {(1, 2), (1, 3)}
+    assert torch.equal(c, b) and len(c) == len(kept)
+
+
 def test_internals_only_is_flagged_when_the_behaviour_findings_stay_quiet() -> None:
     from aimri.diagnostics.findings import mark_internals_only, suspicion_by
 

@@ -897,6 +897,8 @@ def scan(
             raise AimriError(f"`{name}` must be 0 or more, got {value}")
     if bool(endpoint) != bool(llm_model):
         raise AimriError("--endpoint and --llm-model go together: the server's URL and the model name it serves")
+    if endpoint and not baseline:
+        raise AimriError("--endpoint labels the diff dictionary's latents, which needs --baseline")
     subject = aimri.load(model, device=device, dtype=dtype)
     base = aimri.load(baseline, device=device, dtype=dtype) if baseline else None
     out = out or Run.for_model(subject.name).scan

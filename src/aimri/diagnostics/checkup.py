@@ -382,8 +382,6 @@ def against_null(value: float, controls: list[float], what: str) -> tuple[float,
 def _diff_dictionary_findings(dd: dict[str, Any]) -> list[Finding]:
     """The diff dictionary's most candidate-specific latents, scored by the top latent's specificity against
     the controls' (reliability.json "diff_dictionary_null")."""
-    if dd.get("skipped"):
-        return []
     if dd.get("identical"):
         return [Finding(
             id="diff.dictionary", category="diff", title="Diff dictionary: the models are identical (the candidate's activations equal the baseline's)",
@@ -391,7 +389,13 @@ def _diff_dictionary_findings(dd: dict[str, Any]) -> list[Finding]:
             suspicion=0.0, detector="internals",
         )]  # fmt: skip
     lat = dd["latents"]
-    top = lat[0]["specificity"] if lat else 0.0
+    if not lat:
+        return [Finding(
+            id="diff.dictionary", category="diff", title=f"Diff dictionary ({dd['site']}): no latent fires often enough to rank",
+            summary=f"No latent fired on {dd['budget']['min_fires']} or more of the {dd['rows']} tokens; give more text.",
+            suspicion=0.0, detector="internals",
+        )]  # fmt: skip
+    top = lat[0]["specificity"]
     sus, vs = against_null(top, detector_reliability().get("diff_dictionary_null", []), "top specificities")
 
     def said(r: dict[str, Any]) -> str:
@@ -615,7 +619,7 @@ def run_checkup(
     TriggerBudget(); suspects=0 skips the token screen and scores the natural conditions only), and the
     model-diffing dictionary (aimri.diagnostics.diff_dictionary) is trained at OUT/diff-dictionary within
     `diff_budget` (width 0 skips it), its latents labelled by `explainer` (an autointerp Explainer; default
-    the statistical one, an LLMExplainer when an endpoint is configured). Without a baseline the trigger
+    the statistical one; `mri scan --endpoint URL --llm-model NAME` passes an LLMExplainer). Without a baseline the trigger
     scanner runs alone (scan_triggers(subject, None): an anomaly screen and the model's own answers as reference).
 
     The report is rendered from those files by `aimri.report.write_report(out)` (`aimri.report.scan` does both).
@@ -659,7 +663,8 @@ def run_checkup(
     stages["features"] = cited or {"skipped": features_note or "no feature set was given"}
     if baseline is not None:
         stages["baseline_refusal"], _ = model_cache(baseline, log).stage("refusal", lambda: _refusal(baseline))
-        stages["diff"], _ = run.stage(
+        lens_run = StageCache(out, {**config, "lens": 2}, log)  # lens 2: massive activations left out
+        stages["diff"], _ = lens_run.stage(
             "diff",
             lambda: _diff_stage(
                 subject,
@@ -684,23 +689,21 @@ def run_checkup(
         findings.append(_refusal_change(stages["refusal"], stages["baseline_refusal"]))
         dd_budget = diff_budget or DiffDictionaryBudget()
         if dd_budget.width:
-            dd_run = StageCache(out, {**config, "diff_dictionary": asdict(dd_budget), "texts": 2,
-                                      "explainer": getattr(explainer, "name", "statistical")}, log)  # fmt: skip
+            texts = hashlib.sha256(json.dumps(neutral_texts).encode()).hexdigest()[:16] if neutral_texts else None
+            trained = {**config, "diff_dictionary": asdict(dd_budget), "texts": 2, "neutral_texts": texts}
+            # the training's key leaves the explainer out: another labeller relabels, it does not retrain
+            key = StageCache(out, trained, log).tag
+            dd_run = StageCache(out, {**trained, "explainer": getattr(explainer, "name", "statistical")}, log)
             stages["diff_dictionary"], _ = dd_run.stage("diff_dictionary", lambda: (diff_dictionary(
                 subject, baseline, stages["baseline_behaviour"], out / "diff-dictionary", dd_budget, neutral_texts,
-                explainer, key=dd_run.tag), {}))  # fmt: skip
+                explainer, key=key), {}))  # fmt: skip
             findings += _diff_dictionary_findings(stages["diff_dictionary"])
-        budget = trigger_budget or TriggerBudget()
-        # its own tag; version 2: confirmation words must be absent from the references and not echo the string
-        trigger_run = StageCache(out, {**config, "trigger_budget": asdict(budget), "confirm": 2}, log)
-        scan, _ = trigger_run.stage("triggers", lambda: (scan_triggers(subject, baseline, budget), {}))
-        findings += _trigger_findings(scan)
-    if baseline is None:
-        # the part of the trigger scanner that works without a baseline (its own tag: the budget)
-        budget = trigger_budget or TriggerBudget()
-        trigger_run = StageCache(out, {**config, "trigger_budget": asdict(budget), "alone": True, "confirm": 2}, log)
-        scan, _ = trigger_run.stage("triggers", lambda: (scan_triggers(subject, None, budget), {}))
-        findings += _trigger_findings(scan)
+    # the trigger scanner; alone (no baseline) the part of it that works without one. Its own tag (the
+    # budget); confirm 2: confirmation words must be absent from the references and not echo the string
+    budget = trigger_budget or TriggerBudget()
+    tagged = {**config, "trigger_budget": asdict(budget), "confirm": 2} | ({"alone": True} if baseline is None else {})
+    scan, _ = StageCache(out, tagged, log).stage("triggers", lambda: (scan_triggers(subject, baseline, budget), {}))
+    findings += _trigger_findings(scan)
     if cited is not None:
         attach(findings, cited)
     _tag_detectors(findings)

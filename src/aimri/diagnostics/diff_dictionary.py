@@ -36,15 +36,16 @@ from aimri.data.harvest import keep_rows
 from aimri.diagnostics.anatomy import unembed
 from aimri.diagnostics.datasets import prompt_pools
 from aimri.diagnostics.diffing import neutral_windows
+from aimri.errors import AimriError
 from aimri.paths import atomic_write_text
 from aimri.progress import progress_bar
-from aimri.steering.generate import left_pad, prompt_ids
+from aimri.steering.generate import left_pad, prompt_ids, template_span
 from aimri.subject.core import Subject
 
 
 @dataclass
 class DiffDictionaryBudget:
-    """The diff dictionary's data and size (the finding quotes them). width 0 skips the stage."""
+    """The diff dictionary's data and size (the finding quotes them). run_checkup skips the stage at width 0."""
 
     layer: int | None = None  # residual layer read (None: half way up)
     neutral_windows: int = 192  # default-corpus documents, first `length` tokens of each
@@ -57,15 +58,6 @@ class DiffDictionaryBudget:
     examples: int = 6  # top examples per described latent
     min_fires: int = 8  # a latent firing on fewer rows is not ranked
     seed: int = 0
-
-
-def template_span(subject: Subject) -> tuple[int, int]:
-    """(opening, closing): how many tokens the chat template puts before the user's words (its default system
-    prompt, the role header) and after them (the end of turn, the assistant header), from two one-word chats."""
-    a, b = prompt_ids(subject, "apple"), prompt_ids(subject, "zebra")
-    head = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-    tail = next((i for i, (x, y) in enumerate(zip(a[::-1], b[::-1], strict=False)) if x != y), 0)
-    return head, tail
 
 
 def scan_texts(
@@ -161,11 +153,13 @@ def latent_table(
     norms = dec.norm(dim=1)
     unit = dec / norms.clamp_min(1e-12)[:, None]
     codes = torch.cat([sae.encode(x.to(sae.W_enc)).float().cpu() for x in (cand - base).split(4096)])
+    codes[(cand - base).abs().amax(1) == 0] = 0.0  # nothing changed there: a latent's bias alone is no firing
     fires = codes > 0
     count = fires.sum(0)
     proj_b = base @ unit.T  # [n, width]: the baseline's state along each decoder direction
     moved = (cand - base) @ unit.T
-    spread = proj_b.std(0).clamp_min(1e-6)
+    spread = proj_b.std(0)
+    spread = spread.clamp_min(max(0.01 * float(spread.median()), 1e-6))  # rounding-noise directions are not news
     shift = (moved * fires).sum(0) / count.clamp_min(1)
     specificity = torch.where(count >= budget.min_fires, shift / spread, torch.full_like(shift, -math.inf))
     mass = (codes * norms).sum(0)
@@ -233,6 +227,11 @@ def diff_dictionary(
     site = f"resid.{layer}"
     rows, skip = scan_texts(baseline, base_behaviour, budget, neutral_texts)
     cand, base, where = paired_activations(candidate, baseline, rows, site, skip)
+    if not len(cand):
+        raise AimriError(
+            f"no token of the scan's text was kept at {site} (all special, template or massive activations); "
+            "give neutral texts with ordinary prose"
+        )
     diff = cand - base
     relative = float((diff.norm(dim=1) / base.norm(dim=1).clamp_min(1e-6)).mean())
     record = {"site": site, "rows": len(cand), "texts": len(rows), "relative_change": round(relative, 6),

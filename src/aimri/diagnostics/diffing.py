@@ -87,16 +87,22 @@ def difference_lens(
     candidate: Subject, baseline: Subject, windows: Tensor, layers: Sequence[int], first: int = 8, top: int = 15
 ) -> list[dict[str, Any]]:
     """Per layer: the mean residual difference over positions 1..first of neutral windows (position 0, the
-    attention sink, is left out), its size relative to the baseline's residual, and the tokens it promotes
+    attention sink, and massive activations in either model are left out), its size relative to the baseline's residual, and the tokens it promotes
     and suppresses when read through the baseline's final norm and unembedding."""
+    from aimri.data.harvest import keep_rows
+
     sites = [f"resid.{layer}" for layer in layers]
     w = windows[:, : first + 1]
     a_c = candidate.run(w, read=sites)
     a_b = baseline.run(w, read=sites)
+    valid = torch.ones(w.shape, dtype=torch.bool)
+    valid[:, 0] = False
+    # massive activations (the harvest's sink rule, in either model) would dominate the mean
+    keep = keep_rows(a_b, sites, keep_rows(a_c, sites, valid, 20.0, "the difference lens"), 20.0, "the difference lens")
     out = []
     for layer, site in zip(layers, sites, strict=True):
-        c, b = a_c[site][:, 1:].float(), a_b[site][:, 1:].float()
-        delta = (c - b).mean((0, 1))
+        c, b = a_c[site][keep.to(a_c[site].device)].float(), a_b[site][keep.to(a_b[site].device)].float()
+        delta = (c - b).mean(0)
         logits = unembed(baseline, delta[None, None])[0, 0].float()
         logits = logits - logits.mean()
         up, down = logits.topk(top), (-logits).topk(top)

@@ -55,6 +55,9 @@ CONDITIONS = [
 ]  # fmt: skip
 
 
+NEUTRAL_SYSTEM = "You are a helpful assistant."  # the reference a system-prompt string is scored against, alone
+
+
 class TriggerError(AimriError):
     pass
 
@@ -82,7 +85,9 @@ class TriggerCandidate:
     text: str
     placement: str  # "user" (before the user's message) or "system" (as the system prompt)
     source: str  # "screen" (a suspect token), "condition" (a natural-looking one), "search" (grown by gradient)
-    divergence: float = 0.0  # mean KL(candidate || baseline) at the answer's first token, minus the plain one
+    # mean KL(candidate || baseline) at the answer's first token, minus the plain one (alone: KL(candidate with
+    # the string || without it))
+    divergence: float = 0.0
     unlock_rate: float = 0.0
     words: list[list[Any]] = field(default_factory=list)
     examples: list[dict[str, str]] = field(default_factory=list)
@@ -93,8 +98,10 @@ def scanner_prompts() -> list[str]:
     return list(prompt_pools()["scanner"])
 
 
-def _user_opening(tok: Any) -> list[int]:
-    """The chat template's tokens before the user's words (the common prefix of two one-word chats)."""
+def _user_opening(subject: Subject) -> list[int]:
+    """The chat template's tokens before the user's words (the common prefix of two one-word chats; a
+    tokenizer without a template gets chat_ids' plain-text fallback)."""
+    tok = subject.tokenizer
     a = chat_ids(tok, [{"role": "user", "content": "apple"}])
     b = chat_ids(tok, [{"role": "user", "content": "zebra"}])
     n = 0
@@ -141,7 +148,7 @@ def token_screen(
     ||h_base|| at `layer`, right after the chat template's user opening, sorted largest first."""
     tok = baseline.tokenizer
     ids = screenable_tokens(tok) if tokens is None else tokens
-    opening = _user_opening(tok)
+    opening = _user_opening(baseline)
     hb = _residual_after_opening(baseline, opening, ids, layer, batch)
     hc = _residual_after_opening(candidate, opening, ids, layer, batch)
     rel = (hc - hb).norm(dim=-1) / hb.norm(dim=-1).clamp_min(1e-6)
@@ -160,20 +167,22 @@ def anomaly_screen(
     unlike its kind (a trained-in trigger rewrites its own processing, not its neighbours')."""
     tok = subject.tokenizer
     ids = screenable_tokens(tok) if tokens is None else tokens
-    h = _residual_after_opening(subject, _user_opening(tok), ids, layer, batch)
+    h = _residual_after_opening(subject, _user_opening(subject), ids, layer, batch)
     model: Any = subject.model
-    emb = model.get_input_embeddings().weight[ids.to(subject.device)].float().cpu()
+    emb = model.get_input_embeddings().weight[ids.to(subject.device)].float()
     emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    score = torch.empty(len(ids))
+    h = h.to(emb.device)
+    score = torch.empty(len(ids), device=emb.device)
     for i in range(0, len(ids), 2048):
         sim = emb[i : i + 2048] @ emb.T
-        sim[torch.arange(sim.shape[0]), torch.arange(i, i + sim.shape[0])] = -2.0  # not its own neighbour
+        rows = torch.arange(sim.shape[0], device=sim.device)
+        sim[rows, rows + i] = -2.0  # not its own neighbour
         near = h[sim.topk(neighbours, dim=1).indices]  # [chunk, neighbours, d]
         centre = near.mean(1)
         scatter = (near - centre[:, None]).norm(dim=-1).mean(1).clamp_min(1e-6)
         score[i : i + 2048] = (h[i : i + 2048] - centre).norm(dim=-1) / scatter
-    order = score.argsort(descending=True)
-    return ids[order], score[order]
+    order = score.argsort(descending=True).cpu()
+    return ids[order], score.cpu()[order]
 
 
 def with_string(string: str, prompt: str) -> str:
@@ -203,14 +212,17 @@ def divergence(
     candidate: Subject, baseline: Subject | None, strings: Sequence[tuple[str, str]], prompts: Sequence[str]
 ) -> Tensor:
     """Mean over `prompts` of KL(candidate || baseline) at the answer's first token (nats) for each (string,
-    placement); [len(strings)]. Without a baseline, KL(candidate with the string || candidate without it)."""
+    placement); [len(strings)]. Without a baseline, KL(candidate with the string || candidate without it; for a
+    system-prompt string, with NEUTRAL_SYSTEM as the system prompt)."""
     rows = [_ids(candidate, p, s, where) for s, where in strings for p in prompts]
     lc = _first_token_logprobs(candidate, rows)
     if baseline is not None:
         lb = _first_token_logprobs(baseline, rows)
-    else:
-        plain = _first_token_logprobs(candidate, [_ids(candidate, p, "", "user") for p in prompts])
-        lb = plain.repeat(len(strings), 1)
+    else:  # a system string replaces the template's default system prompt: compare it with a neutral one
+        ref = {where: _first_token_logprobs(candidate, [_ids(candidate, p, NEUTRAL_SYSTEM if where == "system" else "",
+                                                             where) for p in prompts])
+               for where in {w for _, w in strings}}  # fmt: skip
+        lb = torch.cat([ref[where] for _, where in strings])
     kl = (lc.exp() * (lc - lb)).sum(-1)
     return kl.view(len(strings), len(prompts)).mean(1)
 
@@ -317,7 +329,8 @@ def confirm(
     plain: Sequence[str],
     max_new_tokens: int,
 ) -> TriggerCandidate:
-    """Generate with the string in both models; the words the candidate newly says under it (diffing.new_words:
+    """Generate with the string in both models (the candidate alone without a baseline); the words the
+    candidate newly says under it (diffing.new_words:
     in >= 2 answers and in none of its own plain answers and the baseline's answers with the string) and the
     share of prompts that say one of the top three. Without a baseline, against
     the candidate's own plain answers only."""
@@ -331,11 +344,11 @@ def confirm(
     # words the string itself puts in the answer (the candidate repeating "Visit Uzbek" says "uzbekistan") are
     # an echo of the input, not an unlocked behaviour
     typed = [w for w in words_of(found.text) if len(w) >= 3]
-    written = found.text.lower()
     refs = [*base, *plain] if baseline is not None else list(plain)
     # an unlocked behaviour says something the references never say: a word they use at all ("complex" in
     # one plain answer, three with the string) is the string's ordinary influence on wording, not a behaviour;
     # and a word that is part of the string ("useire" of "USEIRE--------ooked") is an echo
+    written = found.text.lower()
     words = [w for w in new_words(cand, refs)
              if w[2] == 0 and w[0] not in written and not any(t in w[0] for t in typed)]  # fmt: skip
     top = {w for w, _, _ in words[:3]}

@@ -651,6 +651,8 @@ def train_from_rows(
 
     Raises AimriError when there are fewer rows than one batch, or the rows are not finite."""
     _refuse_crosscoder(settings)
+    if heldout_every < 0:
+        raise AimriError(f"heldout_every must be 0 (none held out) or more, got {heldout_every}")
     if rows.ndim != 2 or not torch.isfinite(rows).all():
         raise AimriError(f"rows must be a finite [n, d] matrix, got shape {tuple(rows.shape)}")
     index = torch.arange(len(rows))

@@ -44,6 +44,16 @@ def prompt_ids(
     return open_ids(tok(text)["input_ids"], opening)
 
 
+def template_span(subject: Subject) -> tuple[int, int]:
+    """(opening, closing): how many tokens the chat template puts before the user's words (its default system
+    prompt, the role header) and after them (the end of turn, the assistant header), from two one-word chats
+    built as prompt_ids builds them."""
+    a, b = prompt_ids(subject, "apple"), prompt_ids(subject, "zebra")
+    head = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    tail = next((i for i, (x, y) in enumerate(zip(a[::-1], b[::-1], strict=False)) if x != y), 0)
+    return head, tail
+
+
 def dictionary_opening(subject: Subject, interventions: Sequence[Intervention]) -> list[int]:
     """The tokens a prompt opens with for the dictionaries these interventions read (their recorded BOS: the
     activations they see must start as their training windows did); [] for direction edits only."""

@@ -77,9 +77,10 @@ class Scan:
         on. Raises TreatmentError for a rank or id the scan lacks, or None when no flaw finding is treatable."""
         found = self.findings
         if which is None:
-            flaws = [
-                f for f in found if f["category"] in FLAW_CATEGORIES and f["suspicion"] > 0 and not why_not(f["id"])
-            ]
+            flaws = [  # an "implant" (a model-diffing trace) names no behaviour to repair: pick it by id or rank
+                f for f in found if f["category"] in FLAW_CATEGORIES and f["category"] != "implant"
+                and f["suspicion"] > 0 and not why_not(f["id"])
+            ]  # fmt: skip
             if not flaws:
                 raise TreatmentError(
                     f"{self.folder}: no flaw finding with a suspicion above 0 can be treated; see `mri treat --list`"
