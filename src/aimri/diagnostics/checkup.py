@@ -701,7 +701,7 @@ def run_checkup(
     # the trigger scanner; alone (no baseline) the part of it that works without one. Its own tag (the
     # budget); confirm 2: confirmation words must be absent from the references and not echo the string
     budget = trigger_budget or TriggerBudget()
-    tagged = {**config, "trigger_budget": asdict(budget), "confirm": 2} | ({"alone": True} if baseline is None else {})
+    tagged = {**config, "trigger_budget": asdict(budget), "confirm": 2} | ({"alone": 2} if baseline is None else {})
     scan, _ = StageCache(out, tagged, log).stage("triggers", lambda: (scan_triggers(subject, baseline, budget), {}))
     findings += _trigger_findings(scan)
     if cited is not None:
