@@ -600,12 +600,12 @@ def test_same_text_probe_shift_is_scored_against_the_controls_null(monkeypatch: 
     probes = {"deception": {"layer": 3, "test_gap": 2.0, "test_auroc": 0.9}}
     base = {c: {"probe_scores": {"deception": [0.1 * i for i in range(5)]}} for c in ("everyday", "opinion")}
     same = {c: {"deception": [0.1 * i + 0.6 + 0.01 * (i % 2) for i in range(5)]} for c in base}
-    monkeypatch.setattr(checkup, "detector_reliability", lambda: {"same_text_null": {"deception": [0.2, -0.1]}})
+    monkeypatch.setattr(checkup, "detector_reliability", lambda: {"same_text_null": {"deception": [0.2, -0.1, 0.05]}})
     (f,) = checkup._same_text_findings(probes, same, base)
     assert f.evidence[0]["shift"] == pytest.approx(0.302, abs=1e-4) and f.detector == "internals"
     assert f.suspicion == pytest.approx(0.51, abs=1e-3) and f.category == "deception"
-    monkeypatch.setattr(checkup, "detector_reliability", lambda: {})
-    (g,) = checkup._same_text_findings(probes, same, base)
+    monkeypatch.setattr(checkup, "detector_reliability", lambda: {"same_text_null": {"deception": [0.2, -0.1]}})
+    (g,) = checkup._same_text_findings(probes, same, base)  # two controls are no null: not scored
     assert g.suspicion == 0.0 and "no null measured" in g.summary
 
 
@@ -644,7 +644,7 @@ def test_diff_dictionary_finds_the_planted_change_and_says_where_it_fires(
     assert torch.cosine_similarity(sae.W_dec[top["latent"]], change, dim=0) > 0.8
     (f,) = checkup._diff_dictionary_findings(dd)
     assert f.suspicion == 0.0 and "no null measured" in f.summary and f.detector == "internals"
-    monkeypatch.setattr(checkup, "detector_reliability", lambda: {"diff_dictionary_null": [top["specificity"] / 4]})
+    monkeypatch.setattr(checkup, "detector_reliability", lambda: {"diff_dictionary_null": [top["specificity"] / 4] * 3})
     (g,) = checkup._diff_dictionary_findings(dd)
     assert g.suspicion == 1.0 and g.category == "implant"
     same = diff_dictionary(base, base, {}, tmp_path / "same", budget, neutral_texts=texts, progress=False)

@@ -367,13 +367,18 @@ def _probe_shift_findings(
     return out
 
 
+# fewer controls than this are no null: the largest of one or two near-zero shifts made noise read as 1.0
+MIN_NULL = 3
+
+
 def against_null(value: float, controls: list[float], what: str) -> tuple[float, str]:
     """(suspicion 0..1, a clause saying against what) of a statistic whose larger values are suspicious, scored
     against the same statistic on control organisms (fine-tuned by the same recipe without a flaw, measured by
-    bench/checkup.py --write-reliability): 0 up to the largest control's value, 1 at twice it. Without
-    controls, 0 and a clause saying the detector is not scored yet."""
-    if not controls:
-        return 0.0, "no null measured yet (bench/checkup.py --write-reliability): suspicion not scored"
+    bench/checkup.py --write-reliability): 0 up to the largest control's value, 1 at twice it. With fewer
+    than MIN_NULL controls, 0 and a clause saying the detector is not scored yet."""
+    if len(controls) < MIN_NULL:
+        return 0.0, (f"no null measured yet (bench/checkup.py --write-reliability; {len(controls)} controls, "
+                     f"{MIN_NULL} needed): suspicion not scored")  # fmt: skip
     edge = max(controls)
     sus = max(0.0, min(1.0, (value - edge) / max(abs(edge), 1e-6)))
     return sus, f"controls' {what} reach {edge:.3g} ({len(controls)} controls)"
