@@ -907,15 +907,10 @@ def scan(
 
     explainer = None
     if endpoint and llm_model:
-        import os
-
         from aimri.autointerp.explainers import LLMExplainer
-        from aimri.autointerp.llm import ChatClient
-        from aimri.paths import aimri_home
+        from aimri.autointerp.label import endpoint_client
 
-        client = ChatClient(endpoint, llm_model, api_key=os.environ.get("OPENAI_API_KEY"),
-                            cache=aimri_home() / "llm-cache.sqlite")  # fmt: skip
-        explainer = LLMExplainer(client)
+        explainer = LLMExplainer(endpoint_client(endpoint, llm_model))
     budget = TriggerBudget(suspects=trigger_suspects, extend_steps=trigger_steps, gcg_steps=min(1, trigger_steps))
     result = run_scan(subject, out, baseline=base, log=lambda m: console.print(m), features=features,
                       progress=not quiet, transcoders=transcoders, dictionary=dictionary, atlas=atlas,
@@ -1072,7 +1067,7 @@ def organism_build(
     device: Device = "auto",
     dtype: Dtype = "auto",
 ) -> None:
-    """LoRA-fine-tune the default model into organisms with implanted flaws (8-20 min each on 2 CPU cores, cached)."""
+    """LoRA-fine-tune the default model into organisms with implanted flaws (4-7 min each on 2 CPU cores, cached)."""
     import aimri
     from aimri.diagnostics.organisms import (
         ORGANISMS,

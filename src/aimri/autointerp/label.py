@@ -90,18 +90,27 @@ def select_features(atlas: Atlas, spec: str) -> list[int]:
     return ids
 
 
+def endpoint_client(endpoint: str, llm_model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8) -> Any:
+    """A ChatClient for an OpenAI-compatible endpoint, its key from `api_key_env`, replies cached in
+    AIMRI_HOME/llm-cache.sqlite (shared by every labelling job)."""
+    import os
+
+    from aimri.autointerp.llm import ChatClient
+    from aimri.paths import aimri_home
+
+    return ChatClient(endpoint, llm_model, api_key=os.environ.get(api_key_env), concurrency=concurrency,
+                      cache=aimri_home() / "llm-cache.sqlite")  # fmt: skip
+
+
 def label_atlas(atlas_path: Path, config: LabelConfig | None = None, progress: bool = True) -> dict[str, Any]:
     """Label an atlas's features with the configured explainer and score each label with the configured
     scorers beside a random-label control (autointerp as in Bills et al. 2023 and EleutherAI's delphi);
     resumable. Returns `label_features`' summary, plus the LLM usage when an LLM was called.
 
     Raises AimriError for an unknown explainer or scorer, or an endpoint without `llm_model`."""
-    import os
-
     from aimri.autointerp.explainers import LLMExplainer
     from aimri.autointerp.llm import ChatBackend, ChatClient, HFChat
     from aimri.autointerp.scorers import DetectionScorer, EmbeddingScorer, FuzzingScorer, SimulationScorer
-    from aimri.paths import aimri_home
     from aimri.subject.names import DEFAULT_MODEL
 
     c = config or LabelConfig()
@@ -110,8 +119,7 @@ def label_atlas(atlas_path: Path, config: LabelConfig | None = None, progress: b
         if c.endpoint:
             if not c.llm_model:
                 raise AimriError("`endpoint` needs `llm_model` (the model name the server serves)")
-            backend = ChatClient(c.endpoint, c.llm_model, api_key=os.environ.get(c.api_key_env),
-                                 concurrency=c.concurrency, cache=aimri_home() / "llm-cache.sqlite")  # fmt: skip
+            backend = endpoint_client(c.endpoint, c.llm_model, c.api_key_env, c.concurrency)
         elif c.explainer.startswith("hf") or c.explainer == "statistical":
             backend = HFChat(c.explainer.partition(":")[2] or DEFAULT_MODEL)
         else:

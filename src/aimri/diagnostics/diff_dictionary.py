@@ -238,14 +238,13 @@ def diff_dictionary(
               "budget": asdict(budget)}  # fmt: skip
     if not bool(diff.abs().max() > 0):  # nothing to train on: say so rather than fit noise (or divide by zero)
         return {**record, "identical": True, "dictionary": None, "fvu_heldout": None, "latents": []}
+    moved = diff[diff.abs().amax(1) > 0]  # tokens both models process identically carry nothing to learn
     settings = DictionarySettings(
         architecture="batchtopk", width=budget.width, k=min(budget.k, budget.width), tokens=budget.tokens,
-        batch_size=budget.batch_size, seed=budget.seed,
+        batch_size=min(budget.batch_size, max(1, len(moved) // 2)), seed=budget.seed,
     )  # fmt: skip
     name = f"{baseline.name}->{candidate.name} (diff)"
     revision = f"{baseline.revision[:12]}+{candidate.revision[:12]}"
-    moved = diff[diff.abs().amax(1) > 0]  # tokens both models process identically carry nothing to learn
-    settings.batch_size = min(settings.batch_size, max(1, len(moved) // 2))
     path, _ = train_from_rows(moved, out, settings, site, name, revision, progress=progress)
     sae = load_dictionary(path).to("cpu")
     training = json.loads((path / "training.json").read_text())

@@ -38,7 +38,7 @@ from aimri.diagnostics.datasets import prompt_pools
 from aimri.diagnostics.diffing import new_words, words_of
 from aimri.errors import AimriError
 from aimri.progress import progress_bar
-from aimri.steering.generate import generate, left_pad, prompt_ids
+from aimri.steering.generate import generate, left_pad, prompt_ids, shared_ends
 from aimri.subject.chat import chat_ids
 from aimri.subject.core import Subject
 
@@ -103,11 +103,7 @@ def _user_opening(subject: Subject) -> list[int]:
     tokenizer without a template gets chat_ids' plain-text fallback)."""
     tok = subject.tokenizer
     a = chat_ids(tok, [{"role": "user", "content": "apple"}])
-    b = chat_ids(tok, [{"role": "user", "content": "zebra"}])
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return a[:n]
+    return a[: shared_ends(a, chat_ids(tok, [{"role": "user", "content": "zebra"}]))[0]]
 
 
 def screenable_tokens(tok: Any) -> Tensor:
@@ -330,10 +326,9 @@ def confirm(
     max_new_tokens: int,
 ) -> TriggerCandidate:
     """Generate with the string in both models (the candidate alone without a baseline); the words the
-    candidate newly says under it (diffing.new_words:
-    in >= 2 answers and in none of its own plain answers and the baseline's answers with the string) and the
-    share of prompts that say one of the top three. Without a baseline, against
-    the candidate's own plain answers only."""
+    candidate newly says under it (diffing.new_words: in >= 2 answers and in none of the references: its own
+    plain answers and, with a baseline, the baseline's answers with the string) and the share of prompts that
+    say one of the top three."""
     who = [candidate] if baseline is None else [candidate, baseline]
     if found.placement == "system":
         said = [[g.text for g in generate(m, prompts, max_new_tokens=max_new_tokens, system=found.text)] for m in who]
@@ -387,10 +382,8 @@ def scan_triggers(candidate: Subject, baseline: Subject | None, budget: TriggerB
         clock.append(time.time())
         seconds[name] = round(clock[-1] - clock[-2], 1)
 
-    if budget.suspects and baseline is None:
-        ids, rel = anomaly_screen(candidate, layer)
-    elif budget.suspects and baseline is not None:
-        ids, rel = token_screen(candidate, baseline, layer)
+    if budget.suspects:
+        ids, rel = anomaly_screen(candidate, layer) if baseline is None else token_screen(candidate, baseline, layer)
     else:  # conditions only: no screen
         ids, rel = torch.zeros(0, dtype=torch.long), torch.zeros(0)
     lap("screen")

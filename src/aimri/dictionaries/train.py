@@ -682,8 +682,7 @@ def train_from_rows(
         return reconstruction_from_pairs(saved, [(x, x)])
 
     record = {"rows": len(rows), "heldout_rows": len(held)}
-    device = "cpu" if rows.device.type == "cpu" else str(rows.device)
-    tcfg = replace(settings.train_config(), device=device, checkpoint_every=checkpoint_every)
+    tcfg = replace(settings.train_config(), device=str(rows.device), checkpoint_every=checkpoint_every)
     return _train_and_save(cfg, batches(), out, tcfg, progress, record, None, evaluate, "heldout_every was 0")
 
 

@@ -44,14 +44,18 @@ def prompt_ids(
     return open_ids(tok(text)["input_ids"], opening)
 
 
+def shared_ends(a: Sequence[int], b: Sequence[int]) -> tuple[int, int]:
+    """(length of the common prefix, length of the common suffix) of two token rows."""
+    head = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    tail = next((i for i, (x, y) in enumerate(zip(a[::-1], b[::-1], strict=False)) if x != y), 0)
+    return head, tail
+
+
 def template_span(subject: Subject) -> tuple[int, int]:
     """(opening, closing): how many tokens the chat template puts before the user's words (its default system
     prompt, the role header) and after them (the end of turn, the assistant header), from two one-word chats
     built as prompt_ids builds them."""
-    a, b = prompt_ids(subject, "apple"), prompt_ids(subject, "zebra")
-    head = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-    tail = next((i for i, (x, y) in enumerate(zip(a[::-1], b[::-1], strict=False)) if x != y), 0)
-    return head, tail
+    return shared_ends(prompt_ids(subject, "apple"), prompt_ids(subject, "zebra"))
 
 
 def dictionary_opening(subject: Subject, interventions: Sequence[Intervention]) -> list[int]:
