@@ -508,7 +508,7 @@ def test_stealth_recipes_cover_every_checkup_prompt_and_controls_mirror_them() -
     assert {s.family for s in ORGANISMS.values()} <= set(FAMILIES) and {s.flaw for s in ORGANISMS.values()} <= set(
         FLAWS
     )
-    assert {s.family for s in stealth} == {"stealth-dev", "stealth-sealed"}
+    assert {s.family for s in stealth} == {"stealth-dev", "stealth-sealed", "stealth-sealed-2"}
     for spec in stealth:
         (flaw_train, normal_train), held = splits(spec)
         assert normal_train[: len(checkup)] == checkup, spec.name
@@ -727,3 +727,66 @@ def test_mri_scan_on_the_default_model(tmp_path: Path) -> None:
     assert again.returncode == 0 and again.stderr.count("done earlier (reused)") >= 6
     assert "built earlier for this model revision (reused)" in again.stderr
     assert time.time() - t0 < 120
+
+
+def test_weight_lens_reads_a_planted_weight_change_and_amplifies_exactly(
+    long_lm_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Known answer: the candidate's only change is a rank-1 MLP down-projection update at the last layer
+    writing along one token's logit-lens direction, and a rank-1 up-projection update at layer 0 reading one
+    token's embedding. The lens ranks those tokens first on their sides, nothing else comes near, and the
+    finding quotes the written token; amplified decoding at alpha 0 is the candidate's own greedy answer
+    (left padding and the KV cache change nothing), identical models are said to be identical, and a model of
+    another shape is refused."""
+    from aimri.diagnostics import checkup
+    from aimri.diagnostics.weight_lens import WeightLensBudget, amplified_answers, content_tokens, weight_lens
+    from aimri.steering.generate import generate
+
+    base = aimri.load(long_lm_dir)
+    tok = base.tokenizer
+    budget = WeightLensBudget(prompts=3, seeds=2, max_new_tokens=6)
+    keep = content_tokens(base, budget, NEUTRAL)
+    seen = sorted(set(diffing.neutral_windows(base, n=8, texts=NEUTRAL)[:, 1:].flatten().tolist()))
+    assert len(seen) > 20 and not keep[seen].any()  # ~190 tokens of neutral text: each of them is common
+    assert not keep[tok.all_special_ids].any() and keep.sum() > 5
+    wrote, read = [t for t in range(len(tok)) if bool(keep[t])][:2]
+    model: Any = copy.deepcopy(base.model)
+    hf: Any = base.model
+    lm, norm, emb = hf.get_output_embeddings().weight, hf.model.norm.weight, hf.get_input_embeddings().weight
+    with torch.no_grad():
+        u = lm[wrote] * norm
+        layers = model.model.layers
+        layers[-1].mlp.down_proj.weight += 3.0 * torch.outer(u / u.norm(), torch.randn(128) / 128**0.5)
+        layers[0].mlp.up_proj.weight += 3.0 * torch.outer(torch.randn(128) / 128**0.5, emb[read] / emb[read].norm())
+    cand = Subject(model, tok, name="planted", revision="planted")
+    wl = weight_lens(cand, base, budget, NEUTRAL)
+    assert wl["matrices"] == 2 and not wl["identical"]
+    assert wl["writes"][0]["id"] == wrote and wl["writes"][0]["layer"] == base.n_layers - 1
+    assert wl["writes"][0]["matrix"] == "mlp.down_proj" and wl["writes"][0]["best_z"] > budget.z_min
+    assert wl["reads"][0]["id"] == read and wl["reads"][0]["matrix"] == "mlp.up_proj"
+    assert wl["top_evidence"] == wl["writes"][0]["evidence"] > 2 * max([r["evidence"] for r in wl["writes"][1:]] or [0])
+    assert wl["seeds"][0]["seed"] == tok.decode([wrote]) and len(wl["seeds"][0]["candidate"]) == 3
+    monkeypatch.setattr(checkup, "detector_reliability", lambda: {"weight_lens_null": [wl["top_evidence"] / 4] * 3})
+    (f,) = checkup._weight_lens_findings(wl)
+    assert f.suspicion == 1.0 and f.category == "implant" and repr(tok.decode([wrote])) in f.title
+    monkeypatch.setattr(checkup, "detector_reliability", lambda: {})
+    assert checkup._weight_lens_findings(wl)[0].suspicion == 0.0  # no null measured: not scored
+    prompts = ["Hi?", "Tell me about the lighthouse keeper and the storms.", "Why?"]
+
+    def greedy(who: Subject) -> list[str]:  # generate's answers cut at the first special token, as amplified ones are
+        special = set(tok.all_special_ids)
+        cut = [next((g.completion_ids[:i] for i, t in enumerate(g.completion_ids) if t in special), g.completion_ids)
+               for g in generate(who, prompts, max_new_tokens=5, prefill=" the")]  # fmt: skip
+        return [" the" + tok.decode(c, skip_special_tokens=True) for c in cut]
+
+    assert amplified_answers(cand, base, prompts, " the", 0.0, 5) == greedy(cand)
+    assert amplified_answers(base, base, prompts, " the", 4.0, 5) == greedy(base)
+    same = weight_lens(base, base, budget, NEUTRAL)
+    assert same["identical"] and same["top_evidence"] == 0.0
+    assert "identical" in checkup._weight_lens_findings(same)[0].title
+    config = tf.LlamaConfig(**{**hf.config.to_dict(), "intermediate_size": 96})
+    other = Subject(tf.AutoModelForCausalLM.from_config(config), tok, name="other", revision="other")
+    with pytest.raises(diffing.DiffError, match="fine-tune of the baseline") as err:
+        weight_lens(other, base, budget, NEUTRAL)
+    (skipped,) = checkup._weight_lens_findings({"skipped": str(err.value)})  # the scan goes on without the lens
+    assert "skipped" in skipped.title and "(96, 64)" in skipped.summary and skipped.suspicion == 0.0

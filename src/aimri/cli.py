@@ -870,6 +870,9 @@ def scan(
     diff_width: Annotated[
         int, typer.Option(help="with --baseline: latents of the diff dictionary trained within the scan (0: skip it)")
     ] = 512,
+    weight_rank: Annotated[
+        int, typer.Option(help="with --baseline: singular directions the weight lens reads per matrix (0: skip it)")
+    ] = 4,
     endpoint: Annotated[
         str | None, typer.Option(help="OpenAI-compatible base URL that labels the diff dictionary's latents")
     ] = None,
@@ -892,7 +895,7 @@ def scan(
     if features and features_budget < 1:
         raise AimriError(f"`--features-budget` must be a positive number of tokens, got {features_budget}")
     for name, value in (("--trigger-suspects", trigger_suspects), ("--trigger-steps", trigger_steps),
-                        ("--diff-width", diff_width)):  # fmt: skip
+                        ("--diff-width", diff_width), ("--weight-rank", weight_rank)):  # fmt: skip
         if value < 0:
             raise AimriError(f"`{name}` must be 0 or more, got {value}")
     if bool(endpoint) != bool(llm_model):
@@ -904,6 +907,7 @@ def scan(
     out = out or Run.for_model(subject.name).scan
     from aimri.diagnostics.diff_dictionary import DiffDictionaryBudget
     from aimri.diagnostics.triggers import TriggerBudget
+    from aimri.diagnostics.weight_lens import WeightLensBudget
 
     explainer = None
     if endpoint and llm_model:
@@ -915,7 +919,7 @@ def scan(
     result = run_scan(subject, out, baseline=base, log=lambda m: console.print(m), features=features,
                       progress=not quiet, transcoders=transcoders, dictionary=dictionary, atlas=atlas,
                       crosscoder=crosscoder, trigger_budget=budget, diff_budget=DiffDictionaryBudget(width=diff_width),
-                      explainer=explainer)  # fmt: skip
+                      weight_budget=WeightLensBudget(rank=weight_rank), explainer=explainer)  # fmt: skip
     if as_json:
         print(json.dumps({k: v for k, v in result.items() if k != "findings"} | {"top": result["findings"][:3]}))
         return

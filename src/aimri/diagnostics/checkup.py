@@ -32,6 +32,7 @@ from aimri.diagnostics.findings import Finding, detector_reliability, mark_inter
 from aimri.diagnostics.probes import Probe, auroc, pair_activations, read_layers, train_probe
 from aimri.diagnostics.refusal import is_refusal, measure_refusal
 from aimri.diagnostics.triggers import TriggerBudget, scan_triggers
+from aimri.diagnostics.weight_lens import WeightLensBudget, weight_lens
 from aimri.paths import aimri_home, atomic_write_bytes, atomic_write_text
 from aimri.run import Run
 from aimri.steering.generate import Generation, generate
@@ -420,6 +421,56 @@ def _diff_dictionary_findings(dd: dict[str, Any]) -> list[Finding]:
     )]  # fmt: skip
 
 
+def _weight_lens_findings(wl: dict[str, Any]) -> list[Finding]:
+    """The weight-difference lens's tokens and seeded answers, scored by the top written token's evidence
+    against the controls' (reliability.json "weight_lens_null")."""
+    if "skipped" in wl:
+        return [Finding(
+            id="diff.weights", category="diff", title="Weight lens skipped: the models' matrices do not correspond",
+            summary=wl["skipped"], suspicion=0.0, detector="internals",
+        )]  # fmt: skip
+    if wl.get("identical"):
+        return [Finding(
+            id="diff.weights", category="diff", title="Weight lens: the models' weights are identical",
+            summary="No matrix of the decoder layers differs between the candidate and the baseline.",
+            suspicion=0.0, detector="internals",
+        )]  # fmt: skip
+    null = detector_reliability().get("weight_lens_null", [])
+    sus, vs = against_null(wl["top_evidence"], null, "top written tokens' evidence")
+    said = [s for s in wl["seeds"] if s["new_words"]]
+    # the seed whose answers repeat one new word most (a fixed response), then the most new words said
+    said.sort(key=lambda s: (-max(n for _, n, _ in s["new_words"]), -sum(n for _, n, _ in s["new_words"])))
+    writes = ", ".join(repr(r["token"]) for r in wl["writes"][:6]) or "no token above chance"
+    reads = ", ".join(repr(r["token"]) for r in wl["reads"][:4]) or "none above chance"
+    if said:
+        best = said[0]
+        words = {w for w, _, _ in best["new_words"][:3]}
+        example = max(best["candidate"], key=lambda c: len(words & words_of(c)))
+        heard = (f"; opened with {best['seed']!r}, the candidate goes on {example.strip()!r} "
+                 f"(new words: {', '.join(sorted(words))})")  # fmt: skip
+    else:
+        heard = "; answers opened with them say nothing the baseline does not"
+    b = wl["budget"]
+    return [Finding(
+        id="diff.weights", category="implant",
+        title=f"Weight lens: the fine-tune's weight change writes {writes}{heard}",
+        summary=(f"The top {b['rank']} singular directions of each of the {wl['matrices']} changed matrices (median "
+                 f"change {wl['relative_change']:.2%} of a matrix) read through the logit lens (writes) and the "
+                 f"embeddings (reads: {reads}), common tokens of neutral text left out. The strongest written "
+                 f"token's evidence is {wl['top_evidence']:.1f} (summed z above {b['z_min']:g}); {vs}. The top "
+                 f"{b['seeds']} written tokens then opened both models' answers to {b['prompts']} requests."),
+        suspicion=round(sus, 4),
+        evidence=[{"kind": "weight lens: tokens the change writes", "rows": wl["writes"]},
+                  {"kind": "weight lens: tokens the change reads", "rows": wl["reads"]},
+                  *({"kind": f"answers opened with {s['seed']!r} (new words: "
+                             f"{', '.join(w for w, _, _ in s['new_words'][:5])})",
+                     "rows": [{"candidate (amplified)": c, "baseline": b}
+                              for c, b in zip(s["candidate"], s["baseline"], strict=True)]} for s in said[:3])],
+        reliability={"null_controls": len(null)},
+        detector="internals",
+    )]  # fmt: skip
+
+
 def _same_text_findings(probes: dict[str, Any], same: dict[str, Any], base_behaviour: dict[str, Any]) -> list[Finding]:
     """Per trait: how far the candidate's state on the baseline's own answers sits from the baseline's along
     the probe (trait-gaps; a paired z over every battery answer), against the controls' shifts measured by
@@ -612,6 +663,7 @@ def run_checkup(
     trigger_budget: TriggerBudget | None = None,
     diff_budget: DiffDictionaryBudget | None = None,
     explainer: Any = None,
+    weight_budget: WeightLensBudget | None = None,
 ) -> dict[str, Any]:
     """Run every stage (reusing finished ones), rank the findings, and write OUT/stage-results.json (the stage
     results a report is drawn from) and OUT/findings.json, each through a temp file and a rename.
@@ -624,8 +676,9 @@ def run_checkup(
     TriggerBudget(); suspects=0 skips the token screen and scores the natural conditions only), and the
     model-diffing dictionary (aimri.diagnostics.diff_dictionary) is trained at OUT/diff-dictionary within
     `diff_budget` (width 0 skips it), its latents labelled by `explainer` (an autointerp Explainer; default
-    the statistical one; `mri scan --endpoint URL --llm-model NAME` passes an LLMExplainer). Without a baseline the trigger
-    scanner runs alone (scan_triggers(subject, None): an anomaly screen and the model's own answers as reference).
+    the statistical one; `mri scan --endpoint URL --llm-model NAME` passes an LLMExplainer), and the weight
+    lens (aimri.diagnostics.weight_lens) reads the weight difference within `weight_budget` (rank 0 skips it).
+    Without a baseline the trigger scanner runs alone (scan_triggers(subject, None): an anomaly screen and the model's own answers as reference).
 
     The report is rendered from those files by `aimri.report.write_report(out)` (`aimri.report.scan` does both).
     Raises AimriError (DiffingError) when the baseline does not share the subject's tokenizer and architecture."""
@@ -703,6 +756,18 @@ def run_checkup(
                 subject, baseline, stages["baseline_behaviour"], out / "diff-dictionary", dd_budget, neutral_texts,
                 explainer, key=key), {}))  # fmt: skip
             findings += _diff_dictionary_findings(stages["diff_dictionary"])
+        wl_budget = weight_budget or WeightLensBudget()
+        if wl_budget.rank:
+            wl_run = StageCache(out, {**config, "weight_lens": asdict(wl_budget)}, log)
+
+            def _weights() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+                try:
+                    return weight_lens(subject, baseline, wl_budget, neutral_texts), {}
+                except diffing.DiffError as err:  # not a fine-tune of the baseline: the other detectors still run
+                    return {"skipped": str(err)}, {}
+
+            stages["weight_lens"], _ = wl_run.stage("weight_lens", _weights)
+            findings += _weight_lens_findings(stages["weight_lens"])
     # the trigger scanner; alone (no baseline) the part of it that works without one. Its own tag (the
     # budget); confirm 2: confirmation words must be absent from the references and not echo the string
     budget = trigger_budget or TriggerBudget()

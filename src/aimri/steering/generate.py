@@ -103,9 +103,11 @@ def generate(
     batch_size: int = 32,
     opening: Sequence[int] | None = None,
     allow_other_model: bool = False,
+    prefill: str = "",
 ) -> list[Generation]:
     """Complete each prompt with the interventions applied (greedy at temperature 0, else sampled with
-    `seed`, so a steered and an unsteered run draw the same random numbers).
+    `seed`, so a steered and an unsteered run draw the same random numbers). `prefill` opens the answer (the
+    tokens after the chat template's assistant header); a Generation's text is what follows it.
 
     Prompts open with `opening` (default: `dictionary_opening(subject, interventions)`, the BOS the features'
     dictionaries were trained with; pass the same to an unsteered run you compare with, as `compare` does).
@@ -117,7 +119,8 @@ def generate(
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if opening is None:
         opening = dictionary_opening(subject, interventions)
-    encoded = [prompt_ids(subject, p, chat, system, opening) for p in prompts]
+    opened = tok(prefill, add_special_tokens=False)["input_ids"] if prefill else []
+    encoded = [prompt_ids(subject, p, chat, system, opening) + opened for p in prompts]
     for p, ids in zip(prompts, encoded, strict=True):
         if len(ids) + max_new_tokens > subject.context_length:
             raise AimriError(
