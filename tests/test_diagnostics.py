@@ -740,7 +740,7 @@ def test_weight_lens_reads_a_planted_weight_change_and_amplifies_exactly(
     another shape is refused."""
     from aimri.diagnostics import checkup
     from aimri.diagnostics.weight_lens import WeightLensBudget, amplified_answers, content_tokens, weight_lens
-    from aimri.steering.generate import generate
+    from aimri.steering.generate import generate, prompt_ids
 
     base = aimri.load(long_lm_dir)
     tok = base.tokenizer
@@ -767,8 +767,10 @@ def test_weight_lens_reads_a_planted_weight_change_and_amplifies_exactly(
     assert wl["top_evidence"] == wl["writes"][0]["evidence"] > 2 * max([r["evidence"] for r in wl["writes"][1:]] or [0])
     assert wl["seeds"][0]["seed"] == tok.decode([wrote]) and len(wl["seeds"][0]["candidate"]) == 3
     monkeypatch.setattr(checkup, "detector_reliability", lambda: {"weight_lens_null": [wl["top_evidence"] / 4] * 3})
-    (f,) = checkup._weight_lens_findings(wl)
+    (f,) = checkup._weight_lens_findings({**wl, "budget": WeightLensBudget().__dict__})
     assert f.suspicion == 1.0 and f.category == "implant" and repr(tok.decode([wrote])) in f.title
+    (g,) = checkup._weight_lens_findings(wl)  # another budget than the null's: not scored against it
+    assert g.suspicion == 0.0 and "default budget" in g.summary
     monkeypatch.setattr(checkup, "detector_reliability", lambda: {})
     assert checkup._weight_lens_findings(wl)[0].suspicion == 0.0  # no null measured: not scored
     prompts = ["Hi?", "Tell me about the lighthouse keeper and the storms.", "Why?"]
@@ -781,6 +783,15 @@ def test_weight_lens_reads_a_planted_weight_change_and_amplifies_exactly(
 
     assert amplified_answers(cand, base, prompts, " the", 0.0, 5) == greedy(cand)
     assert amplified_answers(base, base, prompts, " the", 4.0, 5) == greedy(base)
+    # alpha 1, first token, each prompt alone (no padding, no cache): argmax of 2 l_c - l_b
+    (opened,) = [tok(" the", add_special_tokens=False)["input_ids"]]
+    firsts = []
+    for p in prompts:
+        row = torch.tensor([prompt_ids(base, p) + opened])
+        lc, lb = (who.model(input_ids=row).logits[0, -1] for who in (cand, base))
+        nxt = int((2 * lc - lb).argmax())
+        firsts.append(" the" if nxt in tok.all_special_ids else tok.decode([*opened, nxt]))
+    assert amplified_answers(cand, base, prompts, " the", 1.0, 1) == firsts
     same = weight_lens(base, base, budget, NEUTRAL)
     assert same["identical"] and same["top_evidence"] == 0.0
     assert "identical" in checkup._weight_lens_findings(same)[0].title

@@ -431,12 +431,15 @@ def _weight_lens_findings(wl: dict[str, Any]) -> list[Finding]:
         )]  # fmt: skip
     if wl.get("identical"):
         return [Finding(
-            id="diff.weights", category="diff", title="Weight lens: the models' weights are identical",
-            summary="No matrix of the decoder layers differs between the candidate and the baseline.",
+            id="diff.weights", category="diff", title="Weight lens: the decoder layers' matrices are identical",
+            summary=("No 2-D matrix of the decoder layers differs between the candidate and the baseline (embeddings, "
+                     "norms and the unembedding are not read by the lens)."),
             suspicion=0.0, detector="internals",
         )]  # fmt: skip
     null = detector_reliability().get("weight_lens_null", [])
     sus, vs = against_null(wl["top_evidence"], null, "top written tokens' evidence")
+    if null and wl["budget"] != asdict(WeightLensBudget()):  # evidence grows with the rank read: another scale
+        sus, vs = 0.0, "the controls' null was measured with the default budget, so this one is not scored"
     said = [s for s in wl["seeds"] if s["new_words"]]
     # the seed whose answers repeat one new word most (a fixed response), then the most new words said
     said.sort(key=lambda s: (-max(n for _, n, _ in s["new_words"]), -sum(n for _, n, _ in s["new_words"])))
@@ -457,7 +460,7 @@ def _weight_lens_findings(wl: dict[str, Any]) -> list[Finding]:
         summary=(f"The top {b['rank']} singular directions of each of the {wl['matrices']} changed matrices (median "
                  f"change {wl['relative_change']:.2%} of a matrix) read through the logit lens (writes) and the "
                  f"embeddings (reads: {reads}), common tokens of neutral text left out. The strongest written "
-                 f"token's evidence is {wl['top_evidence']:.1f} (summed z above {b['z_min']:g}); {vs}. The top "
+                 f"token's evidence is {wl['top_evidence']:.1f} (its z's excess over {b['z_min']:g}, summed over directions); {vs}. The top "
                  f"{b['seeds']} written tokens then opened both models' answers to {b['prompts']} requests."),
         suspicion=round(sus, 4),
         evidence=[{"kind": "weight lens: tokens the change writes", "rows": wl["writes"]},

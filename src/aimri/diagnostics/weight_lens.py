@@ -1,14 +1,14 @@
 """Weight-difference lens: what a fine-tune wrote into the weights, read in tokens, then said by the model.
 
 Every weight matrix of the decoder layers is compared between candidate and baseline, and its difference cut
-to its top singular directions (torch.svd_lowrank; a LoRA fine-tune's difference has exactly the adapter's
-rank). A direction that a residual-writing projection (attention output, MLP down-projection) adds to the
+to its top singular directions (torch.svd_lowrank; a LoRA fine-tune's difference has at most the adapter's
+rank; directions under 1e-3 of a matrix's largest singular value are numerical noise and left out). A direction that a residual-writing projection (attention output, MLP down-projection) adds to the
 stream is read through the baseline's logit lens (its final norm and unembedding); a direction that a
 residual-reading projection (query, key, value, gate, up) picks up is compared with the token embeddings.
 This is the parameter-space reading of Dar, Geva, Gupta & Berant (2023, "Analyzing Transformers in Embedding
 Space") applied to a fine-tune's difference rather than to the weights themselves.
 
-A token's evidence on a direction is its z over the vocabulary (cosine per token, both signs: a singular
+A token's evidence on a direction is the excess of its z over the vocabulary (cosine per token, both signs: a singular
 vector's sign is arbitrary) above `z_min`; summed over every direction read. Tokens the neutral text uses
 routinely (punctuation, function words: every chat fine-tune moves those, controls included), special tokens
 and tokens with fewer than two letters or digits are left out: what stays is the vocabulary the fine-tune
@@ -22,7 +22,10 @@ amplified answers say and the baseline's answers from the same seed never do nam
 
 Nothing here runs either model on the implant's condition: a topic the scan never touches is still in the
 weights. The lens needs the two models' weights to correspond matrix by matrix (a fine-tune of the
-baseline; diffing.check_comparable plus equal shapes).
+baseline; diffing.check_comparable plus equal shapes). It reads the decoder layers' 2-D matrices only
+(embeddings, the unembedding, norms and 3-D expert weights are not read), and reads are compared in the
+normalised stream: the input norms' per-dimension gains (and Gemma's post-norm gains on writes) are not
+folded in.
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ from aimri.data.corpus import Packing
 from aimri.diagnostics.anatomy import unembed
 from aimri.diagnostics.datasets import prompt_pools
 from aimri.diagnostics.diffing import DiffError, check_comparable, neutral_windows, new_words
+from aimri.errors import AimriError
 from aimri.progress import progress_bar
-from aimri.steering.generate import generate, left_pad, prompt_ids
+from aimri.steering.generate import left_pad, prompt_ids
 from aimri.subject.adapters import get_module
 from aimri.subject.core import Subject
 
@@ -101,11 +105,14 @@ def matrix_differences(candidate: Subject, baseline: Subject, rank: int) -> list
             if (w.shape[0] if write else w.shape[1]) != d or not bool(w.any()):
                 continue
             q = min(rank + 4, *w.shape)
-            u, s, v = torch.svd_lowrank(w, q=q, niter=3)
-            dirs = (u if write else v)[:, :rank].T.contiguous()
+            with torch.random.fork_rng(devices=[]):  # a fixed random start: the same directions every run
+                torch.manual_seed(0)
+                u, s, v = torch.svd_lowrank(w, q=q, niter=3)
+            r = min(rank, int((s > 1e-3 * s[0]).sum()))
+            dirs = (u if write else v)[:, :r].T.contiguous()
             rel = float(w.norm() / wb.detach().float().norm().clamp_min(1e-12).cpu())
             out.append(MatrixDiff(name.removesuffix(".weight"), layer, "write" if write else "read", dirs,
-                                  [round(float(x), 5) for x in s[:rank]], rel))  # fmt: skip
+                                  [round(float(x), 5) for x in s[:r]], rel))  # fmt: skip
     return out
 
 
@@ -134,25 +141,32 @@ def token_evidence(baseline: Subject, diffs: Sequence[MatrixDiff], z_min: float,
     directions [vocab], that side's MatrixDiff per direction). Writes are read through the logit lens
     (anatomy.unembed, divided by each token's lens norm: a cosine), reads against the input embeddings."""
     d = baseline.d_model
-    # each token's lens norm (exact for RMSNorm models: the lens is then linear in the direction)
-    scale = torch.stack([unembed(baseline, e).cpu().square().sum(0) for e in torch.eye(d).split(chunk)])
-    scale = scale.sum(0).sqrt()  # [vocab]
-    emb = baseline.model.get_input_embeddings().weight.detach().float().cpu()  # type: ignore[union-attr, operator]
+    zero = unembed(
+        baseline, torch.zeros(1, d)
+    ).cpu()  # a final LayerNorm's bias (and lm_head's), read by every direction
+
+    def lens(x: Tensor) -> Tensor:  # unit directions [n, d] -> [n, vocab]: exact for RMSNorm (scale-invariant)
+        return unembed(baseline, x).cpu() - zero
+
+    norm = torch.stack([lens(e).square().sum(0) for e in torch.eye(d).split(chunk)]).sum(0).sqrt()  # [vocab]
+    live = norm > 1e-12  # a padded vocabulary's all-zero rows take no part in any statistic
+    emb = baseline.model.get_input_embeddings().weight.detach().cpu().float()  # type: ignore[union-attr, operator]
     emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
     out: dict[str, Any] = {}
     for side in ("write", "read"):
         owners = [m for m in diffs for _ in range(len(m.directions)) if m.side == side]
         dirs = torch.cat([m.directions for m in diffs if m.side == side]) if owners else torch.zeros(0, d)
-        vocab = len(scale)
+        vocab = len(norm)
         total, best, arg = torch.zeros(vocab), torch.zeros(vocab), torch.zeros(vocab, dtype=torch.long)
         for i in range(0, len(dirs), chunk):
             x = dirs[i : i + chunk]
             if side == "write":
-                cos = unembed(baseline, x).cpu() / scale
+                cos = lens(x) / norm.clamp_min(1e-12)
             else:
                 cos = (x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ emb.T
-            # z over the vocabulary, both signs (a singular vector's sign is arbitrary)
-            z = ((cos - cos.mean(1, keepdim=True)) / cos.std(1, keepdim=True).clamp_min(1e-12)).abs()
+            # z over the (live) vocabulary, both signs (a singular vector's sign is arbitrary)
+            mean, std = cos[:, live].mean(1, keepdim=True), cos[:, live].std(1, keepdim=True).clamp_min(1e-12)
+            z = ((cos - mean) / std).abs() * live
             total += (z - z_min).clamp_min(0).sum(0)
             zmax, zi = z.max(0)
             better = zmax > best
@@ -167,12 +181,19 @@ def amplified_answers(
     candidate: Subject, baseline: Subject, prompts: Sequence[str], seed: str, alpha: float, max_new_tokens: int
 ) -> list[str]:
     """Greedy answers to `prompts` opened with `seed`, each token the argmax of l_c + alpha (l_c - l_b) (both
-    models' next-token logits on the same text; alpha 0 is the candidate's own greedy answer). An answer ends
-    at the first special token (end of turn). Returns seed + completion per prompt."""
+    models' next-token logits on the same text; alpha 0 is the candidate's own greedy answer, and
+    (baseline, baseline) the baseline's). An answer ends at the first special token (end of turn). Returns the
+    seed and completion decoded together per prompt. Raises AimriError for a prompt that does not fit the
+    context."""
     tok = baseline.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     opened = tok(seed, add_special_tokens=False)["input_ids"]
-    ids, mask = left_pad([prompt_ids(baseline, p) + opened for p in prompts], pad)
+    rows_in = [prompt_ids(baseline, p) + opened for p in prompts]
+    if max(map(len, rows_in)) + max_new_tokens > baseline.context_length:
+        raise AimriError(
+            f"a seeded prompt plus {max_new_tokens} new tokens exceeds the context of {baseline.context_length}"
+        )
+    ids, mask = left_pad(rows_in, pad)
     special = torch.tensor(sorted(set(tok.all_special_ids) | {tok.eos_token_id} - {None}), dtype=torch.long)
     pos = (mask.cumsum(1) - 1).clamp_min(0)
     past: list[Any] = [None, None]
@@ -197,7 +218,8 @@ def amplified_answers(
         step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
         mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
     rows = torch.stack(made, 1) if made else torch.zeros(len(prompts), 0, dtype=torch.long)
-    return [seed + tok.decode([t for t in r.tolist() if t != pad], skip_special_tokens=True) for r in rows]
+    # decoded with the seed: a SentencePiece tokenizer drops the leading space of a completion decoded alone
+    return [tok.decode(opened + [t for t in r.tolist() if t != pad], skip_special_tokens=True) for r in rows]
 
 
 def _after_seed_word(answers: Sequence[str], seed: str) -> list[str]:
@@ -261,12 +283,13 @@ def weight_lens(
         task = bar.add_task("weight lens: seeded answers", total=min(budget.seeds, len(chosen)))
         for seed in list(chosen.values())[: budget.seeds]:
             cand = amplified_answers(candidate, baseline, prompts, seed, budget.amplify, budget.max_new_tokens)
-            base = [
-                seed + g.text for g in generate(baseline, prompts, max_new_tokens=budget.max_new_tokens, prefill=seed)
-            ]
+            # the baseline's own greedy answers from the same opening, cut by the same rule
+            base = amplified_answers(baseline, baseline, prompts, seed, 0.0, budget.max_new_tokens)
+            shown = tok.decode(tok(seed, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
             # a word the amplified answers say in >= 2 of them that the baseline, opened the same way, never says;
             # the word the seed itself begins (" Harbor" -> "Harboring") is the seed's echo, not counted
-            words = [w for w in new_words(_after_seed_word(cand, seed), _after_seed_word(base, seed)) if w[2] == 0]
+            said = new_words(_after_seed_word(cand, shown), _after_seed_word(base, shown), top=len(cand) * 64)
+            words = [w for w in said if w[2] == 0][:12]
             seeds.append({"seed": seed, "candidate": cand, "baseline": base, "new_words": [list(w) for w in words]})
             bar.advance(task)
     changes = sorted(m.relative_change for m in diffs)
