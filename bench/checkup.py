@@ -220,7 +220,8 @@ def scan_rows(names: list[str], out: Path, single: bool = False) -> list[dict]:
 RELIABILITY = ROOT / "src" / "aimri" / "diagnostics" / "data" / "reliability.json"
 
 
-NULLED = ("diff.lens", "diff.dictionary", "diff.weights", "probe.same_text.")  # the findings scored against the controls' null
+# the findings scored against the controls' null
+NULLED = ("diff.lens", "diff.dictionary", "diff.weights", "probe.same_text.")
 
 
 def leave_one_out(rows: list[dict]) -> None:

@@ -642,6 +642,7 @@ def test_diff_dictionary_finds_the_planted_change_and_says_where_it_fires(
     ids = torch.tensor([base.tokenizer("<|endoftext|> the keeper", add_special_tokens=False)["input_ids"]])
     change = (cand.run(ids, read=["resid.2"])["resid.2"] - base.run(ids, read=["resid.2"])["resid.2"])[0, -1]
     assert torch.cosine_similarity(sae.W_dec[top["latent"]], change, dim=0) > 0.8
+    monkeypatch.setattr(checkup, "detector_reliability", lambda: {})  # not the shipped nulls: none measured
     (f,) = checkup._diff_dictionary_findings(dd)
     assert f.suspicion == 0.0 and "no null measured" in f.summary and f.detector == "internals"
     monkeypatch.setattr(checkup, "detector_reliability", lambda: {"diff_dictionary_null": [top["specificity"] / 4] * 3})
