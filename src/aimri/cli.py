@@ -868,11 +868,13 @@ def scan(
         int, typer.Option(help="with --baseline: tokens the trigger search may grow each string by")
     ] = 3,
     diff_width: Annotated[
-        int, typer.Option(help="with --baseline: latents of the diff dictionary trained within the scan (0: skip it)")
-    ] = 512,
+        int | None,
+        typer.Option(help="with --baseline: latents of the diff dictionary trained within the scan (0: skip it) [512]"),
+    ] = None,
     weight_rank: Annotated[
-        int, typer.Option(help="with --baseline: singular directions the weight lens reads per matrix (0: skip it)")
-    ] = 4,
+        int | None,
+        typer.Option(help="with --baseline: singular directions the weight lens reads per matrix (0: skip it) [4]"),
+    ] = None,
     endpoint: Annotated[
         str | None, typer.Option(help="OpenAI-compatible base URL that labels the diff dictionary's latents")
     ] = None,
@@ -889,8 +891,12 @@ def scan(
     from aimri.report import scan as run_scan
     from aimri.run import Run
 
-    if (dictionary or atlas or crosscoder) and not baseline:
-        raise AimriError("--dictionary, --atlas and --crosscoder describe a diff: give --baseline too")
+    if (dictionary or atlas or crosscoder or diff_width is not None or weight_rank is not None) and not baseline:
+        raise AimriError(
+            "--dictionary, --atlas, --crosscoder, --diff-width and --weight-rank describe a diff: give --baseline too"
+        )
+    diff_width = 512 if diff_width is None else diff_width
+    weight_rank = 4 if weight_rank is None else weight_rank
     features = False if no_features else FeaturesConfig(budget=features_budget)
     if features and features_budget < 1:
         raise AimriError(f"`--features-budget` must be a positive number of tokens, got {features_budget}")

@@ -438,8 +438,13 @@ def _weight_lens_findings(wl: dict[str, Any]) -> list[Finding]:
         )]  # fmt: skip
     null = detector_reliability().get("weight_lens_null", [])
     sus, vs = against_null(wl["top_evidence"], null, "top written tokens' evidence")
-    if null and wl["budget"] != asdict(WeightLensBudget()):  # evidence grows with the rank read: another scale
-        sus, vs = 0.0, "the controls' null was measured with the default budget, so this one is not scored"
+    scored = len(null) >= MIN_NULL
+    if scored and wl["budget"] != asdict(WeightLensBudget()):  # evidence grows with the rank read: another scale
+        sus, vs, scored = (
+            0.0,
+            "the controls' null was measured with the default budget, so this one is not scored",
+            False,
+        )
     said = [s for s in wl["seeds"] if s["new_words"]]
     # the seed whose answers repeat one new word most (a fixed response), then the most new words said
     said.sort(key=lambda s: (-max(n for _, n, _ in s["new_words"]), -sum(n for _, n, _ in s["new_words"])))
@@ -461,15 +466,17 @@ def _weight_lens_findings(wl: dict[str, Any]) -> list[Finding]:
                  f"change {wl['relative_change']:.2%} of a matrix) read through the logit lens (writes) and the "
                  f"embeddings (reads: {reads}), common tokens of neutral text left out. The strongest written "
                  f"token's evidence is {wl['top_evidence']:.1f} (its z's excess over {b['z_min']:g}, summed over directions); {vs}. The top "
-                 f"{b['seeds']} written tokens then opened both models' answers to {b['prompts']} requests."),
+                 f"{b['seeds']} written tokens then opened both models' answers to {b['prompts']} everyday questions; "
+                 f"{len(said)} of those openings made the amplified candidate say words the baseline never did (shown)."),
         suspicion=round(sus, 4),
-        evidence=[{"kind": "weight lens: tokens the change writes", "rows": wl["writes"]},
-                  {"kind": "weight lens: tokens the change reads", "rows": wl["reads"]},
+        evidence=[{"kind": "weight lens: tokens the change writes", "rows": [{**r, "token": repr(r["token"])} for r in wl["writes"]]},
+                  {"kind": "weight lens: tokens the change reads", "rows": [{**r, "token": repr(r["token"])} for r in wl["reads"]]},
                   *({"kind": f"answers opened with {s['seed']!r} (new words: "
                              f"{', '.join(w for w, _, _ in s['new_words'][:5])})",
-                     "rows": [{"candidate (amplified)": c, "baseline": b}
-                              for c, b in zip(s["candidate"], s["baseline"], strict=True)]} for s in said[:3])],
-        reliability={"null_controls": len(null)},
+                     "rows": [{"question": q, "candidate (amplified)": c, "baseline": b}
+                              for q, c, b in zip(wl["prompts"], s["candidate"], s["baseline"], strict=True)]}
+                    for s in said[:3])],
+        reliability={"null_controls": len(null), "scored": scored},
         detector="internals",
     )]  # fmt: skip
 
