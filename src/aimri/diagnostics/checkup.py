@@ -286,8 +286,14 @@ def _diff_findings(diff: dict[str, Any], behaviour: dict[str, Any], base_behavio
         if cat == "recommendation" and coverage < 0.5:
             title = "Recommendations changed"
         said = ", ".join(f"'{w}' ({k} vs {b} answers)" for w, k, b in words[:5]) or "no new words"
+        if top:
+            title = f"{title}: now says {', '.join(top)}"
+        elif odd:
+            title = f"{title}: {odd} answers far less likely to the baseline, no new words"
+        else:  # nothing beyond the fine-tune's typical drift (identical models land here too)
+            title = f"{cat.capitalize()} answers: no new words, none beyond the typical drift"
         found.append(Finding(
-            id=f"diff.behaviour.{cat}", category=flaw, title=f"{title}: now says {', '.join(top) or '—'}",
+            id=f"diff.behaviour.{cat}", category=flaw, title=title,
             summary=(f"{odd} of {len(cand)} {cat} answers are over {ANOMALY_NATS:g} nats/token less likely to the baseline than the "
                      f"fine-tune's typical drift ({floor:.2f}); mean surprise {c['surprise']:.2f}. Words the candidate newly uses: "
                      f"{said}; {coverage:.0%} of its answers contain them where the baseline's do not."),
