@@ -31,7 +31,7 @@ folded in.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -141,9 +141,8 @@ def token_evidence(baseline: Subject, diffs: Sequence[MatrixDiff], z_min: float,
     directions [vocab], that side's MatrixDiff per direction). Writes are read through the logit lens
     (anatomy.unembed, divided by each token's lens norm: a cosine), reads against the input embeddings."""
     d = baseline.d_model
-    zero = unembed(
-        baseline, torch.zeros(1, d)
-    ).cpu()  # a final LayerNorm's bias (and lm_head's), read by every direction
+    # a final LayerNorm's bias (and lm_head's): the same for every direction, so taken out of the lens
+    zero = unembed(baseline, torch.zeros(1, d)).cpu()
 
     def lens(x: Tensor) -> Tensor:  # unit directions [n, d] -> [n, vocab]: exact for RMSNorm (scale-invariant)
         return unembed(baseline, x).cpu() - zero
@@ -196,21 +195,21 @@ def amplified_answers(
     ids, mask = left_pad(rows_in, pad)
     special = torch.tensor(sorted(set(tok.all_special_ids) | {tok.eos_token_id} - {None}), dtype=torch.long)
     pos = (mask.cumsum(1) - 1).clamp_min(0)
-    past: list[Any] = [None, None]
+    models = (candidate,) if candidate is baseline else (candidate, baseline)  # one pass for the baseline alone
+    past: list[Any] = [None] * len(models)
     step_ids, step_pos = ids, pos
     done = torch.zeros(len(prompts), dtype=torch.bool)
     made: list[Tensor] = []
     for _ in range(max_new_tokens):
         logits = []
-        for i, who in enumerate((candidate, baseline)):
+        for i, who in enumerate(models):
             out = who.model(  # type: ignore[operator]
                 input_ids=step_ids.to(who.device), attention_mask=mask.to(who.device),
                 position_ids=step_pos.to(who.device), cache=past[i], use_cache=True,
             )  # fmt: skip
             past[i] = out.cache
             logits.append(out.logits[:, -1].float().cpu())
-        nxt = (logits[0] + alpha * (logits[0] - logits[1])).argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        nxt = (logits[0] + alpha * (logits[0] - logits[-1])).argmax(-1)
         done |= torch.isin(nxt, special)
         made.append(torch.where(done, torch.full_like(nxt, pad), nxt))
         if bool(done.all()):
@@ -264,7 +263,7 @@ def weight_lens(
     diffs = matrix_differences(candidate, baseline, budget.rank)
     if not diffs:
         return {"identical": True, "matrices": 0, "writes": [], "reads": [], "top_evidence": 0.0, "seeds": [],
-                "budget": budget.__dict__}  # fmt: skip
+                "budget": asdict(budget)}  # fmt: skip
     tok = baseline.tokenizer
     keep = content_tokens(baseline, budget, neutral_texts)
     sides = token_evidence(baseline, diffs, budget.z_min)
@@ -302,5 +301,5 @@ def weight_lens(
         "top_evidence": writes[0]["evidence"] if writes else 0.0,
         "seeds": seeds,
         "prompts": prompts,
-        "budget": budget.__dict__,
+        "budget": asdict(budget),
     }
