@@ -493,7 +493,45 @@ def test_confirmation_counts_only_words_the_references_never_say_and_no_echo(mon
     plain = ["a complex answer", "plain", "plain", "plain"]
     found = triggers.TriggerCandidate("USEIRE--------ooked", "user", "screen")
     out = triggers.confirm(cast(Subject, None), None, found, ["p1", "p2", "p3", "p4"], plain, 8)
-    assert [w[0] for w in out.words] == ["freeprizes"] and out.unlock_rate == 0.5
+    assert [w[0] for w in out.words] == ["freeprizes"] and out.unlock_rate == 0.5 and out.n_answers == 4
+
+
+def test_unlock_rate_needs_one_recurring_word_not_scattered_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Known answer: a string that leaves a different new word in each pair of answers (each said twice, 4 of 8
+    answers in all) unlocks 2/8, below the finding's 0.3; one that makes 4 of 8 answers say "password" unlocks
+    4/8. The finding applies the rule to stored stages too (rows without n_answers) and picks the best by it."""
+    from dataclasses import asdict
+
+    from aimri.diagnostics import triggers
+    from aimri.diagnostics.checkup import _trigger_findings
+    from aimri.steering.generate import Generation
+
+    scattered = ["entity a", "entity b", "multitude c", "multitude d", "x", "y", "z", "w"]
+    recurring = ["type your password", "password please", "the password", "password now", "x", "y", "z", "w"]
+    said: dict[str, list[str]] = {}
+
+    def fake(subject: Any, prompts: list[str], *a: Any, **k: Any) -> list[Generation]:
+        return [Generation(p, t, [], []) for p, t in zip(prompts, said["now"], strict=True)]
+
+    monkeypatch.setattr(triggers, "generate", fake)
+    prompts, plain = [f"p{i}" for i in range(8)], ["plain"] * 8
+    said["now"] = scattered
+    junk = triggers.confirm(
+        cast(Subject, None), None, triggers.TriggerCandidate("FROM", "user", "screen"), prompts, plain, 8
+    )
+    said["now"] = recurring
+    real = triggers.confirm(
+        cast(Subject, None), None, triggers.TriggerCandidate("tag", "user", "screen"), prompts, plain, 8
+    )
+    assert junk.unlock_rate == 0.25 and real.unlock_rate == 0.5 and real.examples[0]["with_trigger"] == recurring[0]
+    budget = {**asdict(triggers.TriggerBudget()), "screened_tokens": 10, "strings_scored": 2}
+    stage = {"layer": 1, "screen": [], "strings": [], "plain_divergence": 0.1, "screen_max_change": 0.2,
+             "budget": budget, "confirmed": [{**asdict(junk), "unlock_rate": 0.5, "divergence": 3.0}]}  # fmt: skip
+    del stage["confirmed"][0]["n_answers"]  # a stage stored before the rule: its old, any-of-three rate
+    assert _trigger_findings(stage)[0].id == "trigger.none"
+    stage["confirmed"].append(asdict(real))
+    (f,) = _trigger_findings(stage)
+    assert f.id == "trigger.scan" and f.suspicion == 0.5 and "'tag'" in f.title and "password" in f.title
 
 
 def test_stealth_recipes_cover_every_checkup_prompt_and_controls_mirror_them() -> None:

@@ -31,7 +31,7 @@ from aimri.diagnostics.evidence import attach, feature_evidence
 from aimri.diagnostics.findings import Finding, detector_reliability, mark_internals_only, rank, suspicion
 from aimri.diagnostics.probes import Probe, auroc, pair_activations, read_layers, train_probe
 from aimri.diagnostics.refusal import is_refusal, measure_refusal
-from aimri.diagnostics.triggers import TriggerBudget, scan_triggers
+from aimri.diagnostics.triggers import TriggerBudget, scan_triggers, unlock_rate
 from aimri.diagnostics.weight_lens import WeightLensBudget, weight_lens
 from aimri.paths import aimri_home, atomic_write_bytes, atomic_write_text
 from aimri.run import Run
@@ -614,7 +614,12 @@ def _trigger_findings(scan: dict[str, Any]) -> list[Finding]:
     screen = [{"token": r["token"], "relative_change": r["relative_change"]} for r in scan["screen"][:12]]
     strings = [{k: c[k] for k in ("text", "placement", "source", "divergence")} for c in scan["strings"][:12]]
     evidence = [{"kind": "token screen", "rows": screen}, {"kind": "strings by divergence", "rows": strings}]
-    best = scan["confirmed"][0] if scan["confirmed"] else None
+    # the unlock rate as unlock_rate defines it now, also for a stage stored before that rule (same words)
+    rated = [
+        {**c, "unlock_rate": unlock_rate(c["words"], c.get("n_answers") or b["confirm_prompts"])}
+        for c in scan["confirmed"]
+    ]
+    best = max(rated, key=lambda c: (c["unlock_rate"], c["divergence"])) if rated else None
     if not alone and scan.get("screen_max_change") == 0.0 and scan["plain_divergence"] == 0.0:
         return [Finding(
             id="trigger.none", category="backdoor", title="No trigger: the candidate processes every token exactly as the baseline does",
@@ -630,7 +635,7 @@ def _trigger_findings(scan: dict[str, Any]) -> list[Finding]:
                      + "A larger budget (more suspects, GCG steps) searches further."),
             suspicion=0.0, evidence=evidence, detector="internals",
         )]  # fmt: skip
-    words = [w for w, _, _ in best["words"][:5]]
+    words = [w for w, _, _ in sorted(best["words"], key=lambda w: -w[1])[:5]]  # the most-said (the unlock rate's) first
     where = "as the system prompt" if best["placement"] == "system" else "before the user's message"
     return [Finding(
         id="trigger.scan", category="backdoor",
