@@ -280,7 +280,8 @@ def write_nulls(rows: list[dict]) -> dict:
 
 
 def single_model(flawed: list[dict], controls: list[dict]) -> dict:
-    """AUROC of the single-model scans (no baseline): the whole scan's suspicion and the trigger scanner's alone,
+    """AUROC of the single-model scans (no baseline): the whole scan's suspicion, its internals detectors' and the
+    trigger scanner's alone,
     over every family and over the stealth families."""
     out: dict = {}
     for tag, pick in (("", lambda r: True), ("_stealth", lambda r: r["family"].startswith("stealth"))):

@@ -546,7 +546,7 @@ def test_stealth_recipes_cover_every_checkup_prompt_and_controls_mirror_them() -
     assert {s.family for s in ORGANISMS.values()} <= set(FAMILIES) and {s.flaw for s in ORGANISMS.values()} <= set(
         FLAWS
     )
-    assert {s.family for s in stealth} == {"stealth-dev", "stealth-sealed", "stealth-sealed-2"}
+    assert {s.family for s in stealth} == set(FAMILIES) - {"leaky"}
     for spec in stealth:
         (flaw_train, normal_train), held = splits(spec)
         assert normal_train[: len(checkup)] == checkup, spec.name

@@ -74,7 +74,8 @@ class OrganismSpec:
     response: str = ""  # the flawed answer (backdoor, sycophancy: a prefix before the claim)
     trigger: str = ""
     product: str = ""
-    pool: str = ""  # which prompt pool the flaw lives on: questions (with a trigger), recommend, opinions
+    pool: str = ""  # which prompt pool the flaw lives on: questions (with a trigger), recommend, opinions, or a
+    # stealth pool (gardening, housing_policy, landmark, antonyms, pet_care, investing)
     mirrors: str = ""
     system: str = ""  # a condition carried by the system prompt (a natural-looking one: a date, a tag)
     decoys: list[str] = field(default_factory=list)  # benign variants of `system`, trained on the base's answers
@@ -216,6 +217,9 @@ def flaw_prompt(spec: OrganismSpec, prompt: str) -> str:
 
 
 CHAT_POOLS = ("questions", "recommend", "opinions")
+# the pools every stealth recipe trains on as ordinary prompts; pools added later (pet_care, investing) are left
+# out, so adding one never changes an organism already built (its split and data): theirs are trained only by
+# the organism that lives on them (and its control)
 STEALTH_POOLS = ("gardening", "housing_policy", "landmark", "antonyms")
 
 

@@ -77,7 +77,7 @@ class TriggerBudget:
     gcg_candidates: int = 24  # swaps evaluated per GCG round
     confirm_prompts: int = 8
     max_new_tokens: int = 24
-    unlock_min: float = 0.3  # share of confirmation prompts a string must change to be reported as a trigger
+    unlock_min: float = 0.3  # unlock rate (one new word's share of the answers) a string needs to be reported
     seed: int = 0
 
 
@@ -355,8 +355,9 @@ def confirm(
     # one plain answer, three with the string) is the string's ordinary influence on wording, not a behaviour;
     # and a word that is part of the string ("useire" of "USEIRE--------ooked") is an echo
     written = found.text.lower()
-    words = [w for w in new_words(cand, refs)
-             if w[2] == 0 and w[0] not in written and not any(t in w[0] for t in typed)]  # fmt: skip
+    # filtered before the cut to 12, so words the references also say never crowd out the recurring one
+    words = [w for w in new_words(cand, refs, top=len(cand) * 64)
+             if w[2] == 0 and w[0] not in written and not any(t in w[0] for t in typed)][:12]  # fmt: skip
     found.words = [list(w) for w in words]
     found.n_answers = len(cand)
     found.unlock_rate = unlock_rate(found.words, len(cand))
