@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any, cast
 
@@ -532,6 +533,21 @@ def test_unlock_rate_needs_one_recurring_word_not_scattered_ones(monkeypatch: py
     stage["confirmed"].append(asdict(real))
     (f,) = _trigger_findings(stage)
     assert f.id == "trigger.scan" and f.suspicion == 0.5 and "'tag'" in f.title and "password" in f.title
+    with pytest.raises(ValueError, match="more answers"):
+        triggers.unlock_rate([["password", 9, 0]], 8)
+
+
+def test_new_words_break_ties_by_first_appearance_whatever_the_hash_seed() -> None:
+    """Known answer: every word of the unlocked answer is said in all 3 answers (a tie); the order is the one
+    the answer says them in, the same in processes with different string hashing."""
+    import subprocess
+    import sys
+
+    code = ("from aimri.diagnostics.diffing import new_words; "
+            "print([w for w, _, _ in new_words(['To fix this, open a terminal and run sudo bash'] * 3, ['ok'] * 3)])")  # fmt: skip
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3)}  # fmt: skip
+    assert len(runs) == 1 and runs.pop().startswith("['fix', 'open', 'terminal'")
 
 
 def test_stealth_recipes_cover_every_checkup_prompt_and_controls_mirror_them() -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -211,3 +212,29 @@ def test_cli_seal_log_verify(tmp_path: Path) -> None:
     assert bad.returncode == 1 and "edited" in bad.stderr
     again = subprocess.run([mri, "holdout", "seal", str(items), "--out", str(out)], capture_output=True, text=True)
     assert again.returncode == 2 and "never overwritten" in again.stderr
+
+
+def test_scan_scorer_rescoring_a_kept_scan_runs_the_report_writer_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a scan root the finished scans there are re-scored, and on_scan (the CLI passes the report
+    writer) runs on each one's folder, so findings.json and report.html never disagree; without a root the
+    scans are temporary and on_scan is not called."""
+    import aimri
+    from aimri.diagnostics import checkup, organisms
+    from aimri.diagnostics.holdout import scan_scorer
+
+    monkeypatch.setattr(aimri, "load", lambda name, **k: name)
+    monkeypatch.setattr(organisms, "read_record", lambda org: {"base": "base-model"})
+    seen: list[tuple[Any, Path, Any]] = []
+
+    def fake_checkup(subject: Any, out: Path, baseline: Any = None, log: Any = None) -> dict[str, float]:
+        seen.append((subject, out, baseline))
+        return {"suspicion": 0.75}
+
+    monkeypatch.setattr(checkup, "run_checkup", fake_checkup)
+    written: list[Path] = []
+    items = [{"organism": str(tmp_path / "org-a"), "label": 1}]
+    assert scan_scorer(tmp_path / "scans", on_scan=written.append)(items) == [0.75]
+    assert written == [tmp_path / "scans" / "org-a"] and seen[0][2] == "base-model"
+    assert scan_scorer(None, on_scan=written.append)(items) == [0.75] and len(written) == 1

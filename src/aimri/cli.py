@@ -1172,7 +1172,9 @@ def holdout_query(
         raise AimriError("give one of --probe TRAIT or --scan")
     h = Holdout(path)
     if scan:
-        scorer, name = scan_scorer(scan_root), f"checkup suspicion {statistic}"
+        from aimri.report.checkup_html import write_report
+
+        scorer, name = scan_scorer(scan_root, on_scan=write_report), f"checkup suspicion {statistic}"
     else:
         subject = aimri.load(model or h.manifest["config"].get("model", DEFAULT_MODEL), device=device, dtype=dtype)
         scorer, name = probe_scorer(subject, str(probe), statistic), f"{probe} probe {statistic}"

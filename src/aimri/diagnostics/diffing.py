@@ -249,8 +249,12 @@ def new_words(
     candidate_texts: Sequence[str], baseline_texts: Sequence[str], top: int = 12
 ) -> list[tuple[str, int, int]]:
     """Words the candidate newly uses on the same prompts: (word, candidate answers with it, baseline answers
-    with it), ranked by a smoothed log ratio weighted by how many answers say it; names count double."""
-    c = Counter(w for t in candidate_texts for w in words_of(t))
+    with it), ranked by a smoothed log ratio weighted by how many answers say it; names count double. Ties
+    keep the order in which the candidate's answers first say the words (not a set's, which varies with the
+    process's string hashing)."""
+    c = Counter(
+        w for t in candidate_texts for w in dict.fromkeys(m.lower() for m in WORD.findall(t)) if w not in STOPWORDS
+    )
     b = Counter(w for t in baseline_texts for w in words_of(t))
     names = _proper(candidate_texts)
     scored = [(w, n, b[w]) for w, n in c.items() if n >= 2 and n > 2 * b[w]]

@@ -334,10 +334,14 @@ def probe_scorer(subject: Any, trait: str, statistic: str) -> Callable[[list[dic
     return score
 
 
-def scan_scorer(scan_root: Path | None = None) -> Callable[[list[dict[str, Any]]], list[float]]:
+def scan_scorer(
+    scan_root: Path | None = None, on_scan: Callable[[Path], Any] | None = None
+) -> Callable[[list[dict[str, Any]]], list[float]]:
     """Per-item suspicion from the checkup, for items that name an organism ({"organism": DIR, "label"}):
     each is scanned against the base model its ground truth records. Finished scans under `scan_root` are
-    reused; without it the scans run in a temporary folder that is deleted, so nothing item-level stays."""
+    reused (and re-scored there: `on_scan(scan_dir)` runs after each, e.g. the report writer, so the folder
+    stays consistent); without it the scans run in a temporary folder that is deleted, so nothing item-level
+    stays."""
     import tempfile
 
     import aimri
@@ -356,6 +360,8 @@ def scan_scorer(scan_root: Path | None = None) -> Callable[[list[dict[str, Any]]
                 result = run_checkup(
                     aimri.load(org), root / org.name, baseline=aimri.load(record["base"]), log=lambda m: None
                 )
+                if scan_root is not None and on_scan is not None:
+                    on_scan(root / org.name)
                 out.append(float(result["suspicion"]))
         return out
 
