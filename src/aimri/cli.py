@@ -1117,6 +1117,8 @@ def organism_list() -> None:
     from aimri.diagnostics.organisms import ORGANISMS, organisms_dir
 
     table = Table("name", "family", "flaw", "behaviour", "built")
+    for i in (0, 1, 4):  # names and families are what a user types, "built" what they look for: never cut them
+        table.columns[i].no_wrap = True
     for name, spec in ORGANISMS.items():
         built = "yes" if (organisms_dir() / name / "organism.json").exists() else ""
         table.add_row(name, spec.family, spec.flaw, spec.behaviour, built)

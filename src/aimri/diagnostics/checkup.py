@@ -344,6 +344,7 @@ def _diff_findings(diff: dict[str, Any], behaviour: dict[str, Any], base_behavio
                  f"Its size against fine-tunes without a flaw: {vs}."),
         evidence=[{"kind": "lens", "rows": [{k: v for k, v in r.items() if k != "promoted_logits"} for r in diff["lens"]]},
                   {"kind": "steering", "rows": [{"prompt": p, "steered": s, "plain": q} for p, s, q in zip(conf["prompts"], conf["steered"], conf["plain"], strict=True)]}],
+        reliability={"null_controls": len(detector_reliability().get("lens_null", []))},
     ))  # fmt: skip
     return found
 
@@ -649,6 +650,8 @@ def _trigger_findings(scan: dict[str, Any]) -> list[Finding]:
                     f"diverges from the baseline's by {best['divergence']:.2f} nats more than without it, and its answers newly say "
                     f"{', '.join(words)} (words neither its own answers without the string nor the baseline's with it use).")),
         suspicion=round(min(1.0, best["unlock_rate"]), 4),
+        reliability={"confirmation_answers": best.get("n_answers") or made, "scored_by": "share of answers saying one new word",
+                     "reported_from": b["unlock_min"]},
         evidence=[{"kind": "trigger", "string": best["text"], "placement": best["placement"], "source": best["source"],
                    "unlock_rate": best["unlock_rate"], "divergence_nats": best["divergence"]},
                   {"kind": "unlocked answers", "rows": examples}, *evidence],
