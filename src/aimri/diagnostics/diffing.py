@@ -236,8 +236,13 @@ STOPWORDS = frozenset(
 )
 
 
+def ordered_words(text: str) -> list[str]:
+    """The text's words, lower case, stopwords left out, each once, in the order the text first says them."""
+    return [w for w in dict.fromkeys(m.lower() for m in WORD.findall(text)) if w not in STOPWORDS]
+
+
 def words_of(text: str) -> set[str]:
-    return {w.lower() for w in WORD.findall(text)} - STOPWORDS
+    return set(ordered_words(text))
 
 
 def _proper(texts: Sequence[str]) -> set[str]:
@@ -246,15 +251,13 @@ def _proper(texts: Sequence[str]) -> set[str]:
 
 
 def new_words(
-    candidate_texts: Sequence[str], baseline_texts: Sequence[str], top: int = 12
+    candidate_texts: Sequence[str], baseline_texts: Sequence[str], top: int | None = 12
 ) -> list[tuple[str, int, int]]:
     """Words the candidate newly uses on the same prompts: (word, candidate answers with it, baseline answers
     with it), ranked by a smoothed log ratio weighted by how many answers say it; names count double. Ties
     keep the order in which the candidate's answers first say the words (not a set's, which varies with the
-    process's string hashing)."""
-    c = Counter(
-        w for t in candidate_texts for w in dict.fromkeys(m.lower() for m in WORD.findall(t)) if w not in STOPWORDS
-    )
+    process's string hashing). `top` None: every such word."""
+    c = Counter(w for t in candidate_texts for w in ordered_words(t))
     b = Counter(w for t in baseline_texts for w in words_of(t))
     names = _proper(candidate_texts)
     scored = [(w, n, b[w]) for w, n in c.items() if n >= 2 and n > 2 * b[w]]

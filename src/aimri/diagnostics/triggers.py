@@ -362,7 +362,7 @@ def confirm(
     # and a word that is part of the string ("useire" of "USEIRE--------ooked") is an echo
     written = found.text.lower()
     # filtered before the cut to 12, so words the references also say never crowd out the recurring one
-    words = [w for w in new_words(cand, refs, top=len(cand) * 64)
+    words = [w for w in new_words(cand, refs, top=None)
              if w[2] == 0 and w[0] not in written and not any(t in w[0] for t in typed)][:12]  # fmt: skip
     found.words = [list(w) for w in words]
     found.n_answers = len(cand)
